@@ -1,0 +1,47 @@
+//! `div`: one command for every step of DIV.
+//!
+//! This binary only wires the library crates under `host/` together; each subcommand lives in
+//! its own module. Errors reach the user with the context of what was being done (`anyhow`).
+
+mod cmd_deploy;
+mod cmd_dev;
+mod demo_env;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// DIV, the Decentralized Inference Vault.
+#[derive(Parser)]
+#[command(name = "div", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a local anvil chain, deploy the contracts, write `.div/`, and keep running.
+    Dev(cmd_dev::DevArgs),
+    /// Deploy the contracts to any EVM JSON-RPC endpoint and write the address book.
+    Deploy(cmd_deploy::DeployArgs),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("DIV_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Dev(args) => cmd_dev::run(args).await,
+        Command::Deploy(args) => cmd_deploy::run(args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

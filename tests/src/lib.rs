@@ -1,0 +1,95 @@
+//! Shared set-up for the workspace's whole-flow tests and benchmarks: a real anvil chain with
+//! the real contracts deployed, and wallet clients for anvil's well-known accounts.
+//!
+//! Roles follow `div dev`: account #0 governance, #1 model owner, #2 user, #3 host.
+
+use std::path::{Path, PathBuf};
+
+use alloy::node_bindings::{Anvil, AnvilInstance};
+use alloy::primitives::{Address, U256};
+use alloy::signers::local::PrivateKeySigner;
+use anyhow::Context;
+use div_chain::bindings::DevStablecoin;
+use div_chain::{Client, Deployment, ModelRegistration, RegisteredModel};
+
+/// The workspace root (where `Cargo.toml`, `contracts/` and `bench/` are).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The anvil binary: `$DIV_ANVIL`, else the bootstrap's npm install in `contracts/`.
+pub fn anvil_bin() -> PathBuf {
+    std::env::var_os("DIV_ANVIL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("contracts/node_modules/.bin/anvil"))
+}
+
+/// A running anvil with DIV deployed.
+pub struct LocalChain {
+    /// The anvil process; killed on drop.
+    pub anvil: AnvilInstance,
+    /// Its JSON-RPC URL.
+    pub rpc_url: String,
+    /// Anvil's funded accounts.
+    pub keys: Vec<PrivateKeySigner>,
+    /// The contracts.
+    pub deployment: Deployment,
+}
+
+impl LocalChain {
+    /// Starts anvil on a free port and deploys everything with account #0.
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = anvil_bin();
+        let anvil = Anvil::new()
+            .path(&bin)
+            .try_spawn()
+            .with_context(|| format!("starting {} (run `make bootstrap`)", bin.display()))?;
+        let rpc_url = format!("http://127.0.0.1:{}", anvil.port());
+        let keys: Vec<PrivateKeySigner> = anvil.keys().iter().cloned().map(PrivateKeySigner::from).collect();
+        let gov = keys.first().context("anvil has no accounts")?.clone();
+        let deployment = Client::connect(&rpc_url, gov).await?.deploy_all(&[]).await?;
+        Ok(Self { anvil, rpc_url, keys, deployment })
+    }
+
+    /// A wallet client for anvil account `index`.
+    pub async fn client(&self, index: usize) -> anyhow::Result<Client> {
+        let key = self.keys.get(index).with_context(|| format!("no anvil account #{index}"))?.clone();
+        Ok(Client::connect(&self.rpc_url, key).await?)
+    }
+
+    /// The USDC stand-in's address.
+    pub fn usdc(&self) -> anyhow::Result<Address> {
+        Ok(self.deployment.stablecoin("USDC").context("no USDC in the deployment")?.address)
+    }
+
+    /// Mints `amount` USDC base units to `to` (the stand-in's open mint).
+    pub async fn mint_usdc(&self, to: Address, amount: U256) -> anyhow::Result<()> {
+        let c = self.client(0).await?;
+        let usdc = DevStablecoin::new(self.usdc()?, c.provider());
+        let receipt = usdc.mint(to, amount).send().await?.get_receipt().await?;
+        anyhow::ensure!(receipt.status(), "mint reverted");
+        Ok(())
+    }
+
+    /// Registers a model owned by account #1 with custodians #5..#7 (t = 2), priced at
+    /// `price` USDC base units per request, its token sold at 2 USDC.
+    pub async fn register_model(&self, name: &str, price: U256) -> anyhow::Result<RegisteredModel> {
+        let owner = self.client(1).await?;
+        let custodians = self.keys.iter().skip(5).take(3).map(|k| k.address()).collect();
+        let reg = ModelRegistration {
+            name: name.to_string(),
+            cid: "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi".into(),
+            plugin_cid: String::new(),
+            price_per_request: price,
+            price_per_1k_tokens: U256::ZERO,
+            payout: None,
+            custodians,
+            threshold: 2,
+            token_name: format!("{name} access"),
+            token_symbol: "ACC".into(),
+            sale_token: self.usdc()?,
+            token_price: U256::from(2_000_000u64),
+        };
+        Ok(owner.register_model(&self.deployment, &reg).await?)
+    }
+}

@@ -1,0 +1,168 @@
+//! The contracts on a real anvil chain, driven through the Rust bindings the host uses:
+//! deploy → register → buy access → deposit → sign a permit → settle → balances on chain.
+
+use alloy::primitives::{Address, Bytes, U256};
+use alloy::providers::Provider;
+use div_chain::bindings::{DevStablecoin, IPaymentStream, ModelAccessToken, ModelVault, PaymentStream};
+use div_chain::{SpendingPermit, permit_domain, revert_reason, sign_permit};
+use div_tests::LocalChain;
+
+const PRICE: u64 = 1_000; // 0.001 USDC per request
+
+async fn now(chain: &LocalChain) -> anyhow::Result<u64> {
+    let c = chain.client(0).await?;
+    let block = c
+        .provider()
+        .get_block_by_number(alloy::eips::BlockNumberOrTag::Latest)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no latest block"))?;
+    Ok(block.header.timestamp)
+}
+
+#[tokio::test]
+async fn a_paid_permit_settles_exactly_to_the_owner() -> anyhow::Result<()> {
+    let chain = LocalChain::start().await?;
+    let d = chain.deployment.clone();
+    let model = chain.register_model("minilm", U256::from(PRICE)).await?;
+    let owner = chain.keys[1].address();
+    let user_key = chain.keys[2].clone();
+    let user_addr = user_key.address();
+    let host_addr = chain.keys[3].address();
+
+    let user = chain.client(2).await?;
+    let host = chain.client(3).await?;
+    let usdc_addr = chain.usdc()?;
+    chain.mint_usdc(user_addr, U256::from(100_000_000u64)).await?;
+
+    // buy one access token (2 USDC) and deposit 50 USDC
+    let usdc = DevStablecoin::new(usdc_addr, user.provider());
+    let token = ModelAccessToken::new(model.access_token, user.provider());
+    usdc.approve(model.access_token, U256::MAX).send().await?.get_receipt().await?;
+    assert!(!token.hasAccess(user_addr).call().await?, "no tokens yet, no access");
+    token.buy(U256::from(10u64).pow(U256::from(18u64))).send().await?.get_receipt().await?;
+    assert!(token.hasAccess(user_addr).call().await?);
+    assert!(!token.isPremium(user_addr).call().await?);
+    assert_eq!(usdc.balanceOf(owner).call().await?, U256::from(2_000_000u64), "sale proceeds go to the owner");
+
+    let stream = PaymentStream::new(d.payment_stream, user.provider());
+    usdc.approve(d.payment_stream, U256::MAX).send().await?.get_receipt().await?;
+    stream.deposit(usdc_addr, U256::from(50_000_000u64)).send().await?.get_receipt().await?;
+    assert_eq!(stream.getBalance(user_addr, usdc_addr).call().await?, U256::from(50_000_000u64));
+
+    // sign a permit for 10 USDC with an alloy signer; the contract computes the same digest
+    let permit = SpendingPermit {
+        user: user_addr,
+        modelId: model.model_id,
+        host: host_addr,
+        token: usdc_addr,
+        maxAmount: U256::from(10_000_000u64),
+        expiry: now(&chain).await? + 86_400,
+        nonce: U256::from(1u64),
+    };
+    let domain = permit_domain(d.chain_id, d.payment_stream);
+    let sig = sign_permit(&user_key, &permit, &domain).await?;
+    assert_eq!(stream.hashPermit(permit.clone()).call().await?, permit.signing_hash(&domain));
+
+    // the host settles 7 requests, then 10 cumulative: only the difference moves each time
+    let host_stream = PaymentStream::new(d.payment_stream, host.provider());
+    let owner_before = usdc.balanceOf(owner).call().await?;
+    let r = host_stream
+        .settle(permit.clone(), sig.clone(), 7 * PRICE as u128, 7)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert!(r.status());
+    assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(7 * PRICE));
+    host_stream.settle(permit.clone(), sig.clone(), 10 * PRICE as u128, 10).send().await?.get_receipt().await?;
+    assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(10 * PRICE), "100 % to the owner");
+    assert_eq!(stream.getBalance(user_addr, usdc_addr).call().await?, U256::from(50_000_000u64 - 10 * PRICE));
+    let vault = ModelVault::new(d.model_vault, user.provider());
+    assert_eq!(vault.getModel(model.model_id).call().await?.totalInferences, 10);
+    let state = stream.permitState(permit.signing_hash(&domain)).call().await?;
+    assert_eq!((state.settledAmount, state.settledRequests), (10 * PRICE as u128, 10));
+
+    // the same cumulative again moves nothing and says why, by name
+    let err = host_stream.settle(permit.clone(), sig.clone(), 10 * PRICE as u128, 10).call().await;
+    let reason = err.err().map(|e| revert_reason(&e)).unwrap_or_default();
+    assert!(reason.starts_with("NothingToSettle"), "{reason}");
+    // past the cap
+    let err = host_stream.settle(permit.clone(), sig.clone(), 10_000_001, 11).call().await;
+    let reason = err.err().map(|e| revert_reason(&e)).unwrap_or_default();
+    assert!(reason.starts_with("ExceedsPermitCap"), "{reason}");
+    // another account cannot settle the host's permit
+    let err = stream.settle(permit.clone(), sig.clone(), 11 * PRICE as u128, 11).call().await;
+    let reason = err.err().map(|e| revert_reason(&e)).unwrap_or_default();
+    assert!(reason.starts_with("HostMismatch"), "{reason}");
+    assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(10 * PRICE), "nothing moved");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_batch_settles_the_good_permits_and_skips_an_empty_balance() -> anyhow::Result<()> {
+    let chain = LocalChain::start().await?;
+    let d = chain.deployment.clone();
+    let model = chain.register_model("batch", U256::from(PRICE)).await?;
+    let usdc_addr = chain.usdc()?;
+    let host_addr = chain.keys[3].address();
+    let domain = permit_domain(d.chain_id, d.payment_stream);
+    let expiry = now(&chain).await? + 3_600;
+
+    let mut entries = Vec::new();
+    // users #2 and #4 deposit 1 USDC; user #8 deposits nothing
+    for (i, deposit) in [(2usize, 1_000_000u64), (4, 1_000_000), (8, 0)] {
+        let key = chain.keys[i].clone();
+        if deposit > 0 {
+            let c = chain.client(i).await?;
+            chain.mint_usdc(key.address(), U256::from(deposit)).await?;
+            DevStablecoin::new(usdc_addr, c.provider())
+                .approve(d.payment_stream, U256::MAX)
+                .send()
+                .await?
+                .get_receipt()
+                .await?;
+            PaymentStream::new(d.payment_stream, c.provider())
+                .deposit(usdc_addr, U256::from(deposit))
+                .send()
+                .await?
+                .get_receipt()
+                .await?;
+        }
+        let permit = SpendingPermit {
+            user: key.address(),
+            modelId: model.model_id,
+            host: host_addr,
+            token: usdc_addr,
+            maxAmount: U256::from(1_000_000u64),
+            expiry,
+            nonce: U256::from(i as u64),
+        };
+        let signature: Bytes = sign_permit(&key, &permit, &domain).await?;
+        entries.push(IPaymentStream::Settlement {
+            permit,
+            signature,
+            cumulativeAmount: 5 * PRICE as u128,
+            cumulativeRequests: 5,
+        });
+    }
+    let host = chain.client(3).await?;
+    let stream = PaymentStream::new(d.payment_stream, host.provider());
+    let usdc = DevStablecoin::new(usdc_addr, host.provider());
+    let owner: Address = chain.keys[1].address();
+    let before = usdc.balanceOf(owner).call().await?;
+    let receipt = stream.settleBatch(entries).send().await?.get_receipt().await?;
+    assert!(receipt.status());
+    let skipped: Vec<_> = receipt
+        .inner
+        .logs()
+        .iter()
+        .filter_map(|l| l.log_decode::<PaymentStream::SettlementSkipped>().ok())
+        .map(|l| l.inner.data.reason)
+        .collect();
+    // SkipReason.InsufficientBalance (IPaymentStream.sol) for the unfunded permit, and only it
+    assert_eq!(skipped, vec![7u8], "exactly the unfunded permit is skipped");
+    assert_eq!(usdc.balanceOf(owner).call().await? - before, U256::from(10 * PRICE));
+    let vault = ModelVault::new(d.model_vault, host.provider());
+    assert_eq!(vault.getModel(model.model_id).call().await?.totalInferences, 10);
+    Ok(())
+}

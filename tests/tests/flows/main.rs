@@ -1,0 +1,3 @@
+//! Whole flows against real parts. Each module is one area; all share this one binary.
+
+mod chain;
