@@ -181,7 +181,13 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
         Model storage m = $.models[modelId];
         payout = m.payout;
         if (payout == address(0)) revert ModelNotFound(modelId);
-        uint64 total = m.totalInferences + count;
+        // Saturate: the count comes from a host's settlement, and anyone may sign a zero-cap permit
+        // for any model naming themselves as host, so an overflow here would let them block every
+        // later settlement of the model.
+        uint64 total = m.totalInferences;
+        unchecked {
+            total = count > type(uint64).max - total ? type(uint64).max : total + count;
+        }
         m.totalInferences = total;
         emit InferencesRecorded(modelId, count, total);
     }

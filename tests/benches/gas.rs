@@ -1,1 +1,139 @@
-fn main(){}
+//! Gas per settled request on a real anvil chain, against a plain ERC-20 `transfer` measured in
+//! the same run.
+//!
+//! One permit settles once after covering N requests (N = 1, 10, 100, 1000); gas per request is
+//! the settle transaction's `gasUsed` (base fee, calldata, signature check and the payout transfer
+//! all included) ÷ N. Also a 10-permit `settleBatch` at 100 requests each. Every number comes from
+//! a transaction receipt; nothing is estimated. Writes `bench/out/gas.json` for `bench/report`.
+
+use alloy::primitives::U256;
+use alloy::providers::Provider;
+use anyhow::Context;
+use div_chain::bindings::{DevStablecoin, IPaymentStream, PaymentStream};
+use div_chain::{SpendingPermit, permit_domain, sign_permit};
+use div_tests::{LocalChain, workspace_root};
+use serde_json::json;
+
+const PRICE: u64 = 1_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let chain = LocalChain::start().await?;
+    let d = chain.deployment.clone();
+    let model = chain.register_model("gas-bench", U256::from(PRICE)).await?;
+    let usdc_addr = chain.usdc()?;
+    let host = chain.client(3).await?;
+    let stream = PaymentStream::new(d.payment_stream, host.provider());
+    let domain = permit_domain(d.chain_id, d.payment_stream);
+    let head = host.provider().get_block_number().await?;
+    let ts =
+        host.provider().get_block_by_number(head.into()).await?.context("no head block")?.header.timestamp;
+
+    // users #2 and #4..#13 fund their balances; user #2's first settle warms the model's
+    // counters so every measured settle sees the steady state a busy model is in
+    let users: Vec<usize> = std::iter::once(2).chain(4..14).collect();
+    for &i in &users {
+        let c = chain.client(i).await?;
+        let a = chain.keys[i].address();
+        chain.mint_usdc(a, U256::from(1_000_000_000u64)).await?;
+        DevStablecoin::new(usdc_addr, c.provider())
+            .approve(d.payment_stream, U256::MAX)
+            .send()
+            .await?
+            .watch()
+            .await?;
+        PaymentStream::new(d.payment_stream, c.provider())
+            .deposit(usdc_addr, U256::from(1_000_000_000u64))
+            .send()
+            .await?
+            .watch()
+            .await?;
+    }
+    let user = chain.keys[2].clone();
+    let mut nonce = 0u64;
+    let mut make_permit = |who: alloy::primitives::Address| {
+        nonce += 1;
+        SpendingPermit {
+            user: who,
+            modelId: model.model_id,
+            host: chain.keys[3].address(),
+            token: usdc_addr,
+            maxAmount: U256::from(10_000_000_000u64),
+            expiry: ts + 86_400,
+            nonce: U256::from(nonce),
+        }
+    };
+    let warm = make_permit(user.address());
+    let sig = sign_permit(&user, &warm, &domain).await?;
+    stream.settle(warm, sig, PRICE as u128, 1).send().await?.get_receipt().await?;
+
+    let mut rows = Vec::new();
+    let mut per_request = serde_json::Map::new();
+    for n in [1u64, 10, 100, 1000] {
+        let p = make_permit(user.address());
+        let sig = sign_permit(&user, &p, &domain).await?;
+        let r = stream.settle(p, sig, (n * PRICE) as u128, n).send().await?.get_receipt().await?;
+        anyhow::ensure!(r.status(), "settle of {n} requests reverted");
+        let per = r.gas_used as f64 / n as f64;
+        rows.push((format!("settle, 1 permit, {n} requests"), r.gas_used, per));
+        per_request.insert(format!("gas_per_request_at_{n}"), json!(per));
+    }
+
+    // a batch: 10 permits (10 users) × 100 requests in one transaction
+    let mut entries = Vec::new();
+    for &i in users.iter().skip(1) {
+        let key = chain.keys[i].clone();
+        let p = make_permit(key.address());
+        let signature = sign_permit(&key, &p, &domain).await?;
+        entries.push(IPaymentStream::Settlement {
+            permit: p,
+            signature,
+            cumulativeAmount: (100 * PRICE) as u128,
+            cumulativeRequests: 100,
+        });
+    }
+    let r = stream.settleBatch(entries).send().await?.get_receipt().await?;
+    anyhow::ensure!(r.status(), "batch settle reverted");
+    let batch_per = r.gas_used as f64 / 1000.0;
+    rows.push(("settleBatch, 10 permits × 100 requests".into(), r.gas_used, batch_per));
+
+    // the baseline: a plain ERC-20 transfer between two accounts that already hold tokens
+    let payer = chain.client(4).await?;
+    let usdc = DevStablecoin::new(usdc_addr, payer.provider());
+    chain.mint_usdc(chain.keys[4].address(), U256::from(1_000u64)).await?;
+    let r = usdc.transfer(chain.keys[1].address(), U256::from(1_000u64)).send().await?.get_receipt().await?;
+    let transfer_gas = r.gas_used;
+    rows.push(("ERC-20 transfer (baseline)".into(), transfer_gas, transfer_gas as f64));
+
+    println!("{:<44} {:>10} {:>14}", "gas bench (anvil, receipts)", "tx gas", "gas / request");
+    for (name, gas, per) in &rows {
+        println!("{name:<44} {gas:>10} {per:>14.1}");
+    }
+    let at_1000 = per_request.get("gas_per_request_at_1000").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+    println!(
+        "gas per request at 1000 = {at_1000:.1} (goal ≤ 100); one settle of 1000 requests = {:.3} ERC-20 transfers",
+        at_1000 * 1000.0 / transfer_gas as f64
+    );
+
+    let mut out = per_request;
+    out.insert("erc20_transfer_gas".into(), json!(transfer_gas));
+    out.insert("gas_per_request_batch10x100".into(), json!(batch_per));
+    let md = {
+        let mut s = String::from(
+            "## Settlement gas (anvil, from receipts)\n\n| what | tx gas | gas / request |\n|---|---:|---:|\n",
+        );
+        for (name, gas, per) in &rows {
+            s.push_str(&format!("| {name} | {gas} | {per:.1} |\n"));
+        }
+        s.push_str(&format!(
+            "\nGoal ≤ 100 gas per request at 1000 requests per settlement: **{at_1000:.1}** ({}).\n",
+            if at_1000 <= 100.0 { "met" } else { "missed" }
+        ));
+        s
+    };
+    let dir = workspace_root().join("bench/out");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("gas.json"), serde_json::to_string_pretty(&out)?)?;
+    std::fs::write(dir.join("gas.md"), md)?;
+    Ok(())
+}

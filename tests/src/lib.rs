@@ -42,6 +42,7 @@ impl LocalChain {
         let bin = anvil_bin();
         let anvil = Anvil::new()
             .path(&bin)
+            .args(["--accounts", "20"])
             .try_spawn()
             .with_context(|| format!("starting {} (run `make bootstrap`)", bin.display()))?;
         let rpc_url = format!("http://127.0.0.1:{}", anvil.port());

@@ -106,10 +106,8 @@ mod tests {
         let back = Deployment::load(&path)?;
         assert_eq!(back, d);
         assert_eq!(back.stablecoin("usdc").map(|s| s.units(2)), Some(U256::from(2_000_000u64)));
-        let text = std::fs::read_to_string(&path).map_err(|source| ChainError::AddressBook {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ChainError::AddressBook { path: path.display().to_string(), source })?;
         assert!(text.contains("\"paymentStream\""), "camelCase keys for the web app: {text}");
         let _ = std::fs::remove_dir_all(dir);
         Ok(())
@@ -123,7 +121,8 @@ mod tests {
         let _ = std::fs::write(&path, "{not json");
         let err = Deployment::load(&path).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("addresses.json"), "{err}");
-        let missing = Deployment::load(&dir.join("nope.json")).err().map(|e| e.to_string()).unwrap_or_default();
+        let missing =
+            Deployment::load(&dir.join("nope.json")).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(missing.contains("nope.json"), "{missing}");
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -150,7 +150,12 @@ impl Client {
         })
     }
 
-    async fn proxy(&self, implementation: Address, init: Vec<u8>, what: &'static str) -> Result<Address, ChainError> {
+    async fn proxy(
+        &self,
+        implementation: Address,
+        init: Vec<u8>,
+        what: &'static str,
+    ) -> Result<Address, ChainError> {
         let proxy = DivProxy::deploy(&self.provider, implementation, Bytes::from(init))
             .await
             .map_err(ChainError::contract(what))?;
@@ -174,8 +179,9 @@ impl Client {
             payout_: payout,
         }
         .abi_encode();
-        let token =
-            self.proxy(deployment.access_token_implementation, init, "deploying the model's access token").await?;
+        let token = self
+            .proxy(deployment.access_token_implementation, init, "deploying the model's access token")
+            .await?;
         let vault = ModelVault::new(deployment.model_vault, &self.provider);
         let config = IModelVault::ModelConfig {
             name: reg.name.clone(),

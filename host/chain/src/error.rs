@@ -86,7 +86,9 @@ impl ChainError {
         move |e| ChainError::Contract { what, reason: revert_reason(&e) }
     }
 
-    pub(crate) fn pending(what: &'static str) -> impl FnOnce(alloy::providers::PendingTransactionError) -> Self {
+    pub(crate) fn pending(
+        what: &'static str,
+    ) -> impl FnOnce(alloy::providers::PendingTransactionError) -> Self {
         move |source| ChainError::Pending { what, source }
     }
 
@@ -122,10 +124,8 @@ impl<T: SolInterface + std::fmt::Debug> std::fmt::Display for DebugName<'_, T> {
         // `PaymentStreamErrors::HostMismatch(HostMismatch { caller: .., host: .. })` →
         // `HostMismatch { caller: .., host: .. }`
         let dbg = format!("{:?}", self.0);
-        let inner = dbg
-            .split_once('(')
-            .map(|(_, rest)| rest.strip_suffix(')').unwrap_or(rest))
-            .unwrap_or(&dbg);
+        let inner =
+            dbg.split_once('(').map(|(_, rest)| rest.strip_suffix(')').unwrap_or(rest)).unwrap_or(&dbg);
         f.write_str(inner)
     }
 }

@@ -32,15 +32,18 @@ pub struct DeployArgs {
 
 /// Runs `div deploy`.
 pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
-    let signer: PrivateKeySigner = args.private_key.trim().parse().context("--private-key is not a hex private key")?;
+    let signer: PrivateKeySigner =
+        args.private_key.trim().parse().context("--private-key is not a hex private key")?;
     let mut coins = Vec::new();
     for spec in &args.stablecoins {
         let parts: Vec<&str> = spec.split(':').collect();
         let [symbol, address, decimals] = parts.as_slice() else {
             bail!("--stablecoin {spec:?}: expected SYMBOL:ADDRESS:DECIMALS");
         };
-        let address: Address = address.parse().with_context(|| format!("--stablecoin {spec:?}: bad address"))?;
-        let decimals: u8 = decimals.parse().with_context(|| format!("--stablecoin {spec:?}: bad decimals"))?;
+        let address: Address =
+            address.parse().with_context(|| format!("--stablecoin {spec:?}: bad address"))?;
+        let decimals: u8 =
+            decimals.parse().with_context(|| format!("--stablecoin {spec:?}: bad decimals"))?;
         coins.push(div_chain::Stablecoin { symbol: (*symbol).to_string(), address, decimals, dev: false });
     }
     let client = Client::connect(&args.rpc_url, signer)

@@ -13,10 +13,10 @@ pub fn merge(path: &Path, pairs: &[(&str, String)]) -> anyhow::Result<()> {
     let mut map = BTreeMap::new();
     if let Ok(text) = std::fs::read_to_string(path) {
         for line in text.lines() {
-            if let Some((k, v)) = line.split_once('=') {
-                if !k.trim_start().starts_with('#') {
-                    map.insert(k.trim().to_string(), v.to_string());
-                }
+            if let Some((k, v)) = line.split_once('=')
+                && !k.trim_start().starts_with('#')
+            {
+                map.insert(k.trim().to_string(), v.to_string());
             }
         }
     }

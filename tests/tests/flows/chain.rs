@@ -42,7 +42,11 @@ async fn a_paid_permit_settles_exactly_to_the_owner() -> anyhow::Result<()> {
     token.buy(U256::from(10u64).pow(U256::from(18u64))).send().await?.get_receipt().await?;
     assert!(token.hasAccess(user_addr).call().await?);
     assert!(!token.isPremium(user_addr).call().await?);
-    assert_eq!(usdc.balanceOf(owner).call().await?, U256::from(2_000_000u64), "sale proceeds go to the owner");
+    assert_eq!(
+        usdc.balanceOf(owner).call().await?,
+        U256::from(2_000_000u64),
+        "sale proceeds go to the owner"
+    );
 
     let stream = PaymentStream::new(d.payment_stream, user.provider());
     usdc.approve(d.payment_stream, U256::MAX).send().await?.get_receipt().await?;
@@ -74,8 +78,17 @@ async fn a_paid_permit_settles_exactly_to_the_owner() -> anyhow::Result<()> {
         .await?;
     assert!(r.status());
     assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(7 * PRICE));
-    host_stream.settle(permit.clone(), sig.clone(), 10 * PRICE as u128, 10).send().await?.get_receipt().await?;
-    assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(10 * PRICE), "100 % to the owner");
+    host_stream
+        .settle(permit.clone(), sig.clone(), 10 * PRICE as u128, 10)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert_eq!(
+        usdc.balanceOf(owner).call().await? - owner_before,
+        U256::from(10 * PRICE),
+        "100 % to the owner"
+    );
     assert_eq!(stream.getBalance(user_addr, usdc_addr).call().await?, U256::from(50_000_000u64 - 10 * PRICE));
     let vault = ModelVault::new(d.model_vault, user.provider());
     assert_eq!(vault.getModel(model.model_id).call().await?.totalInferences, 10);

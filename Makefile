@@ -1,0 +1,57 @@
+# DIV: the two set-up commands are `make demo` and `make test`; everything else is a step of them.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+export PATH := $(CURDIR)/contracts/node_modules/.bin:$(PATH)
+export DIV_ANVIL := $(CURDIR)/contracts/node_modules/.bin/anvil
+FORGE := cd contracts && forge
+
+.PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot
+
+## demo: start a local chain with DIV deployed and walk through it (leaves it running; `make stop`)
+demo: bootstrap contracts
+	cargo build --bin div
+	scripts/demo.sh
+
+## test: every test — forge (unit, fuzz, invariant), cargo (unit, whole flows), linters
+test: bootstrap
+	$(FORGE) fmt --check
+	$(FORGE) build --quiet
+	contracts/tools/export-artifacts --check
+	$(FORGE) test
+	$(FORGE) snapshot --check
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
+	cargo test --workspace --locked
+
+## check: the fast inner loop (format, lint, unit tests)
+check:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo test --workspace --lib --bins
+	$(FORGE) fmt --check
+
+## bench: every benchmark; prints ratios and writes bench/results.json and bench/RESULTS.md
+bench: bootstrap contracts
+	rm -rf bench/out
+	cargo bench -p div-tests --locked
+	scripts/bench-report.py
+
+stop:
+	scripts/stop.sh
+
+bootstrap:
+	scripts/bootstrap.sh
+
+contracts:
+	$(FORGE) build --quiet
+
+## artifacts: refresh host/chain/abi from the contracts (commit the result)
+artifacts: contracts
+	contracts/tools/export-artifacts
+
+fmt:
+	cargo fmt --all
+	$(FORGE) fmt
+
+snapshot:
+	$(FORGE) snapshot

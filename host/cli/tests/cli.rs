@@ -1,0 +1,86 @@
+//! The `div` binary as a user runs it, against a real anvil chain.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use alloy::primitives::Address;
+use alloy::providers::{Provider, ProviderBuilder};
+use div_chain::Deployment;
+use div_chain::bindings::ModelVault;
+use div_tests::{LocalChain, anvil_bin};
+
+fn div() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_div"))
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("div-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[tokio::test]
+async fn deploy_writes_an_address_book_that_points_at_live_contracts() -> anyhow::Result<()> {
+    let chain = LocalChain::start().await?;
+    let dir = scratch("deploy");
+    let key = format!("0x{}", alloy::hex::encode(chain.keys[9].to_bytes()));
+    let out = div()
+        .args(["deploy", "--rpc-url", &chain.rpc_url, "--out"])
+        .arg(dir.join("addresses.json"))
+        .arg("--env-file")
+        .arg(dir.join("demo.env"))
+        .env("DIV_PRIVATE_KEY", &key)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "div deploy failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let d = Deployment::load(&dir.join("addresses.json"))?;
+    assert!(stdout.contains(&d.payment_stream.to_string()), "prints the addresses: {stdout}");
+    assert_eq!(d.governance, chain.keys[9].address());
+    let provider = ProviderBuilder::new().connect_http(chain.rpc_url.parse()?);
+    for a in [d.model_vault, d.payment_stream, d.access_token_implementation] {
+        assert!(!provider.get_code_at(a).await?.is_empty(), "no code at {a}");
+    }
+    let linked: Address = ModelVault::new(d.model_vault, &provider).paymentStream().call().await?;
+    assert_eq!(linked, d.payment_stream, "vault is linked to the payment contract");
+    let env = std::fs::read_to_string(dir.join("demo.env"))?;
+    assert!(env.contains(&format!("DIV_PAYMENT_STREAM={}", d.payment_stream)), "{env}");
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+#[test]
+fn deploy_refuses_a_bad_key_and_an_unreachable_chain_clearly() -> anyhow::Result<()> {
+    let out =
+        div().args(["deploy", "--rpc-url", "http://127.0.0.1:9", "--private-key", "0xnot-a-key"]).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--private-key is not a hex private key"), "{err}");
+
+    let key = "0x59c6995e998f97a5a0044966f0945389dc9e86dae88c7a8412f4603b6b78690d";
+    let out = div().args(["deploy", "--rpc-url", "http://127.0.0.1:9", "--private-key", key]).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("connecting to http://127.0.0.1:9"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn dev_starts_anvil_deploys_and_writes_the_demo_env() -> anyhow::Result<()> {
+    let dir = scratch("dev");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let out = div()
+        .args(["dev", "--once", "--port", &port.to_string(), "--state-dir"])
+        .arg(&dir)
+        .env("DIV_ANVIL", anvil_bin())
+        .output()?;
+    assert!(out.status.success(), "div dev failed: {}", String::from_utf8_lossy(&out.stderr));
+    let d = Deployment::load(&dir.join("addresses.json"))?;
+    assert_eq!(d.chain_id, 31337);
+    assert_eq!(d.rpc_url, format!("http://127.0.0.1:{port}"));
+    let env = std::fs::read_to_string(dir.join("demo.env"))?;
+    for key in ["DIV_RPC_URL=", "DIV_MODEL_VAULT=", "DIV_USDC=", "DIV_USDFC=", "DIV_USER_KEY=", "DIV_HOST="] {
+        assert!(env.contains(key), "{key} missing from {env}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}

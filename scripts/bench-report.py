@@ -1,0 +1,52 @@
+#!/usr/bin/env python3
+"""Collects what each benchmark wrote to bench/out/ (NAME.json flat keys, NAME.md a section) into
+bench/results.json and bench/RESULTS.md, with the machine they ran on. Every figure in them was
+measured in the same `make bench` run."""
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+root = Path(__file__).resolve().parent.parent
+out = root / "bench" / "out"
+if not out.is_dir() or not any(out.glob("*.json")):
+    sys.exit("bench-report: no results in bench/out; run `make bench`")
+
+results = {}
+sections = []
+for f in sorted(out.glob("*.json")):
+    data = json.loads(f.read_text())
+    clash = set(results) & set(data)
+    if clash:
+        sys.exit(f"bench-report: {f.name} repeats keys {sorted(clash)}")
+    results.update(data)
+    md = f.with_suffix(".md")
+    if md.exists():
+        sections.append(md.read_text().strip())
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+machine = {"nproc": os.cpu_count(), "cpu": cpu_model(), "commit": rev,
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+results_out = dict(sorted(results.items()))
+results_out["machine_nproc"] = machine["nproc"]
+(root / "bench" / "results.json").write_text(json.dumps(results_out, indent=2) + "\n")
+
+head = (f"# DIV benchmark results\n\nMeasured by `make bench` in one run on {machine['nproc']} cores "
+        f"({machine['cpu']}), commit {machine['commit']}, {machine['date']}.\n"
+        "Every ratio compares against a baseline measured in the same run.\n")
+(root / "bench" / "RESULTS.md").write_text(head + "\n" + "\n\n".join(sections) + "\n")
+print(f"bench-report: {len(results)} keys -> bench/results.json, bench/RESULTS.md")
+for k, v in sorted(results.items()):
+    print(f"  {k:<36} {v}")

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs whatever is missing for DIV on a fresh machine, from the package registries only, and
+# does nothing when all is there. Both README commands (make demo, make test) call it.
+# Pinned versions live in the project's files: contracts/package-lock.json (Foundry, solc-js,
+# OpenZeppelin), Cargo.lock, rust-toolchain targets below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[bootstrap] %s\n' "$*"; }
+
+# --- Debian packages --------------------------------------------------------------------------
+need_apt=()
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  say "apt-get install ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# --- Rust targets -----------------------------------------------------------------------------
+if command -v rustup >/dev/null 2>&1; then
+  if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    say "rustup target add wasm32-wasip2"
+    rustup target add wasm32-wasip2
+  fi
+fi
+
+# --- Foundry, solc-js, OpenZeppelin (npm, pinned by contracts/package-lock.json) ----------------
+stamp=contracts/node_modules/.div-lock-stamp
+if [ ! -f "$stamp" ] || ! cmp -s contracts/package-lock.json "$stamp"; then
+  say "npm ci in contracts/ (Foundry 1.7.1, solc-js 0.8.30, OpenZeppelin 5)"
+  (cd contracts && npm ci --no-audit --no-fund --loglevel=error)
+  cp contracts/package-lock.json "$stamp"
+fi
+for bin in forge anvil cast; do
+  contracts/node_modules/.bin/$bin --version >/dev/null
+done
+
+say "ready"

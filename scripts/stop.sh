@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Stops what `make demo` started (the pids in .div/pids), politely first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+quiet=${1:-}
+shopt -s nullglob
+for f in .div/pids/*.pid; do
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -KILL "$pid" 2>/dev/null || true
+    [ "$quiet" = --quiet ] || echo "stopped $(basename "$f" .pid) ($pid)"
+  fi
+  rm -f "$f"
+done
+# anvil is div dev's child; if div dev was killed hard, its anvil may be left
+if [ -f .div/demo.env ]; then
+  apid=$(sed -n 's/^DIV_ANVIL_PID=//p' .div/demo.env)
+  if [ -n "$apid" ] && kill -0 "$apid" 2>/dev/null && grep -q anvil "/proc/$apid/cmdline" 2>/dev/null; then
+    kill -TERM "$apid" 2>/dev/null || true
+  fi
+fi
+exit 0
