@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.30;
 
-import {Ownable2StepUpgradeable} from "@openzeppelin/contracts-upgradeable/access/Ownable2StepUpgradeable.sol";
+import {
+    Ownable2StepUpgradeable
+} from "@openzeppelin/contracts-upgradeable/access/Ownable2StepUpgradeable.sol";
 import {Initializable} from "@openzeppelin/contracts-upgradeable/proxy/utils/Initializable.sol";
 import {UUPSUpgradeable} from "@openzeppelin/contracts-upgradeable/proxy/utils/UUPSUpgradeable.sol";
 import {IModelVault} from "./interfaces/IModelVault.sol";
@@ -26,7 +28,8 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
     }
 
     // keccak256(abi.encode(uint256(keccak256("div.storage.ModelVault")) - 1)) & ~bytes32(uint256(0xff))
-    bytes32 private constant STORAGE_SLOT = 0x879e50c4d1ede79fc289505394922d3828b5027566da2f325da3f3a37b8cc300;
+    bytes32 private constant STORAGE_SLOT =
+        0x879e50c4d1ede79fc289505394922d3828b5027566da2f325da3f3a37b8cc300;
 
     function _s() private pure returns (VaultStorage storage $) {
         assembly {

@@ -6,10 +6,14 @@ import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC2
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
-import {Ownable2StepUpgradeable} from "@openzeppelin/contracts-upgradeable/access/Ownable2StepUpgradeable.sol";
+import {
+    Ownable2StepUpgradeable
+} from "@openzeppelin/contracts-upgradeable/access/Ownable2StepUpgradeable.sol";
 import {Initializable} from "@openzeppelin/contracts-upgradeable/proxy/utils/Initializable.sol";
 import {UUPSUpgradeable} from "@openzeppelin/contracts-upgradeable/proxy/utils/UUPSUpgradeable.sol";
-import {EIP712Upgradeable} from "@openzeppelin/contracts-upgradeable/utils/cryptography/EIP712Upgradeable.sol";
+import {
+    EIP712Upgradeable
+} from "@openzeppelin/contracts-upgradeable/utils/cryptography/EIP712Upgradeable.sol";
 import {IModelVault} from "./interfaces/IModelVault.sol";
 import {IPaymentStream} from "./interfaces/IPaymentStream.sol";
 
@@ -62,7 +66,8 @@ contract PaymentStream is
     }
 
     // keccak256(abi.encode(uint256(keccak256("div.storage.PaymentStream")) - 1)) & ~bytes32(uint256(0xff))
-    bytes32 private constant STORAGE_SLOT = 0x5259b02bce741c131a26d92802be23e886bcf6eff4d6b678ecfb87665cb4f300;
+    bytes32 private constant STORAGE_SLOT =
+        0x5259b02bce741c131a26d92802be23e886bcf6eff4d6b678ecfb87665cb4f300;
 
     function _s() private pure returns (StreamStorage storage $) {
         assembly {
@@ -78,7 +83,10 @@ contract PaymentStream is
     /// @param governance may upgrade, whitelist tokens and tune the delays
     /// @param vault_ the model registry (payout addresses, inference counts)
     /// @param tokens stablecoins accepted from the start
-    function initialize(address governance, IModelVault vault_, address[] calldata tokens) external initializer {
+    function initialize(address governance, IModelVault vault_, address[] calldata tokens)
+        external
+        initializer
+    {
         if (address(vault_) == address(0)) revert ZeroAddress();
         __Ownable_init(governance);
         __Ownable2Step_init();
@@ -155,6 +163,8 @@ contract PaymentStream is
         if (balance < amount) revert InsufficientBalance(msg.sender, token, balance, amount);
         uint64 readyAt = uint64(block.timestamp) + $.withdrawDelay;
         // amount <= balance, and no balance can exceed a token's total supply, far below 2**192
+        // (a truncation would need a balance of 2**192 and only shorten the caller's own withdrawal)
+        // forge-lint: disable-next-line(unsafe-typecast)
         $.pending[msg.sender][token] = PendingWithdrawal(uint192(amount), readyAt);
         emit WithdrawRequested(msg.sender, token, amount, readyAt);
     }
@@ -173,6 +183,8 @@ contract PaymentStream is
         StreamStorage storage $ = _s();
         PendingWithdrawal memory p = $.pending[msg.sender][token];
         if (p.readyAt == 0) revert NoPendingWithdrawal(msg.sender, token);
+        // delays are hours long: the few seconds a block producer can shift the clock do not matter
+        // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp < p.readyAt) revert WithdrawalNotReady(msg.sender, token, p.readyAt);
         uint256 balance = $.balances[msg.sender][token];
         amount = p.amount < balance ? p.amount : balance;
@@ -199,24 +211,30 @@ contract PaymentStream is
     ) external nonReentrant returns (uint256 amount) {
         bytes32 permitHash = hashPermit(permit);
         SkipReason reason = _check(permit, permitHash, signature, cumulativeAmount, cumulativeRequests);
-        if (reason != SkipReason.None) _revertFor(reason, permit, permitHash, cumulativeAmount, cumulativeRequests);
-        address payout = _s().vault.recordInferences(
-            permit.modelId, cumulativeRequests - _s().permits[permitHash].settledRequests
-        );
+        if (reason != SkipReason.None) {
+            _revertFor(reason, permit, permitHash, cumulativeAmount, cumulativeRequests);
+        }
+        address payout = _s().vault
+            .recordInferences(permit.modelId, cumulativeRequests - _s().permits[permitHash].settledRequests);
         amount = _apply(permit, permitHash, payout, cumulativeAmount, cumulativeRequests);
     }
 
     /// @inheritdoc IPaymentStream
     /// @dev An entry that would revert on its own is skipped with `SettlementSkipped` and moves
     /// nothing, so one user's empty balance cannot hold up everyone else's settlement.
-    function settleBatch(Settlement[] calldata settlements) external nonReentrant returns (uint256 settledCount) {
+    function settleBatch(Settlement[] calldata settlements)
+        external
+        nonReentrant
+        returns (uint256 settledCount)
+    {
         uint256 n = settlements.length;
         if (n > MAX_BATCH) revert BatchTooLarge(n, MAX_BATCH);
         IModelVault vault_ = _s().vault;
         for (uint256 i; i < n; ++i) {
             Settlement calldata e = settlements[i];
             bytes32 permitHash = hashPermit(e.permit);
-            SkipReason reason = _check(e.permit, permitHash, e.signature, e.cumulativeAmount, e.cumulativeRequests);
+            SkipReason reason =
+                _check(e.permit, permitHash, e.signature, e.cumulativeAmount, e.cumulativeRequests);
             if (reason != SkipReason.None) {
                 emit SettlementSkipped(permitHash, reason);
                 continue;
@@ -254,7 +272,10 @@ contract PaymentStream is
         if (msg.sender != permit.host) return SkipReason.HostMismatch;
         PermitState memory st = $.permits[permitHash];
         uint64 grace = $.settleGrace;
+        // windows are hours to days long: the few seconds a block producer can shift the clock do not matter
+        // forge-lint: disable-next-line(block-timestamp)
         if (block.timestamp > uint256(permit.expiry) + grace) return SkipReason.Expired;
+        // forge-lint: disable-next-line(block-timestamp)
         if (st.revokedAt != 0 && block.timestamp > uint256(st.revokedAt) + grace) return SkipReason.Revoked;
         if (cumulativeAmount > permit.maxAmount) return SkipReason.OverCap;
         if (cumulativeRequests < st.settledRequests) return SkipReason.RequestCountDecreased;
@@ -312,7 +333,9 @@ contract PaymentStream is
         if (reason == SkipReason.HostMismatch) revert HostMismatch(msg.sender, permit.host);
         if (reason == SkipReason.Expired) revert PermitExpired(permitHash, permit.expiry);
         if (reason == SkipReason.Revoked) revert PermitRevoked(permitHash, st.revokedAt);
-        if (reason == SkipReason.OverCap) revert ExceedsPermitCap(permitHash, cumulativeAmount, permit.maxAmount);
+        if (reason == SkipReason.OverCap) {
+            revert ExceedsPermitCap(permitHash, cumulativeAmount, permit.maxAmount);
+        }
         if (reason == SkipReason.RequestCountDecreased) {
             revert RequestCountDecreased(permitHash, cumulativeRequests, st.settledRequests);
         }
@@ -337,7 +360,11 @@ contract PaymentStream is
     }
 
     /// @inheritdoc IPaymentStream
-    function pendingWithdrawal(address user, address token) external view returns (uint256 amount, uint64 readyAt) {
+    function pendingWithdrawal(address user, address token)
+        external
+        view
+        returns (uint256 amount, uint64 readyAt)
+    {
         PendingWithdrawal memory p = _s().pending[user][token];
         return (p.amount, p.readyAt);
     }

@@ -118,5 +118,8 @@ interface IPaymentStream {
     function getBalance(address user, address token) external view returns (uint256);
     function hashPermit(SpendingPermit calldata permit) external view returns (bytes32);
     function permitState(bytes32 permitHash) external view returns (PermitState memory);
-    function pendingWithdrawal(address user, address token) external view returns (uint256 amount, uint64 readyAt);
+    function pendingWithdrawal(address user, address token)
+        external
+        view
+        returns (uint256 amount, uint64 readyAt);
 }
