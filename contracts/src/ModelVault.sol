@@ -25,6 +25,7 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
         mapping(bytes32 => mapping(address => bool)) hosts;
         bytes32[] modelIds;
         address paymentStream;
+        mapping(bytes32 => mapping(address => bool)) everAuthorized;
     }
 
     // keccak256(abi.encode(uint256(keccak256("div.storage.ModelVault")) - 1)) & ~bytes32(uint256(0xff))
@@ -166,6 +167,7 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
         mapping(address => bool) storage hosts = _s().hosts[modelId];
         if (hosts[host]) revert HostAlreadyInState(modelId, host, true);
         hosts[host] = true;
+        _s().everAuthorized[modelId][host] = true;
         emit HostAuthorized(modelId, host);
     }
 
@@ -178,12 +180,13 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
     }
 
     /// @inheritdoc IModelVault
-    function recordInferences(bytes32 modelId, uint64 count) external returns (address payout) {
+    function recordInferences(bytes32 modelId, address host, uint64 count) external returns (address payout) {
         VaultStorage storage $ = _s();
         if (msg.sender != $.paymentStream) revert NotPaymentStream(msg.sender);
         Model storage m = $.models[modelId];
         payout = m.payout;
         if (payout == address(0)) revert ModelNotFound(modelId);
+        if (!$.everAuthorized[modelId][host]) revert HostNeverAuthorized(modelId, host);
         // Saturate: the count comes from a host's settlement, and anyone may sign a zero-cap permit
         // for any model naming themselves as host, so an overflow here would let them block every
         // later settlement of the model.
@@ -199,6 +202,11 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
     function isHostAuthorized(bytes32 modelId, address host) external view returns (bool) {
         VaultStorage storage $ = _s();
         return $.models[modelId].active && $.hosts[modelId][host];
+    }
+
+    /// @inheritdoc IModelVault
+    function wasHostAuthorized(bytes32 modelId, address host) external view returns (bool) {
+        return _s().everAuthorized[modelId][host];
     }
 
     /// @inheritdoc IModelVault

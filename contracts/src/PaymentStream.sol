@@ -4,6 +4,7 @@ pragma solidity 0.8.30;
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {
@@ -162,10 +163,7 @@ contract PaymentStream is
         uint256 balance = $.balances[msg.sender][token];
         if (balance < amount) revert InsufficientBalance(msg.sender, token, balance, amount);
         uint64 readyAt = uint64(block.timestamp) + $.withdrawDelay;
-        // amount <= balance, and no balance can exceed a token's total supply, far below 2**192
-        // (a truncation would need a balance of 2**192 and only shorten the caller's own withdrawal)
-        // forge-lint: disable-next-line(unsafe-typecast)
-        $.pending[msg.sender][token] = PendingWithdrawal(uint192(amount), readyAt);
+        $.pending[msg.sender][token] = PendingWithdrawal(SafeCast.toUint192(amount), readyAt);
         emit WithdrawRequested(msg.sender, token, amount, readyAt);
     }
 
@@ -215,7 +213,9 @@ contract PaymentStream is
             _revertFor(reason, permit, permitHash, cumulativeAmount, cumulativeRequests);
         }
         address payout = _s().vault
-            .recordInferences(permit.modelId, cumulativeRequests - _s().permits[permitHash].settledRequests);
+            .recordInferences(
+                permit.modelId, permit.host, cumulativeRequests - _s().permits[permitHash].settledRequests
+            );
         amount = _apply(permit, permitHash, payout, cumulativeAmount, cumulativeRequests);
     }
 
@@ -240,13 +240,22 @@ contract PaymentStream is
                 continue;
             }
             uint64 count = e.cumulativeRequests - _s().permits[permitHash].settledRequests;
-            try vault_.recordInferences(e.permit.modelId, count) returns (address payout) {
+            try vault_.recordInferences(e.permit.modelId, e.permit.host, count) returns (address payout) {
                 _apply(e.permit, permitHash, payout, e.cumulativeAmount, e.cumulativeRequests);
                 ++settledCount;
-            } catch {
-                emit SettlementSkipped(permitHash, SkipReason.ModelNotFound);
+            } catch (bytes memory refusal) {
+                emit SettlementSkipped(permitHash, _vaultSkipReason(refusal));
             }
         }
+    }
+
+    /// @dev Which vault refusal a batch entry met; anything else (e.g. out of gas) reads as
+    /// ModelNotFound, the vault's only other refusal.
+    function _vaultSkipReason(bytes memory reason) private pure returns (SkipReason) {
+        if (reason.length >= 4 && bytes4(reason) == IModelVault.HostNeverAuthorized.selector) {
+            return SkipReason.HostNotAuthorized;
+        }
+        return SkipReason.ModelNotFound;
     }
 
     /// @inheritdoc IPaymentStream

@@ -504,13 +504,13 @@ contract ModelVaultTest is Fixture {
         vm.expectEmit(address(vault));
         emit IModelVault.InferencesRecorded(modelId, 5, 5);
         vm.prank(address(stream));
-        assertEq(vault.recordInferences(modelId, 5), payout);
+        assertEq(vault.recordInferences(modelId, host, 5), payout);
         vm.expectEmit(address(vault));
         emit IModelVault.InferencesRecorded(modelId, 0, 5);
         vm.prank(address(stream));
-        vault.recordInferences(modelId, 0);
+        vault.recordInferences(modelId, host, 0);
         vm.prank(address(stream));
-        vault.recordInferences(modelId, 7);
+        vault.recordInferences(modelId, host, 7);
         assertEq(vault.getModel(modelId).totalInferences, 12);
     }
 
@@ -518,17 +518,17 @@ contract ModelVaultTest is Fixture {
         vm.prank(modelOwner);
         vault.setActive(modelId, false);
         vm.prank(address(stream));
-        vault.recordInferences(modelId, 3);
+        vault.recordInferences(modelId, host, 3);
         assertEq(vault.getModel(modelId).totalInferences, 3);
     }
 
     function test_recordInferences_saturatesInsteadOfOverflowing() public {
         vm.startPrank(address(stream));
-        vault.recordInferences(modelId, type(uint64).max - 1);
+        vault.recordInferences(modelId, host, type(uint64).max - 1);
         vm.expectEmit(address(vault));
         emit IModelVault.InferencesRecorded(modelId, 5, type(uint64).max);
-        vault.recordInferences(modelId, 5);
-        vault.recordInferences(modelId, type(uint64).max);
+        vault.recordInferences(modelId, host, 5);
+        vault.recordInferences(modelId, host, type(uint64).max);
         vm.stopPrank();
         assertEq(vault.getModel(modelId).totalInferences, type(uint64).max);
     }
@@ -536,23 +536,40 @@ contract ModelVaultTest is Fixture {
     function test_recordInferences_revertsForOthers() public {
         vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, modelOwner));
         vm.prank(modelOwner);
-        vault.recordInferences(modelId, 1);
+        vault.recordInferences(modelId, host, 1);
         vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, governance));
         vm.prank(governance);
-        vault.recordInferences(modelId, 1);
+        vault.recordInferences(modelId, host, 1);
+    }
+
+    function test_recordInferences_revertsForAHostNeverAuthorized() public {
+        vm.expectRevert(abi.encodeWithSelector(IModelVault.HostNeverAuthorized.selector, modelId, stranger));
+        vm.prank(address(stream));
+        vault.recordInferences(modelId, stranger, 1);
+        assertEq(vault.getModel(modelId).totalInferences, 0);
+    }
+
+    function test_recordInferences_countsForARevokedHost() public {
+        vm.prank(modelOwner);
+        vault.revokeHost(modelId, host);
+        assertFalse(vault.isHostAuthorized(modelId, host));
+        assertTrue(vault.wasHostAuthorized(modelId, host));
+        vm.prank(address(stream));
+        vault.recordInferences(modelId, host, 2);
+        assertEq(vault.getModel(modelId).totalInferences, 2);
     }
 
     function test_recordInferences_revertsForUnknownModel() public {
         vm.expectRevert(_notFound(UNKNOWN_MODEL));
         vm.prank(address(stream));
-        vault.recordInferences(UNKNOWN_MODEL, 1);
+        vault.recordInferences(UNKNOWN_MODEL, host, 1);
     }
 
     function test_recordInferences_revertsBeforePaymentStreamIsSet() public {
         ModelVault fresh = deployVault(governance);
         vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, address(stream)));
         vm.prank(address(stream));
-        fresh.recordInferences(modelId, 1);
+        fresh.recordInferences(modelId, host, 1);
     }
 
     // ------------------------------------------------------------ setPaymentStream
@@ -567,9 +584,9 @@ contract ModelVaultTest is Fixture {
         // the old payment contract lost the right to record
         vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, address(stream)));
         vm.prank(address(stream));
-        vault.recordInferences(modelId, 1);
+        vault.recordInferences(modelId, host, 1);
         vm.prank(stranger);
-        vault.recordInferences(modelId, 1);
+        vault.recordInferences(modelId, host, 1);
     }
 
     function test_setPaymentStream_revertsOnZeroAddress() public {
@@ -641,8 +658,10 @@ contract ModelVaultTest is Fixture {
         vault.authorizeHost(modelId, otherHost);
         vault.setActive(modelId, false);
         vm.stopPrank();
+        vm.prank(stranger);
+        vault.authorizeHost(second, host);
         vm.prank(address(stream));
-        vault.recordInferences(second, 9);
+        vault.recordInferences(second, host, 9);
 
         ModelVaultV2 next = new ModelVaultV2();
         vm.expectEmit(address(vault));

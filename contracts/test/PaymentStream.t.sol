@@ -651,7 +651,9 @@ contract PaymentStreamTest is Fixture {
 
     /// @dev Settlement follows the signed permit, not the vault's host list or the model's
     /// active flag (requests already served get paid).
-    function test_settle_doesNotConsultHostAuthorization() public {
+    /// @dev A host the owner revoked, or a model the owner paused, still gets paid for what the
+    /// host served while it was authorised (bounded by the user's signed cap).
+    function test_settle_revokedHostOfPausedModelStillSettles() public {
         vm.startPrank(modelOwner);
         vault.revokeHost(modelId, host);
         vault.setActive(modelId, false);
@@ -659,10 +661,10 @@ contract PaymentStreamTest is Fixture {
         assertEq(_settle(1e6, 1), 1e6);
     }
 
-    /// @dev Anyone can sign a zero-cap permit for any model naming themselves as host, and so
-    /// report any request count. Before the vault saturated its counter, such a count could push
-    /// `totalInferences` to 2**64 - 1 and make every later settlement of the model overflow.
-    function test_settle_inflatedRequestCountCannotBlockTheModel() public {
+    /// @dev Anyone can sign a zero-cap permit for any model naming themselves as host. The vault
+    /// refuses counts from hosts the owner never authorised, so no stranger can inflate
+    /// `totalInferences` (or, before the counter saturated, overflow it and block the model).
+    function test_settle_strangerHostCannotInflateTheCount() public {
         uint256 attackerKey = 0xBAD;
         address attacker = vm.addr(attackerKey);
         IPaymentStream.SpendingPermit memory p = IPaymentStream.SpendingPermit({
@@ -674,12 +676,14 @@ contract PaymentStreamTest is Fixture {
             expiry: uint64(block.timestamp + 1 days),
             nonce: 0
         });
-        _settleAs(attacker, p, signPermit(attackerKey, p), 0, type(uint64).max);
-        assertEq(_totalInferences(), type(uint64).max);
+        bytes memory attackerSig = signPermit(attackerKey, p);
+        vm.expectRevert(abi.encodeWithSelector(IModelVault.HostNeverAuthorized.selector, modelId, attacker));
+        _settleAs(attacker, p, attackerSig, 0, type(uint64).max);
+        assertEq(_totalInferences(), 0);
 
         assertEq(_settle(10e6, 4), 10e6);
         assertEq(usdc.balanceOf(payout), 10e6);
-        assertEq(_totalInferences(), type(uint64).max);
+        assertEq(_totalInferences(), 4);
     }
 
     // ------------------------------------------------------------ settle: rejections
@@ -1040,6 +1044,21 @@ contract PaymentStreamTest is Fixture {
         assertEq(stream.settleBatch(batch), 1);
         assertEq(stream.getBalance(user, address(usdc)), 1e6);
         assertEq(usdc.balanceOf(payout), DEPOSIT - 1e6);
+    }
+
+    function test_settleBatch_skipsAHostNeverAuthorized() public {
+        IPaymentStream.SpendingPermit memory p = _permitWithNonce(30);
+        p.host = otherHost; // signed by the user, but the owner never authorised otherHost
+        IPaymentStream.Settlement[] memory batch = new IPaymentStream.Settlement[](1);
+        batch[0] = _entry(p, signPermit(USER_KEY, p), 1e6, 1);
+        vm.expectEmit(address(stream));
+        emit IPaymentStream.SettlementSkipped(
+            stream.hashPermit(p), IPaymentStream.SkipReason.HostNotAuthorized
+        );
+        vm.prank(otherHost);
+        assertEq(stream.settleBatch(batch), 0);
+        assertEq(usdc.balanceOf(payout), 0);
+        assertEq(stream.getBalance(user, address(usdc)), DEPOSIT);
     }
 
     function test_settleBatch_emptyBatch() public {

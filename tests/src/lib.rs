@@ -73,7 +73,7 @@ impl LocalChain {
     }
 
     /// Registers a model owned by account #1 with custodians #5..#7 (t = 2), priced at
-    /// `price` USDC base units per request, its token sold at 2 USDC.
+    /// `price` USDC base units per request, its token sold at 2 USDC, and authorises host #3.
     pub async fn register_model(&self, name: &str, price: U256) -> anyhow::Result<RegisteredModel> {
         let owner = self.client(1).await?;
         let custodians = self.keys.iter().skip(5).take(3).map(|k| k.address()).collect();
@@ -91,6 +91,9 @@ impl LocalChain {
             sale_token: self.usdc()?,
             token_price: U256::from(2_000_000u64),
         };
-        Ok(owner.register_model(&self.deployment, &reg).await?)
+        let model = owner.register_model(&self.deployment, &reg).await?;
+        let host = self.keys.get(3).context("no anvil account #3")?.address();
+        owner.authorize_host(&self.deployment, model.model_id, host).await?;
+        Ok(model)
     }
 }

@@ -52,6 +52,8 @@ interface IModelVault {
     error HostAlreadyInState(bytes32 modelId, address host, bool authorized);
     /// @notice `modelIdAt` past the end of the list.
     error IndexOutOfRange(uint256 index, uint256 length);
+    /// @notice A host the model's owner never authorised tried to settle for it.
+    error HostNeverAuthorized(bytes32 modelId, address host);
     /// @notice Only the payment contract may record inferences.
     error NotPaymentStream(address caller);
 
@@ -89,8 +91,12 @@ interface IModelVault {
     function transferModelOwnership(bytes32 modelId, address newOwner) external;
     function authorizeHost(bytes32 modelId, address host) external;
     function revokeHost(bytes32 modelId, address host) external;
-    /// @notice Payment contract only: count `count` settled inferences; returns the payout address.
-    function recordInferences(bytes32 modelId, uint64 count) external returns (address payout);
+    /// @notice Payment contract only: count `count` inferences `host` settled; returns the payout
+    /// address. `host` must be, or have been, authorised for the model (a revoked host may still
+    /// settle what it served), so no stranger can inflate the count.
+    function recordInferences(bytes32 modelId, address host, uint64 count) external returns (address payout);
+    /// @notice Whether `host` was ever authorised for the model (it may have been revoked since).
+    function wasHostAuthorized(bytes32 modelId, address host) external view returns (bool);
 
     function isHostAuthorized(bytes32 modelId, address host) external view returns (bool);
     function getModel(bytes32 modelId) external view returns (Model memory);

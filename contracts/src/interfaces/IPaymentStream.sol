@@ -45,7 +45,8 @@ interface IPaymentStream {
         NothingToSettle,
         InsufficientBalance,
         RequestCountDecreased,
-        ModelNotFound
+        ModelNotFound,
+        HostNotAuthorized
     }
 
     error TokenNotAllowed(address token);

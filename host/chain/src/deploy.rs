@@ -202,4 +202,16 @@ impl Client {
             .map_err(ChainError::contract("reading the model id"))?;
         Ok(RegisteredModel { model_id, access_token: token })
     }
+
+    /// Authorises `host` to serve (and be paid for) the sender's model `model_id`.
+    pub async fn authorize_host(
+        &self,
+        deployment: &Deployment,
+        model_id: alloy::primitives::B256,
+        host: Address,
+    ) -> Result<(), ChainError> {
+        let vault = ModelVault::new(deployment.model_vault, &self.provider);
+        confirm("authorising the host", vault.authorizeHost(model_id, host).send().await).await?;
+        Ok(())
+    }
 }

@@ -107,6 +107,17 @@ async fn a_paid_permit_settles_exactly_to_the_owner() -> anyhow::Result<()> {
     let err = stream.settle(permit.clone(), sig.clone(), 11 * PRICE as u128, 11).call().await;
     let reason = err.err().map(|e| revert_reason(&e)).unwrap_or_default();
     assert!(reason.starts_with("HostMismatch"), "{reason}");
+    // a host the owner never authorised cannot settle, even with the user's own signature
+    let stranger = chain.client(4).await?;
+    let mut foreign = permit.clone();
+    foreign.host = chain.keys[4].address();
+    let foreign_sig = sign_permit(&user_key, &foreign, &domain).await?;
+    let err = PaymentStream::new(d.payment_stream, stranger.provider())
+        .settle(foreign, foreign_sig, PRICE as u128, 1)
+        .call()
+        .await;
+    let reason = err.err().map(|e| revert_reason(&e)).unwrap_or_default();
+    assert!(reason.contains("HostNeverAuthorized"), "{reason}");
     assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(10 * PRICE), "nothing moved");
     Ok(())
 }
