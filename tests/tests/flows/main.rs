@@ -1,3 +1,4 @@
 //! Whole flows against real parts. Each module is one area; all share this one binary.
 
 mod chain;
+mod runtime;

@@ -1,0 +1,62 @@
+//! `manifest.json`, the description every model package carries.
+
+use serde::{Deserialize, Serialize};
+
+/// A model package's manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// The model's name: its id on the API and the name its graph is registered under.
+    pub name: String,
+    /// What it does (`embeddings`, `chat`, …).
+    pub task: String,
+    /// The wasi-nn graph encoding (`onnx`, later `ggml`).
+    pub encoding: String,
+    /// The file holding the graph (weights); never handed to the plugin.
+    #[serde(default = "default_graph")]
+    pub graph: String,
+    /// Output dimensions (embeddings).
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    /// Longest input in tokens.
+    #[serde(default = "default_max_seq")]
+    pub max_seq_length: u32,
+    /// Every file of the package with its plaintext size and SHA-256.
+    pub files: Vec<FileEntry>,
+    /// The plugin's content id or file name, if the package names one.
+    #[serde(default)]
+    pub plugin: Option<String>,
+    /// Sandbox limits for the plugin (host defaults where absent).
+    #[serde(default)]
+    pub limits: ManifestLimits,
+    /// Settings for the plugin, passed through as `model-config.extra`.
+    #[serde(default)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_graph() -> String {
+    "model.onnx".into()
+}
+
+fn default_max_seq() -> u32 {
+    512
+}
+
+/// One file of a package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// File name inside the package (no directories).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Lower-case hex SHA-256 of the plaintext.
+    pub sha256: String,
+}
+
+/// Per-plugin sandbox limits a manifest may set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestLimits {
+    /// Largest linear memory in MiB.
+    pub memory_mib: Option<u32>,
+    /// Longest one request may run inside the plugin, in milliseconds.
+    pub deadline_ms: Option<u64>,
+}

@@ -1,0 +1,241 @@
+//! Loading packages into a host and finding them again by name.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use div_nn::{ModelGraphs, OnnxConfig, OnnxGraph};
+use div_runtime::{Limits, ModelConfig, ModelContext, Plugin, Runtime};
+use sha2::{Digest, Sha256};
+
+use crate::manifest::Manifest;
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Reading a package file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `manifest.json` is not valid.
+    #[error("manifest: {0}")]
+    Manifest(String),
+    /// A file's bytes do not match the manifest.
+    #[error("file {name}: {what}")]
+    Integrity {
+        /// The file.
+        name: String,
+        /// What did not match.
+        what: String,
+    },
+    /// The manifest names an encoding this host has no backend for.
+    #[error("encoding {0:?} is not supported by this host")]
+    Encoding(String),
+    /// The graph did not load.
+    #[error("graph: {0}")]
+    Graph(#[from] div_nn::NnError),
+    /// The plugin did not load.
+    #[error("plugin: {0}")]
+    Plugin(#[from] div_runtime::LoadError),
+    /// A background task failed.
+    #[error("loading task failed: {0}")]
+    Task(String),
+}
+
+/// A package's manifest and plaintext files, in memory.
+pub struct ModelFiles {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Every file the manifest lists, by name.
+    pub files: HashMap<String, Vec<u8>>,
+}
+
+fn safe_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+impl ModelFiles {
+    /// Reads a package folder: `manifest.json` and every file it lists.
+    pub fn read_dir(dir: &Path) -> Result<Self, ModelError> {
+        let io = |path: PathBuf| move |source| ModelError::Io { path, source };
+        let mpath = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&mpath).map_err(io(mpath.clone()))?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| ModelError::Manifest(e.to_string()))?;
+        let mut files = HashMap::new();
+        for f in &manifest.files {
+            if !safe_name(&f.name) {
+                return Err(ModelError::Manifest(format!("file name {:?} is not a plain name", f.name)));
+            }
+            let p = dir.join(&f.name);
+            files.insert(f.name.clone(), std::fs::read(&p).map_err(io(p.clone()))?);
+        }
+        Ok(Self { manifest, files })
+    }
+
+    /// Checks every file against the manifest's size and SHA-256, and that the graph is listed.
+    pub fn verify(&self) -> Result<(), ModelError> {
+        let m = &self.manifest;
+        if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+            return Err(ModelError::Manifest(format!("model name {:?} must be [A-Za-z0-9-_.:]+", m.name)));
+        }
+        if !m.files.iter().any(|f| f.name == m.graph) {
+            return Err(ModelError::Manifest(format!("the graph file {:?} is not listed in files", m.graph)));
+        }
+        for f in &m.files {
+            let bytes = self
+                .files
+                .get(&f.name)
+                .ok_or_else(|| ModelError::Integrity { name: f.name.clone(), what: "missing".into() })?;
+            if bytes.len() as u64 != f.size {
+                return Err(ModelError::Integrity {
+                    name: f.name.clone(),
+                    what: format!("{} bytes, manifest says {}", bytes.len(), f.size),
+                });
+            }
+            let got = hex::encode(Sha256::digest(bytes));
+            if !got.eq_ignore_ascii_case(&f.sha256) {
+                return Err(ModelError::Integrity {
+                    name: f.name.clone(),
+                    what: format!("SHA-256 {got}, manifest says {}", f.sha256),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How models are loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Sessions and threads for ONNX graphs.
+    pub onnx: OnnxConfig,
+    /// Pre-initialise plugins and snapshot them (wizer).
+    pub snapshot: bool,
+    /// Limits where a manifest sets none.
+    pub default_limits: Limits,
+    /// The most any manifest may ask for.
+    pub max_limits: Limits,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            onnx: OnnxConfig::default(),
+            snapshot: true,
+            default_limits: Limits::default(),
+            max_limits: Limits {
+                memory_bytes: 1 << 30,
+                deadline: Duration::from_secs(120),
+                table_elements: 1_000_000,
+            },
+        }
+    }
+}
+
+/// A model a host serves: its manifest, its plugin, and its graph (for direct use by benchmarks).
+pub struct LoadedModel {
+    /// The manifest it was loaded from.
+    pub manifest: Manifest,
+    /// The prepared plugin.
+    pub plugin: Plugin,
+    /// The graph in the backend.
+    pub graph: OnnxGraph,
+    /// Unix time it was loaded (OpenAI's `created`).
+    pub created: u64,
+}
+
+/// The models loaded in this host, by name.
+pub struct ModelStore {
+    runtime: Runtime,
+    options: LoadOptions,
+    models: RwLock<HashMap<String, Arc<LoadedModel>>>,
+}
+
+impl ModelStore {
+    /// An empty store over `runtime`.
+    pub fn new(runtime: Runtime, options: LoadOptions) -> Self {
+        Self { runtime, options, models: RwLock::new(HashMap::new()) }
+    }
+
+    /// Verifies `files`, loads the graph and the plugin, and serves the model under its name
+    /// (replacing an earlier version). Nothing is registered unless every step succeeds.
+    pub async fn load(&self, files: ModelFiles, plugin_wasm: &[u8]) -> Result<Arc<LoadedModel>, ModelError> {
+        files.verify()?;
+        let ModelFiles { manifest, mut files } = files;
+        if manifest.encoding != "onnx" {
+            return Err(ModelError::Encoding(manifest.encoding.clone()));
+        }
+        let weights = files.remove(&manifest.graph).unwrap_or_default();
+        let onnx = self.options.onnx;
+        let graph = tokio::task::spawn_blocking(move || OnnxGraph::load(&weights, onnx))
+            .await
+            .map_err(|e| ModelError::Task(e.to_string()))??;
+        let limits = self.limits_for(&manifest);
+        let context = Arc::new(ModelContext {
+            config: ModelConfig {
+                name: manifest.name.clone(),
+                task: manifest.task.clone(),
+                max_seq_len: manifest.max_seq_length,
+                extra: serde_json::Value::Object(manifest.extra.clone()).to_string(),
+            },
+            assets: files.into_iter().map(|(k, v)| (k, Arc::<[u8]>::from(v))).collect(),
+            graphs: ModelGraphs::single(manifest.name.clone(), graph.clone().into_wasi_nn()),
+        });
+        let plugin = self.runtime.load_plugin(plugin_wasm, context, limits, self.options.snapshot).await?;
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        tracing::info!(
+            model = %manifest.name,
+            snapshot = plugin.snapshotted(),
+            load_ms = plugin.load_time().as_millis() as u64,
+            "model loaded"
+        );
+        let model = Arc::new(LoadedModel { manifest, plugin, graph, created });
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(model.manifest.name.clone(), model.clone());
+        Ok(model)
+    }
+
+    fn limits_for(&self, m: &Manifest) -> Limits {
+        let d = self.options.default_limits;
+        let max = self.options.max_limits;
+        Limits {
+            memory_bytes: m
+                .limits
+                .memory_mib
+                .map(|mib| (mib as usize) << 20)
+                .unwrap_or(d.memory_bytes)
+                .min(max.memory_bytes),
+            deadline: m.limits.deadline_ms.map(Duration::from_millis).unwrap_or(d.deadline).min(max.deadline),
+            table_elements: d.table_elements,
+        }
+    }
+
+    /// The model served under `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// Every model served, by name.
+    pub fn list(&self) -> Vec<Arc<LoadedModel>> {
+        let mut v: Vec<_> = self.models.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        v.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
+        v
+    }
+
+    /// Stops serving `name`; in-flight requests finish on their own reference.
+    pub fn unload(&self, name: &str) -> bool {
+        self.models.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some()
+    }
+}

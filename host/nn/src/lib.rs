@@ -1,0 +1,47 @@
+//! wasi-nn backends for DIV hosts.
+//!
+//! wasmtime-wasi-nn keeps each ML framework behind the `BackendInner` / `BackendGraph` /
+//! `BackendExecutionContext` traits. Its built-in ONNX backend takes FP32 inputs only, panics the
+//! host on an I64 tensor and serialises every graph behind one mutex, so DIV brings its own:
+//! [`onnx`], on ONNX Runtime through `ort` (loaded dynamically from the `libonnxruntime.so` the
+//! bootstrap installs). It takes I64/I32/F32/F16/BF16/F64/U8 tensors, answers a wrong type, shape or
+//! name with a precise error instead of a panic, and runs concurrent requests on one loaded graph
+//! through a pool of sessions rather than a global lock.
+//!
+//! Graphs are loaded by the host (never by a guest) and handed to plugins by name through a
+//! [`registry::ModelGraphs`] registry that shows each plugin only its own model.
+
+pub mod onnx;
+pub mod registry;
+
+pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, init_onnx_runtime};
+pub use registry::ModelGraphs;
+pub use wasmtime_wasi_nn::backend::NamedTensor;
+pub use wasmtime_wasi_nn::wit::TensorType;
+pub use wasmtime_wasi_nn::{Graph, Tensor};
+
+/// Errors loading or running a graph.
+#[derive(Debug, thiserror::Error)]
+pub enum NnError {
+    /// ONNX Runtime could not be loaded or initialised.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    /// The model bytes are not a graph ONNX Runtime accepts.
+    #[error("loading the graph: {0}")]
+    Load(String),
+    /// An input that does not fit the graph (name, type, shape, byte length).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The graph failed while running.
+    #[error("inference failed: {0}")]
+    Inference(String),
+    /// An output of a type wasi-nn cannot carry.
+    #[error("unsupported output: {0}")]
+    UnsupportedOutput(String),
+}
+
+impl From<NnError> for wasmtime_wasi_nn::backend::BackendError {
+    fn from(e: NnError) -> Self {
+        wasmtime_wasi_nn::backend::BackendError::BackendAccess(wasmtime::Error::msg(e.to_string()))
+    }
+}

@@ -1,0 +1,374 @@
+//! One wasmtime engine for every plugin, and a fresh sandbox per request.
+//!
+//! Set-up, once per model: the plugin component is pre-initialised with wizer (its `initialize`
+//! export runs with the model's assets and the instance is snapshotted, so a tokenizer is parsed
+//! once, not per request), compiled by an engine with the pooling allocator and epoch
+//! interruption (compiled artifacts are cached on disk by wasmtime, keyed by the engine's
+//! settings), linked against `wasi:nn`, the `div:plugin/host` interface and a locked-down WASI, and
+//! kept as an `InstancePre`.
+//!
+//! Per request: a new `Store` with fresh [`RequestState`], the plugin's memory limit and an epoch
+//! deadline; instantiate from the `InstancePre` (a copy-on-write image of the snapshot in a pooled
+//! slot); call the export; drop it all. A trap, a timeout or a refused memory growth ends only
+//! that store; the engine and every other request go on.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use crate::bindings::{Embeddings, Input, PluginError, PluginWorld, PluginWorldPre, Request, Response};
+use crate::error::{InvokeError, LoadError};
+use crate::state::{Limits, ModelContext, RequestState};
+
+/// How the engine is set up. Defaults fit one machine.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Sandboxes that may exist at once (pooling allocator slots).
+    pub max_instances: u32,
+    /// Largest linear memory any plugin may have; per-plugin limits sit below it.
+    pub max_memory_bytes: usize,
+    /// Memory kept resident in a pooled slot between instances (fewer page faults per request).
+    pub keep_resident_bytes: usize,
+    /// Where wasmtime caches compiled code and DIV caches wizer snapshots (`None`: no disk cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Epoch tick: the granularity of deadlines.
+    pub epoch_tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            max_instances: 256,
+            max_memory_bytes: 1 << 30,
+            keep_resident_bytes: 16 << 20,
+            cache_dir: None,
+            epoch_tick: Duration::from_millis(5),
+        }
+    }
+}
+
+/// The engine, its linker, and the thread that advances epochs.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    linker: Arc<Linker<RequestState>>,
+    config: RuntimeConfig,
+    ticker: Arc<Ticker>,
+}
+
+/// Advances the epoch of every engine it holds until dropped.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn start_ticker(engines: Vec<Engine>, tick: Duration) -> Ticker {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("div-epoch".into())
+        .spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                for e in &engines {
+                    e.increment_epoch();
+                }
+            }
+        })
+        .map(|_| ())
+        .unwrap_or_else(|e| {
+            tracing::error!("could not start the epoch thread: {e}; deadlines will not fire")
+        });
+    Ticker { stop }
+}
+
+fn base_config(cache_dir: Option<&PathBuf>) -> Result<Config, LoadError> {
+    let mut c = Config::new();
+    c.wasm_component_model(true).epoch_interruption(true);
+    if let Some(dir) = cache_dir {
+        let mut cc = wasmtime::CacheConfig::new();
+        cc.with_directory(dir.join("wasmtime"));
+        let cache = wasmtime::Cache::new(cc).map_err(|e| LoadError::Engine(e.to_string()))?;
+        c.cache(Some(cache));
+    }
+    Ok(c)
+}
+
+impl Runtime {
+    /// Builds the engine (pooling allocator, epoch interruption) and its linker.
+    pub fn new(config: RuntimeConfig) -> Result<Self, LoadError> {
+        let mut c = base_config(config.cache_dir.as_ref())?;
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(config.max_instances)
+            .total_core_instances(config.max_instances.saturating_mul(4))
+            .total_memories(config.max_instances.saturating_mul(2))
+            .total_tables(config.max_instances.saturating_mul(4))
+            .max_memories_per_component(4)
+            .max_tables_per_component(8)
+            .max_core_instances_per_component(16)
+            .max_memory_size(config.max_memory_bytes)
+            .linear_memory_keep_resident(config.keep_resident_bytes)
+            .table_keep_resident(64 << 10);
+        c.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&c).map_err(|e| LoadError::Engine(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Engine(e.to_string()))?;
+        link_div(&mut linker)?;
+        let ticker = Arc::new(start_ticker(vec![engine.clone()], config.epoch_tick));
+        Ok(Self { engine, linker: Arc::new(linker), config, ticker })
+    }
+
+    /// The engine (for tools that compile components themselves).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Prepares `wasm` (a `div:plugin` component) for `model`: pre-initialise and snapshot it
+    /// when `snapshot` is set, compile, link. Runs the plugin's `initialize` once.
+    pub async fn load_plugin(
+        &self,
+        wasm: &[u8],
+        model: Arc<ModelContext>,
+        limits: Limits,
+        snapshot: bool,
+    ) -> Result<Plugin, LoadError> {
+        let started = Instant::now();
+        let bytes = if snapshot { self.snapshot(wasm, &model, limits).await? } else { wasm.to_vec() };
+        let component =
+            Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let instance_pre =
+            self.linker.instantiate_pre(&component).map_err(|e| LoadError::World(format!("{e:#}")))?;
+        let pre = PluginWorldPre::new(instance_pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
+        let plugin = Plugin {
+            pre,
+            engine: self.engine.clone(),
+            model,
+            limits,
+            tick: self.config.epoch_tick,
+            snapshotted: snapshot,
+            load_time: Duration::ZERO,
+            _ticker: self.ticker.clone(),
+        };
+        if !snapshot {
+            // without a snapshot, `initialize` runs in every request's instance instead
+            return Ok(Plugin { load_time: started.elapsed(), ..plugin });
+        }
+        Ok(Plugin { load_time: started.elapsed(), ..plugin })
+    }
+
+    /// Runs `initialize` under wizer and returns the snapshot, from the disk cache when the
+    /// same plugin, config and assets were snapshotted before.
+    async fn snapshot(
+        &self,
+        wasm: &[u8],
+        model: &Arc<ModelContext>,
+        limits: Limits,
+    ) -> Result<Vec<u8>, LoadError> {
+        let key = snapshot_key(wasm, model);
+        let cached = self.config.cache_dir.as_ref().map(|d| d.join("snapshots").join(format!("{key}.wasm")));
+        if let Some(path) = &cached
+            && let Ok(bytes) = std::fs::read(path)
+        {
+            tracing::debug!(model = %model.config.name, "wizer snapshot from cache");
+            return Ok(bytes);
+        }
+        let c = base_config(None)?;
+        let engine = Engine::new(&c).map_err(|e| LoadError::Engine(e.to_string()))?;
+        let mut linker: Linker<RequestState> = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|e| LoadError::Engine(e.to_string()))?;
+        link_div(&mut linker)?;
+        let _ticker = start_ticker(vec![engine.clone()], self.config.epoch_tick);
+        let mut store =
+            Store::new(&engine, RequestState::new(model.clone(), limits, Arc::from("initialize")));
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(ticks(limits.deadline.max(Duration::from_secs(60)), self.config.epoch_tick));
+        store.epoch_deadline_trap();
+        let mut wizer = wasmtime_wizer::Wizer::new();
+        wizer.init_func("initialize").keep_init_func(true);
+        let (bytes, _) = wizer
+            .run_component(&mut store, wasm, async |store, component| {
+                linker.instantiate_async(store, component).await
+            })
+            .await
+            .map_err(|e| LoadError::Snapshot(format!("{e:#}")))?;
+        if let Some(path) = cached {
+            let io = |source| LoadError::Cache { path: path.display().to_string(), source };
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, &bytes).map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
+        Ok(bytes)
+    }
+}
+
+/// Links `div:plugin/host` and `wasi:nn` into `linker`.
+fn link_div(linker: &mut Linker<RequestState>) -> Result<(), LoadError> {
+    let err = |e: wasmtime::Error| LoadError::Engine(format!("{e:#}"));
+    crate::bindings::div::plugin::host::add_to_linker::<_, HasSelf<RequestState>>(linker, |s| s)
+        .map_err(err)?;
+    crate::bindings::div::plugin::types::add_to_linker::<_, HasSelf<RequestState>>(linker, |s| s)
+        .map_err(err)?;
+    wasmtime_wasi_nn::wit::add_to_linker(linker, RequestState::nn_view).map_err(err)?;
+    Ok(())
+}
+
+fn ticks(d: Duration, tick: Duration) -> u64 {
+    (d.as_nanos() / tick.as_nanos().max(1)).max(1) as u64
+}
+
+fn snapshot_key(wasm: &[u8], model: &ModelContext) -> String {
+    let mut h = Sha256::new();
+    h.update(b"div-snapshot-v1\0");
+    h.update(Sha256::digest(wasm));
+    let c = &model.config;
+    for part in [c.name.as_bytes(), c.task.as_bytes(), &c.max_seq_len.to_le_bytes(), c.extra.as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let mut names: Vec<&String> = model.assets.keys().collect();
+    names.sort();
+    for n in names {
+        h.update((n.len() as u64).to_le_bytes());
+        h.update(n.as_bytes());
+        if let Some(a) = model.assets.get(n) {
+            h.update(Sha256::digest(a));
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// A plugin ready to serve its model, one fresh instance per call.
+pub struct Plugin {
+    pre: PluginWorldPre<RequestState>,
+    engine: Engine,
+    model: Arc<ModelContext>,
+    limits: Limits,
+    tick: Duration,
+    snapshotted: bool,
+    load_time: Duration,
+    _ticker: Arc<Ticker>,
+}
+
+/// How long the parts of one call took.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    /// Store + instance creation.
+    pub instantiate: Duration,
+    /// The export call (plugin work and backend inference).
+    pub call: Duration,
+}
+
+impl Plugin {
+    /// The model this plugin serves.
+    pub fn model(&self) -> &Arc<ModelContext> {
+        &self.model
+    }
+
+    /// The limits each call runs under.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Whether instances start from a wizer snapshot.
+    pub fn snapshotted(&self) -> bool {
+        self.snapshotted
+    }
+
+    /// How long loading (snapshot + compile + link) took.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Embeddings for `inputs` in a fresh sandbox.
+    pub fn embed(
+        &self,
+        inputs: &[Input],
+        request_id: Arc<str>,
+    ) -> (Result<Embeddings, InvokeError>, Timings) {
+        self.call(request_id, |store, world| world.div_plugin_plugin().call_embed(store, inputs))
+    }
+
+    /// The general entry point in a fresh sandbox.
+    pub fn handle(
+        &self,
+        request: &Request,
+        request_id: Arc<str>,
+    ) -> (Result<Response, InvokeError>, Timings) {
+        self.call(request_id, |store, world| world.div_plugin_plugin().call_handle(store, request))
+    }
+
+    /// Creates a sandbox and drops it: the per-request fixed cost, for benchmarks.
+    pub fn instantiate_only(&self, request_id: Arc<str>) -> Result<Duration, InvokeError> {
+        let started = Instant::now();
+        let mut store = self.store(request_id);
+        self.pre.instantiate(&mut store).map_err(|e| InvokeError::Instantiate(format!("{e:#}")))?;
+        Ok(started.elapsed())
+    }
+
+    fn store(&self, request_id: Arc<str>) -> Store<RequestState> {
+        let mut store =
+            Store::new(&self.engine, RequestState::new(self.model.clone(), self.limits, request_id));
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(ticks(self.limits.deadline, self.tick));
+        store.epoch_deadline_trap();
+        store
+    }
+
+    fn call<R>(
+        &self,
+        request_id: Arc<str>,
+        f: impl FnOnce(&mut Store<RequestState>, &PluginWorld) -> wasmtime::Result<Result<R, PluginError>>,
+    ) -> (Result<R, InvokeError>, Timings) {
+        let started = Instant::now();
+        let mut store = self.store(request_id);
+        let world = match self.pre.instantiate(&mut store) {
+            Ok(w) => w,
+            Err(e) => {
+                let t = Timings { instantiate: started.elapsed(), call: Duration::ZERO };
+                return (Err(self.classify(&store, e, InvokeError::Instantiate)), t);
+            }
+        };
+        let instantiated = Instant::now();
+        if !self.snapshotted
+            && let Err(e) = world.call_initialize(&mut store)
+        {
+            let t = Timings { instantiate: instantiated - started, call: instantiated.elapsed() };
+            return (Err(self.classify(&store, e, InvokeError::Trap)), t);
+        }
+        let result = match f(&mut store, &world) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(plugin_error)) => Err(InvokeError::Plugin(plugin_error)),
+            Err(e) => Err(self.classify(&store, e, InvokeError::Trap)),
+        };
+        (result, Timings { instantiate: instantiated - started, call: instantiated.elapsed() })
+    }
+
+    /// Names the cause of a trap: deadline, memory limit, or the trap itself.
+    fn classify(
+        &self,
+        store: &Store<RequestState>,
+        e: wasmtime::Error,
+        otherwise: fn(String) -> InvokeError,
+    ) -> InvokeError {
+        if e.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return InvokeError::Timeout(self.limits.deadline);
+        }
+        if store.data().limiter.refused_memory {
+            return InvokeError::MemoryLimit { limit: self.limits.memory_bytes };
+        }
+        otherwise(format!("{e:#}"))
+    }
+}

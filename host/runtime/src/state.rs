@@ -1,0 +1,170 @@
+//! What one request's sandbox holds: a locked-down WASI context, the resource table, a `wasi:nn`
+//! context that sees only this model's graphs, the model's config and assets, and the memory
+//! limiter. Built fresh for every request and dropped with it, so nothing crosses requests.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use div_nn::ModelGraphs;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_nn::Registry;
+use wasmtime_wasi_nn::wit::{WasiNnCtx, WasiNnView};
+
+use crate::bindings::{Level, ModelConfig, div::plugin::host};
+
+/// Most log lines one request may write through `host.log`; the rest are counted, not logged.
+const MAX_LOG_LINES: u32 = 64;
+/// Longest log line kept, in bytes.
+const MAX_LOG_LINE: usize = 2048;
+
+/// A model as its plugin sees it: config, read-only assets, and its graphs for `load-by-name`.
+pub struct ModelContext {
+    /// What `host.config` returns.
+    pub config: ModelConfig,
+    /// What `host.asset` serves (e.g. `tokenizer.json`); never weights.
+    pub assets: HashMap<String, Arc<[u8]>>,
+    /// The graphs the plugin may load by name.
+    pub graphs: ModelGraphs,
+}
+
+/// Per-plugin limits, from the model's manifest or the host's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest linear memory (bytes) the plugin may grow to.
+    pub memory_bytes: usize,
+    /// Longest a single request may run inside the plugin.
+    pub deadline: Duration,
+    /// Largest table (elements).
+    pub table_elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { memory_bytes: 256 << 20, deadline: Duration::from_secs(10), table_elements: 100_000 }
+    }
+}
+
+/// Enforces [`Limits`] on growth and remembers whether it refused any, so a trap that follows a
+/// refused `memory.grow` is reported as "out of memory", not as a bare `unreachable`.
+pub(crate) struct Limiter {
+    memory_bytes: usize,
+    table_elements: usize,
+    pub(crate) refused_memory: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.memory_bytes;
+        if !ok {
+            self.refused_memory = true;
+        }
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.table_elements)
+    }
+}
+
+/// The store data of one sandbox.
+pub struct RequestState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    nn: WasiNnCtx,
+    model: Arc<ModelContext>,
+    pub(crate) limiter: Limiter,
+    request_id: Arc<str>,
+    log_lines: u32,
+}
+
+/// A wall clock stopped at the epoch: plugins get no real time (monotonic time stays available).
+struct EpochClock;
+
+impl wasmtime_wasi::HostWallClock for EpochClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl RequestState {
+    /// A fresh sandbox state for `model`.
+    pub fn new(model: Arc<ModelContext>, limits: Limits, request_id: Arc<str>) -> Self {
+        // no preopens, no environment, no arguments, no sockets, stdio closed
+        let wasi = WasiCtx::builder().wall_clock(EpochClock).allow_tcp(false).allow_udp(false).build();
+        let nn = WasiNnCtx::new([], Registry::from(model.graphs.clone()));
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            nn,
+            model,
+            limiter: Limiter {
+                memory_bytes: limits.memory_bytes,
+                table_elements: limits.table_elements,
+                refused_memory: false,
+            },
+            request_id,
+            log_lines: 0,
+        }
+    }
+
+    pub(crate) fn nn_view(&mut self) -> WasiNnView<'_> {
+        WasiNnView::new(&mut self.table, &mut self.nn)
+    }
+}
+
+impl WasiView for RequestState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl crate::bindings::div::plugin::types::Host for RequestState {}
+
+impl host::Host for RequestState {
+    fn log(&mut self, level: Level, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            if self.log_lines == MAX_LOG_LINES + 1 {
+                tracing::warn!(request_id = %self.request_id, model = %self.model.config.name, "plugin log limit reached");
+            }
+            return;
+        }
+        let mut end = message.len().min(MAX_LOG_LINE);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let msg = &message[..end];
+        let (rid, model) = (&*self.request_id, self.model.config.name.as_str());
+        match level {
+            Level::Trace => tracing::trace!(target: "plugin", request_id = rid, model, "{msg}"),
+            Level::Debug => tracing::debug!(target: "plugin", request_id = rid, model, "{msg}"),
+            Level::Info => tracing::info!(target: "plugin", request_id = rid, model, "{msg}"),
+            Level::Warn => tracing::warn!(target: "plugin", request_id = rid, model, "{msg}"),
+            Level::Error => tracing::error!(target: "plugin", request_id = rid, model, "{msg}"),
+        }
+    }
+
+    fn config(&mut self) -> ModelConfig {
+        self.model.config.clone()
+    }
+
+    fn asset(&mut self, name: String) -> Option<Vec<u8>> {
+        self.model.assets.get(&name).map(|a| a.to_vec())
+    }
+}

@@ -1,0 +1,41 @@
+//! The plugin runtime with the real embeddings plugin, the real MiniLM graph and ONNX Runtime:
+//! correctness against sentence-transformers, and isolation between requests.
+
+use std::sync::Arc;
+
+use div_models::{LoadOptions, ModelFiles, ModelStore};
+use div_runtime::{Input, Runtime, RuntimeConfig};
+use div_tests::{cosine, minilm_dir, minilm_reference, ort_dylib, plugin_wasm};
+
+async fn store(snapshot: bool) -> anyhow::Result<(ModelStore, Arc<div_models::LoadedModel>)> {
+    div_nn::init_onnx_runtime(&ort_dylib()?)?;
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let store = ModelStore::new(runtime, LoadOptions { snapshot, ..LoadOptions::default() });
+    let model = store.load(ModelFiles::read_dir(&minilm_dir())?, &plugin_wasm("div_embeddings")?).await?;
+    Ok((store, model))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_embeddings_match_sentence_transformers() -> anyhow::Result<()> {
+    let (_store, model) = store(true).await?;
+    let reference = minilm_reference()?;
+    let mut worst = 1.0f64;
+    for item in &reference.items {
+        let (out, t) = model.plugin.embed(&[Input::Text(item.input.clone())], Arc::from("test"));
+        let out = out?;
+        assert_eq!(out.vectors.len(), 1);
+        let c = cosine(&out.vectors[0], &item.embedding);
+        worst = worst.min(c);
+        assert!(c >= 0.9999, "cosine {c} for {:?}", item.input);
+        assert!(t.instantiate.as_millis() < 1000);
+    }
+    // a batch gives the same vectors as one by one
+    let inputs: Vec<Input> = reference.items.iter().map(|i| Input::Text(i.input.clone())).collect();
+    let (batch, _) = model.plugin.embed(&inputs, Arc::from("batch"));
+    let batch = batch?;
+    for (v, item) in batch.vectors.iter().zip(&reference.items) {
+        assert!(cosine(v, &item.embedding) >= 0.9999);
+    }
+    println!("worst cosine {worst}");
+    Ok(())
+}
