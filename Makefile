@@ -3,7 +3,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/contracts/node_modules/.bin:$(PATH)
 export DIV_ANVIL := $(CURDIR)/contracts/node_modules/.bin/anvil
-export ORT_DYLIB_PATH ?= $(CURDIR)/.venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.32.0
+# resolved when a recipe runs (after the bootstrap made the venv)
+export ORT_DYLIB_PATH ?= $(firstword $(wildcard $(CURDIR)/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*))
 FORGE := cd contracts && forge
 
 .PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins
@@ -22,6 +23,7 @@ test: bootstrap
 	$(FORGE) snapshot --check
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	$(MAKE) --no-print-directory plugins
 	cargo test --workspace --locked
 
 ## check: the fast inner loop (format, lint, unit tests)
@@ -60,3 +62,4 @@ snapshot:
 ## plugins: the WebAssembly components (wasm32-wasip2), outside the host's build graph
 plugins:
 	cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --locked
+	cargo build --manifest-path tests/plugins/Cargo.toml --target wasm32-wasip2 --release --locked

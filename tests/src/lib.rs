@@ -80,6 +80,69 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// A plugin built from `tests/plugins` (`make plugins`).
+pub fn test_plugin_wasm(name: &str) -> anyhow::Result<Vec<u8>> {
+    let p = workspace_root().join(format!("tests/plugins/target/wasm32-wasip2/release/{name}.wasm"));
+    std::fs::read(&p).with_context(|| format!("{} (run `make plugins`)", p.display()))
+}
+
+/// A DIV host running in this process on a loopback port: the real router, model store,
+/// runtime and backend behind a real hyper server.
+pub struct TestHost {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// The store, to load more models.
+    pub store: std::sync::Arc<div_models::ModelStore>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestHost {
+    /// Starts a host with `api` limits and no models.
+    pub async fn start(api: div_api::ApiConfig) -> anyhow::Result<Self> {
+        div_nn::init_onnx_runtime(&ort_dylib()?)?;
+        let runtime = div_runtime::Runtime::new(div_runtime::RuntimeConfig {
+            cache_dir: Some(workspace_root().join("target/div-test-cache")),
+            ..Default::default()
+        })?;
+        let metrics = std::sync::Arc::new(div_api::Metrics::default());
+        let options = div_models::LoadOptions {
+            backend_observer: Some(metrics.backend_observer()),
+            onnx: div_nn::OnnxConfig { sessions: 2, intra_threads: 1 },
+            ..Default::default()
+        };
+        let store = std::sync::Arc::new(div_models::ModelStore::new(runtime, options));
+        let app = div_api::router(div_api::AppState::new(store.clone(), metrics, api));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { url, store, task })
+    }
+
+    /// Loads the MiniLM package with the embeddings plugin.
+    pub async fn load_minilm(&self) -> anyhow::Result<()> {
+        let files = div_models::ModelFiles::read_dir(&minilm_dir())?;
+        self.store.load(files, &plugin_wasm("div_embeddings")?).await?;
+        Ok(())
+    }
+
+    /// Loads the tiny test graph as `name` with the misbehaving plugin in `mode`.
+    pub async fn load_misbehave(&self, name: &str, mode: &str) -> anyhow::Result<()> {
+        let mut files = div_models::ModelFiles::read_dir(&workspace_root().join("build/models/tiny-echo"))?;
+        files.manifest.name = name.to_string();
+        files.manifest.extra.insert("mode".into(), serde_json::Value::String(mode.to_string()));
+        self.store.load(files, &test_plugin_wasm("div_misbehave")?).await?;
+        Ok(())
+    }
+}
+
 /// The anvil binary: `$DIV_ANVIL`, else the bootstrap's npm install in `contracts/`.
 pub fn anvil_bin() -> PathBuf {
     std::env::var_os("DIV_ANVIL")

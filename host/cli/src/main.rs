@@ -5,6 +5,7 @@
 
 mod cmd_deploy;
 mod cmd_dev;
+mod cmd_serve;
 mod demo_env;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Dev(cmd_dev::DevArgs),
     /// Deploy the contracts to any EVM JSON-RPC endpoint and write the address book.
     Deploy(cmd_deploy::DeployArgs),
+    /// Serve models over the OpenAI-compatible API, one sandboxed plugin instance per request.
+    Serve(Box<cmd_serve::ServeArgs>),
 }
 
 #[tokio::main]
@@ -36,6 +39,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Dev(args) => cmd_dev::run(args).await,
         Command::Deploy(args) => cmd_deploy::run(args).await,
+        Command::Serve(args) => cmd_serve::run(*args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

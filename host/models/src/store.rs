@@ -111,9 +111,14 @@ impl ModelFiles {
     }
 }
 
+/// Told each inference's model and duration (for metrics).
+pub type BackendObserver = Arc<dyn Fn(&str, Duration) + Send + Sync>;
+
 /// How models are loaded.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadOptions {
+    /// Told of every backend inference (model name, duration).
+    pub backend_observer: Option<BackendObserver>,
     /// Sessions and threads for ONNX graphs.
     pub onnx: OnnxConfig,
     /// Pre-initialise plugins and snapshot them (wizer).
@@ -127,6 +132,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
+            backend_observer: None,
             onnx: OnnxConfig::default(),
             snapshot: true,
             default_limits: Limits::default(),
@@ -174,9 +180,13 @@ impl ModelStore {
         }
         let weights = files.remove(&manifest.graph).unwrap_or_default();
         let onnx = self.options.onnx;
-        let graph = tokio::task::spawn_blocking(move || OnnxGraph::load(&weights, onnx))
+        let mut graph = tokio::task::spawn_blocking(move || OnnxGraph::load(&weights, onnx))
             .await
             .map_err(|e| ModelError::Task(e.to_string()))??;
+        if let Some(observe) = self.options.backend_observer.clone() {
+            let name = manifest.name.clone();
+            graph = graph.with_observer(Arc::new(move |d| observe(&name, d)));
+        }
         let limits = self.limits_for(&manifest);
         let context = Arc::new(ModelContext {
             config: ModelConfig {

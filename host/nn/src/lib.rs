@@ -14,7 +14,7 @@
 pub mod onnx;
 pub mod registry;
 
-pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, init_onnx_runtime};
+pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime};
 pub use registry::ModelGraphs;
 pub use wasmtime_wasi_nn::backend::NamedTensor;
 pub use wasmtime_wasi_nn::wit::TensorType;
@@ -42,6 +42,14 @@ pub enum NnError {
 
 impl From<NnError> for wasmtime_wasi_nn::backend::BackendError {
     fn from(e: NnError) -> Self {
-        wasmtime_wasi_nn::backend::BackendError::BackendAccess(wasmtime::Error::msg(e.to_string()))
+        use wasmtime_wasi_nn::backend::BackendError;
+        match e {
+            // wasi-nn hands a guest only the top-level message of an error; this is the variant
+            // whose message carries ours, so a plugin learns which input was wrong and how
+            NnError::InvalidInput(_) | NnError::UnsupportedOutput(_) => {
+                BackendError::UnsupportedTensorType(e.to_string())
+            }
+            other => BackendError::BackendAccess(wasmtime::Error::msg(other.to_string())),
+        }
     }
 }

@@ -103,11 +103,15 @@ struct Pool {
     returned: Condvar,
 }
 
+/// Told how long each inference took (for metrics).
+pub type RunObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
+
 /// A loaded ONNX graph, shareable across threads and requests.
 #[derive(Clone)]
 pub struct OnnxGraph {
     pool: Arc<Pool>,
     inputs: Arc<[InputSpec]>,
+    observer: Option<RunObserver>,
 }
 
 /// A session borrowed from the pool; given back on drop, even when inference fails.
@@ -164,7 +168,14 @@ impl OnnxGraph {
         Ok(Self {
             pool: Arc::new(Pool { sessions: Mutex::new(sessions), returned: Condvar::new() }),
             inputs: inputs.into(),
+            observer: None,
         })
+    }
+
+    /// Reports every inference's duration to `observer`.
+    pub fn with_observer(mut self, observer: RunObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// This graph as a wasi-nn [`Graph`] for a registry.
@@ -210,7 +221,11 @@ impl OnnxGraph {
         }
         let mut lease = self.lease();
         let session = lease.session.as_mut().ok_or_else(|| NnError::Inference("no session".into()))?;
+        let started = std::time::Instant::now();
         let outputs = session.run(values).map_err(|e| NnError::Inference(e.to_string()))?;
+        if let Some(observe) = &self.observer {
+            observe(started.elapsed());
+        }
         let mut out = Vec::with_capacity(outputs.len());
         for (name, value) in outputs.iter() {
             out.push(NamedTensor { name: name.to_string(), tensor: from_ort(name, &value)? });

@@ -96,6 +96,9 @@ fn base_config(cache_dir: Option<&PathBuf>) -> Result<Config, LoadError> {
     let mut c = Config::new();
     c.wasm_component_model(true).epoch_interruption(true);
     if let Some(dir) = cache_dir {
+        // wasmtime wants an absolute cache path
+        let dir =
+            std::path::absolute(dir).map_err(|e| LoadError::Engine(format!("{}: {e}", dir.display())))?;
         let mut cc = wasmtime::CacheConfig::new();
         cc.with_directory(dir.join("wasmtime"));
         let cache = wasmtime::Cache::new(cc).map_err(|e| LoadError::Engine(e.to_string()))?;
@@ -206,7 +209,10 @@ impl Runtime {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }
-            let tmp = path.with_extension("tmp");
+            // unique per writer: loads of the same plugin may race, the rename settles it
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = SEQ.fetch_add(1, Ordering::Relaxed);
+            let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
             std::fs::write(&tmp, &bytes).map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)?;
         }

@@ -1,4 +1,5 @@
 //! Whole flows against real parts. Each module is one area; all share this one binary.
 
+mod api;
 mod chain;
 mod runtime;

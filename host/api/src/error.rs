@@ -1,0 +1,177 @@
+//! Errors as OpenAI shapes them: `{"error":{"message","type","param","code"}}` with one status
+//! and one stable `code` per case, so clients (and the stock OpenAI libraries) can branch on them.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use div_runtime::{InvokeError, PluginError};
+use serde::Serialize;
+
+/// An error the API answers with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// OpenAI's error `type`.
+    pub kind: &'static str,
+    /// Stable machine-readable code.
+    pub code: &'static str,
+    /// The request parameter at fault, if one.
+    pub param: Option<&'static str>,
+    /// What a person reads.
+    pub message: String,
+    /// Seconds after which a retry may succeed (503/429).
+    pub retry_after: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: &'a str,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, code, param: None, message: message.into(), retry_after: None }
+    }
+
+    /// 400 with the offending parameter.
+    pub fn invalid(param: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        }
+    }
+
+    /// 400: the body is not the JSON we take.
+    pub fn bad_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_json", message)
+    }
+
+    /// 413: the body is over the limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than {limit} bytes"),
+        )
+    }
+
+    /// 415: not JSON.
+    pub fn unsupported_media() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "unsupported_media_type",
+            "send the body as application/json",
+        )
+    }
+
+    /// 404: no such model on this host.
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            param: Some("model"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("the model '{model}' does not exist on this host"),
+            )
+        }
+    }
+
+    /// 404: no such route.
+    pub fn route_not_found(path: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", format!("no route {path}"))
+    }
+
+    /// 405.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            "this route does not take that method",
+        )
+    }
+
+    /// 503: every sandbox slot is busy; retry shortly.
+    pub fn overloaded() -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "overloaded",
+                "the host is at its concurrency limit; retry shortly",
+            )
+        }
+    }
+
+    /// 500: our fault.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+    }
+}
+
+impl From<InvokeError> for ApiError {
+    fn from(e: InvokeError) -> Self {
+        let msg = e.to_string();
+        match e {
+            InvokeError::Plugin(PluginError::InvalidInput(m)) => {
+                ApiError::invalid("input", "invalid_input", m)
+            }
+            InvokeError::Plugin(PluginError::Unsupported(m)) => {
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "unsupported", m)
+            }
+            InvokeError::Plugin(PluginError::Backend(m)) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "server_error",
+                "backend_error",
+                format!("the model backend refused the plugin's request: {m}"),
+            ),
+            InvokeError::Plugin(PluginError::Internal(m)) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "plugin_error",
+                format!("the model's plugin failed: {m}"),
+            ),
+            InvokeError::Timeout(_) => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", "plugin_timeout", msg)
+            }
+            InvokeError::MemoryLimit { .. } => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "plugin_memory_limit", msg)
+            }
+            InvokeError::Trap(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "plugin_trapped", msg)
+            }
+            InvokeError::Instantiate(_) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "sandbox_unavailable", msg)
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body {
+            error: Inner { message: &self.message, kind: self.kind, param: self.param, code: self.code },
+        };
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(s) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&s.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}

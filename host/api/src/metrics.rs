@@ -1,0 +1,121 @@
+//! Prometheus metrics: requests and latency per model and route, sandbox instantiate time, plugin
+//! call time, backend inference time, requests in flight. Served at `GET /metrics`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    model: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteModel {
+    route: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+fn fine_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_002, 2.0, 24))
+}
+
+/// The host's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RouteModel, Histogram, fn() -> Histogram>,
+    instantiate: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    plugin: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    backend: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    in_flight: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("div");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency =
+            Family::<RouteModel, Histogram, fn() -> Histogram>::new_with_constructor(latency_buckets);
+        let instantiate =
+            Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(fine_buckets);
+        let plugin =
+            Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_buckets);
+        let backend =
+            Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_buckets);
+        let in_flight = Gauge::default();
+        registry.register("requests", "Requests answered, by route, model and status", requests.clone());
+        registry.register("request_duration_seconds", "Time to answer a request", latency.clone());
+        registry.register(
+            "sandbox_instantiate_seconds",
+            "Time to create a request's sandbox",
+            instantiate.clone(),
+        );
+        registry.register("plugin_call_seconds", "Time inside the plugin, backend included", plugin.clone());
+        registry.register(
+            "backend_inference_seconds",
+            "Time in the ML backend per inference",
+            backend.clone(),
+        );
+        registry.register("requests_in_flight", "Inference requests being served", in_flight.clone());
+        Self { registry, requests, latency, instantiate, plugin, backend, in_flight }
+    }
+}
+
+impl Metrics {
+    /// Counts an answered request.
+    pub fn request(&self, route: &str, model: &str, status: u16, took: Duration) {
+        let (route, model) = (route.to_string(), model.to_string());
+        self.requests
+            .get_or_create(&RequestLabels { route: route.clone(), model: model.clone(), status })
+            .inc();
+        self.latency.get_or_create(&RouteModel { route, model }).observe(took.as_secs_f64());
+    }
+
+    /// Records one sandbox's instantiate and call times.
+    pub fn sandbox(&self, model: &str, instantiate: Duration, call: Duration) {
+        let label = ModelLabel { model: model.to_string() };
+        self.instantiate.get_or_create(&label).observe(instantiate.as_secs_f64());
+        self.plugin.get_or_create(&label).observe(call.as_secs_f64());
+    }
+
+    /// Records one backend inference.
+    pub fn backend(&self, model: &str, took: Duration) {
+        self.backend.get_or_create(&ModelLabel { model: model.to_string() }).observe(took.as_secs_f64());
+    }
+
+    /// The in-flight gauge.
+    pub fn in_flight(&self) -> &Gauge {
+        &self.in_flight
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// An observer for the model store that feeds [`Metrics::backend`].
+    pub fn backend_observer(self: &Arc<Self>) -> div_models::BackendObserver {
+        let me = self.clone();
+        Arc::new(move |model, took| me.backend(model, took))
+    }
+}

@@ -1,0 +1,123 @@
+//! `div serve`: the host. Loads plaintext model packages from disk with their plugins and serves
+//! the OpenAI-compatible API until SIGTERM or Ctrl-C, then drains in-flight requests.
+//! (Encrypted packages fetched by content id come with the vault.)
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use div_api::{ApiConfig, AppState, Metrics, router};
+use div_models::{LoadOptions, ModelFiles, ModelStore};
+use div_nn::OnnxConfig;
+use div_runtime::{Limits, Runtime, RuntimeConfig};
+
+/// Arguments of `div serve`; every flag can also be set by the environment variable named.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "DIV_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// A model package folder to serve, optionally with its plugin: DIR or DIR=PLUGIN.wasm
+    /// (without a plugin, the manifest's `plugin` file inside DIR). Repeatable.
+    #[arg(long = "model", env = "DIV_MODELS", value_delimiter = ',', required = true)]
+    models: Vec<String>,
+    /// ONNX Runtime's shared library (`libonnxruntime.so.*` from the bootstrap's venv).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    ort_dylib: PathBuf,
+    /// Where compiled plugins and snapshots are cached.
+    #[arg(long, env = "DIV_CACHE_DIR", default_value = ".div/cache")]
+    cache_dir: PathBuf,
+    /// Inference requests served at once; more get 503 with Retry-After.
+    #[arg(long, env = "DIV_MAX_CONCURRENCY", default_value_t = 64)]
+    max_concurrency: usize,
+    /// Largest request body in bytes.
+    #[arg(long, env = "DIV_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    max_body_bytes: usize,
+    /// Plugin memory limit (MiB) where a manifest sets none.
+    #[arg(long, env = "DIV_PLUGIN_MEMORY_MIB", default_value_t = 256)]
+    plugin_memory_mib: usize,
+    /// Plugin deadline per request (ms) where a manifest sets none.
+    #[arg(long, env = "DIV_PLUGIN_DEADLINE_MS", default_value_t = 10_000)]
+    plugin_deadline_ms: u64,
+    /// ONNX Runtime sessions per model (concurrent inferences on one model).
+    #[arg(long, env = "DIV_ONNX_SESSIONS")]
+    onnx_sessions: Option<usize>,
+    /// ONNX Runtime threads per inference.
+    #[arg(long, env = "DIV_ONNX_THREADS")]
+    onnx_threads: Option<usize>,
+    /// Run `initialize` in every request instead of snapshotting it once (for comparison).
+    #[arg(long, env = "DIV_NO_SNAPSHOT")]
+    no_snapshot: bool,
+}
+
+/// Runs `div serve`.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    div_nn::init_onnx_runtime(&args.ort_dylib)?;
+    let runtime =
+        Runtime::new(RuntimeConfig { cache_dir: Some(args.cache_dir.clone()), ..RuntimeConfig::default() })?;
+    let metrics = Arc::new(Metrics::default());
+    let defaults = OnnxConfig::default();
+    let options = LoadOptions {
+        backend_observer: Some(metrics.backend_observer()),
+        onnx: OnnxConfig {
+            sessions: args.onnx_sessions.unwrap_or(defaults.sessions),
+            intra_threads: args.onnx_threads.unwrap_or(defaults.intra_threads),
+        },
+        snapshot: !args.no_snapshot,
+        default_limits: Limits {
+            memory_bytes: args.plugin_memory_mib << 20,
+            deadline: Duration::from_millis(args.plugin_deadline_ms),
+            ..Limits::default()
+        },
+        ..LoadOptions::default()
+    };
+    let store = Arc::new(ModelStore::new(runtime, options));
+    for spec in &args.models {
+        let (dir, plugin) = match spec.split_once('=') {
+            Some((d, p)) => (PathBuf::from(d), Some(PathBuf::from(p))),
+            None => (PathBuf::from(spec), None),
+        };
+        let files =
+            ModelFiles::read_dir(&dir).with_context(|| format!("reading the package {}", dir.display()))?;
+        let plugin = match plugin.or_else(|| files.manifest.plugin.as_ref().map(|p| dir.join(p))) {
+            Some(p) => p,
+            None => bail!("{}: no plugin given (DIR=PLUGIN.wasm) and the manifest names none", dir.display()),
+        };
+        let wasm =
+            std::fs::read(&plugin).with_context(|| format!("reading the plugin {}", plugin.display()))?;
+        let model = store.load(files, &wasm).await.with_context(|| format!("loading {}", dir.display()))?;
+        println!("serving {} ({}) with {}", model.manifest.name, model.manifest.task, plugin.display());
+    }
+    let state = AppState::new(
+        store,
+        metrics,
+        ApiConfig { max_body_bytes: args.max_body_bytes, max_concurrency: args.max_concurrency },
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down; finishing in-flight requests");
+}

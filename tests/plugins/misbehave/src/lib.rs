@@ -1,0 +1,72 @@
+//! What this plugin does on `embed` is chosen by its model's `extra.mode`:
+//!
+//! - `trap`: panics (an `unreachable` trap under `panic = "abort"`),
+//! - `loop`: spins forever,
+//! - `oom`: allocates until the host refuses to grow its memory,
+//! - `wrong-type`: sends `input_ids` as FP32 to a graph that takes I64,
+//! - `count`: returns how many calls this instance has seen (a fresh instance per request: 1),
+//! - `echo` (anything else): embeds correctly through the graph (the host's control case).
+//!
+//! The host must answer each with a JSON error within the deadline and keep serving.
+
+use div_plugin::nn::{Graph, Tensor};
+use div_plugin::{Embeddings, Input, Plugin, PluginError};
+
+struct Misbehave;
+
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn mode() -> String {
+    let extra = div_plugin::model_config().extra;
+    // {"mode":"loop"} — a tiny parser keeps this plugin free of dependencies
+    extra.split("\"mode\"").nth(1).and_then(|r| r.split('"').nth(1)).unwrap_or("echo").to_string()
+}
+
+impl Plugin for Misbehave {
+    fn embed(inputs: Vec<Input>) -> Result<Embeddings, PluginError> {
+        match mode().as_str() {
+            "trap" => panic!("the plugin gave up"),
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    let mut block = vec![0u8; 16 << 20];
+                    block[0] = 1;
+                    hoard.push(std::hint::black_box(block));
+                }
+            }
+            "count" => {
+                let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                Ok(Embeddings { vectors: vec![vec![n as f32]], prompt_tokens: 1 })
+            }
+            "wrong-type" => {
+                let graph = Graph::by_name(&div_plugin::model_config().name)?;
+                graph.compute(vec![("input_ids".into(), Tensor::f32(&[1, 2], &[101.0, 102.0]))])?;
+                Err(PluginError::Internal("the backend accepted a wrong tensor type".into()))
+            }
+            _ => {
+                let graph = Graph::by_name(&div_plugin::model_config().name)?;
+                let mut vectors = Vec::new();
+                let mut tokens = 0;
+                for input in inputs {
+                    let ids: Vec<i64> = match input {
+                        Input::Tokens(t) => t.into_iter().map(i64::from).collect(),
+                        Input::Text(s) => s.bytes().map(i64::from).collect(),
+                    };
+                    tokens += ids.len() as u32;
+                    let out = graph.compute(vec![("input_ids".into(), Tensor::i64(&[1, ids.len() as u32], &ids))])?;
+                    let v = out.first().and_then(|o| o.as_f32()).ok_or_else(|| PluginError::Backend("no f32 output".into()))?;
+                    vectors.push(v);
+                }
+                Ok(Embeddings { vectors, prompt_tokens: tokens })
+            }
+        }
+    }
+}
+
+div_plugin::export!(Misbehave);
