@@ -10,7 +10,7 @@ FORGE := cd contracts && forge
 .PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins
 
 ## demo: start a local chain with DIV deployed and walk through it (leaves it running; `make stop`)
-demo: bootstrap contracts
+demo: bootstrap contracts plugins
 	cargo build --bin div
 	scripts/demo.sh
 

@@ -84,3 +84,71 @@ fn dev_starts_anvil_deploys_and_writes_the_demo_env() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
+
+/// Ends a child process on drop (SIGTERM first via `kill`, then the hard way).
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_answers_the_openai_python_client_and_stops_gracefully() -> anyhow::Result<()> {
+    let root = div_tests::workspace_root();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let url = format!("http://127.0.0.1:{port}");
+    let model = format!(
+        "{}={}",
+        div_tests::minilm_dir().display(),
+        root.join("plugins/target/wasm32-wasip2/release/div_embeddings.wasm").display()
+    );
+    let mut child = Child(
+        div()
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--model", &model, "--cache-dir"])
+            .arg(root.join("target/div-test-cache"))
+            .env("ORT_DYLIB_PATH", div_tests::ort_dylib()?)
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(out) = Command::new("curl").args(["-sf", &format!("{url}/healthz")]).output()
+            && out.status.success()
+        {
+            break;
+        }
+        if let Some(status) = child.0.try_wait()? {
+            anyhow::bail!("div serve exited early: {status}");
+        }
+        anyhow::ensure!(started.elapsed().as_secs() < 180, "div serve did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let python = root.join(".venv/bin/python");
+    let out = Command::new(&python)
+        .arg(root.join("tests/python/check_openai_embeddings.py"))
+        .arg(root.join("../shared/fixtures/minilm/reference.json"))
+        .env("DIV_URL", &url)
+        .env("DIV_MODEL", "all-minilm-l6-v2")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "openai client check failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(stdout.trim())?;
+    assert!(report["worst_cosine"].as_f64().unwrap_or(0.0) >= 0.9999, "{report}");
+    assert_eq!(report["unknown_model_status"], 404);
+    // the README's example runs as shown
+    let out = Command::new(&python)
+        .arg(root.join("examples/openai_embeddings.py"))
+        .env("DIV_URL", &url)
+        .env("DIV_MODEL", "all-minilm-l6-v2")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("3 vectors of 384 dimensions"), "{stdout}");
+    // SIGTERM: drains and exits cleanly
+    Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status()?;
+    let status = child.0.wait()?;
+    assert!(status.success(), "div serve exited with {status} after SIGTERM");
+    Ok(())
+}

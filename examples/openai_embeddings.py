@@ -1,0 +1,30 @@
+#!/usr/bin/env python3
+"""Embeddings from a DIV host with the stock OpenAI Python client.
+
+    set -a; . .div/demo.env; set +a
+    .venv/bin/python examples/openai_embeddings.py
+
+Uses DIV_URL, DIV_MODEL and (once hosts meter requests) DIV_API_KEY from the environment."""
+import math
+import os
+
+from openai import OpenAI
+
+client = OpenAI(base_url=os.environ["DIV_URL"] + "/v1", api_key=os.environ.get("DIV_API_KEY", "unused"))
+sentences = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A fast auburn fox leaps above a sleepy hound.",
+    "Interest rates rose again this quarter.",
+]
+response = client.embeddings.create(model=os.environ["DIV_MODEL"], input=sentences)
+vectors = [item.embedding for item in response.data]
+
+
+def cosine(a, b):
+    return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+print(f"model {response.model}: {len(vectors)} vectors of {len(vectors[0])} dimensions, "
+      f"{response.usage.prompt_tokens} prompt tokens")
+for i in range(1, len(sentences)):
+    print(f"  similarity(0, {i}) = {cosine(vectors[0], vectors[i]):.3f}   {sentences[i]!r}")
