@@ -22,6 +22,9 @@ test: bootstrap
 	$(FORGE) test
 	$(FORGE) snapshot --check
 	cargo fmt --all --check
+	cargo fmt --manifest-path plugins/Cargo.toml --all --check
+	cargo fmt --manifest-path tests/plugins/Cargo.toml --all --check
+	cargo fmt --manifest-path guest-sdk/Cargo.toml --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	$(MAKE) --no-print-directory plugins
 	cargo test --workspace --locked
@@ -54,6 +57,9 @@ artifacts: contracts
 
 fmt:
 	cargo fmt --all
+	cargo fmt --manifest-path plugins/Cargo.toml --all
+	cargo fmt --manifest-path tests/plugins/Cargo.toml --all
+	cargo fmt --manifest-path guest-sdk/Cargo.toml
 	$(FORGE) fmt
 
 snapshot:

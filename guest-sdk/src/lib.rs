@@ -24,7 +24,6 @@
 //! What an instance may carry between requests: nothing. What it may carry from `initialize`:
 //! anything it computed from the model's assets (the snapshot is shared by every request).
 
-
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
@@ -105,7 +104,7 @@ macro_rules! export {
                     <$t as $crate::Plugin>::initialize()
                 }
             }
-            $crate::bindings::__export_world!(__DivExport with_types_in $crate::bindings);
+    $crate::bindings::__export_world!(__DivExport with_types_in $crate::bindings);
         };
     };
 }

@@ -32,7 +32,11 @@ fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
 }
 
 /// The plugin's algorithm, natively.
-fn direct(model: &LoadedModel, tok: &tokenizers::Tokenizer, texts: &[String]) -> anyhow::Result<Vec<Vec<f32>>> {
+fn direct(
+    model: &LoadedModel,
+    tok: &tokenizers::Tokenizer,
+    texts: &[String],
+) -> anyhow::Result<Vec<Vec<f32>>> {
     let enc = tok.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("{e}"))?;
     let batch = enc.len();
     let seq = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
@@ -45,14 +49,17 @@ fn direct(model: &LoadedModel, tok: &tokenizers::Tokenizer, texts: &[String]) ->
         }
     }
     let dims = vec![batch as u32, seq as u32];
-    let t = |v: &[i64]| Tensor::new(dims.clone(), TensorType::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect());
+    let t = |v: &[i64]| {
+        Tensor::new(dims.clone(), TensorType::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    };
     let out = model.graph.run(vec![
         NamedTensor { name: "input_ids".into(), tensor: t(&ids) },
         NamedTensor { name: "attention_mask".into(), tensor: t(&mask) },
         NamedTensor { name: "token_type_ids".into(), tensor: t(&vec![0; batch * seq]) },
     ])?;
     let hidden = out.first().ok_or_else(|| anyhow::anyhow!("no output"))?;
-    let h: Vec<f32> = hidden.tensor.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    let h: Vec<f32> =
+        hidden.tensor.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     let dim = 384;
     Ok((0..batch)
         .map(|r| {
@@ -79,10 +86,13 @@ async fn main() -> anyhow::Result<()> {
     let host = TestHost::start(div_api::ApiConfig { max_concurrency: 256, ..Default::default() }).await?;
     host.load_minilm().await?;
     let model = host.store.get(MODEL).ok_or_else(|| anyhow::anyhow!("model not loaded"))?;
-    let mut tok = tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut tok = tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     tok.with_padding(None);
-    let sentences: Vec<String> = minilm_reference()?.items.into_iter().map(|i| i.input).filter(|s| s.len() < 200).collect();
-    let batch_of = |n: usize| -> Vec<String> { (0..n).map(|i| sentences[i % sentences.len()].clone()).collect() };
+    let sentences: Vec<String> =
+        minilm_reference()?.items.into_iter().map(|i| i.input).filter(|s| s.len() < 200).collect();
+    let batch_of =
+        |n: usize| -> Vec<String> { (0..n).map(|i| sentences[i % sentences.len()].clone()).collect() };
     let client = reqwest::Client::new();
     let url = format!("{}/v1/embeddings", host.url);
 
@@ -101,7 +111,8 @@ async fn main() -> anyhow::Result<()> {
             let m = model.clone();
             let inp = inputs.clone();
             let t = Instant::now();
-            let (r, _) = tokio::task::spawn_blocking(move || m.plugin.embed(&inp, Arc::from("bench"))).await?;
+            let (r, _) =
+                tokio::task::spawn_blocking(move || m.plugin.embed(&inp, Arc::from("bench"))).await?;
             let ts = t.elapsed();
             let r = r?;
             anyhow::ensure!(r.vectors.len() == v.len(), "sandbox and direct disagree on the batch");
@@ -142,7 +153,8 @@ async fn main() -> anyhow::Result<()> {
         let (client, url, s) = (client.clone(), url.clone(), sentences[c % sentences.len()].clone());
         tasks.push(tokio::spawn(async move {
             for _ in 0..total / 32 {
-                let r = client.post(&url).body(json!({"model": MODEL, "input": s}).to_string()).send().await?;
+                let r =
+                    client.post(&url).body(json!({"model": MODEL, "input": s}).to_string()).send().await?;
                 anyhow::ensure!(r.status().is_success(), "HTTP {}", r.status());
                 let _ = r.bytes().await?;
             }
@@ -170,7 +182,10 @@ async fn main() -> anyhow::Result<()> {
     let mut files = div_models::ModelFiles::read_dir(&minilm_dir())?;
     files.manifest.name = "minilm-no-snapshot".into();
     let runtime = div_runtime::Runtime::new(div_runtime::RuntimeConfig::default())?;
-    let plain = div_models::ModelStore::new(runtime, div_models::LoadOptions { snapshot: false, ..Default::default() });
+    let plain = div_models::ModelStore::new(
+        runtime,
+        div_models::LoadOptions { snapshot: false, ..Default::default() },
+    );
     let plain = plain.load(files, &div_tests::plugin_wasm("div_embeddings")?).await?;
     let one = vec![Input::Text(sentences[0].clone())];
     let (mut with, mut without) = (Vec::new(), Vec::new());
@@ -188,12 +203,18 @@ async fn main() -> anyhow::Result<()> {
 
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("embeddings bench (all-MiniLM-L6-v2 F32 ONNX, {nproc} cores; medians)");
-    println!("| batch | direct ms | sandbox ms | HTTP ms | sandbox ÷ direct | HTTP ÷ direct | sentences/s (HTTP) |");
+    println!(
+        "| batch | direct ms | sandbox ms | HTTP ms | sandbox ÷ direct | HTTP ÷ direct | sentences/s (HTTP) |"
+    );
     for r in &rows {
         println!("{r}");
     }
     println!("32 concurrent single-sentence callers: {c32:.1} sentences/s = {:.2} × batch 32", c32 / b32);
-    println!("sandbox instantiate p50 {:.1} µs, p99 {:.1} µs", p50.as_secs_f64() * 1e6, p99.as_secs_f64() * 1e6);
+    println!(
+        "sandbox instantiate p50 {:.1} µs, p99 {:.1} µs",
+        p50.as_secs_f64() * 1e6,
+        p99.as_secs_f64() * 1e6
+    );
     println!(
         "request at batch 1: {:.2} ms from the wizer snapshot, {:.2} ms parsing tokenizer.json per request",
         w.as_secs_f64() * 1e3,

@@ -134,7 +134,11 @@ fn serve_answers_the_openai_python_client_and_stops_gracefully() -> anyhow::Resu
         .env("DIV_MODEL", "all-minilm-l6-v2")
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "openai client check failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openai client check failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_str(stdout.trim())?;
     assert!(report["worst_cosine"].as_f64().unwrap_or(0.0) >= 0.9999, "{report}");
     assert_eq!(report["unknown_model_status"], 404);

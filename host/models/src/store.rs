@@ -249,3 +249,61 @@ impl ModelStore {
         self.models.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{FileEntry, ManifestLimits};
+
+    fn files(graph_bytes: &[u8], listed_sha: Option<&str>) -> ModelFiles {
+        let sha = listed_sha.map(str::to_string).unwrap_or_else(|| hex::encode(Sha256::digest(graph_bytes)));
+        ModelFiles {
+            manifest: Manifest {
+                name: "m-1".into(),
+                task: "embeddings".into(),
+                encoding: "onnx".into(),
+                graph: "model.onnx".into(),
+                dimensions: None,
+                max_seq_length: 8,
+                files: vec![FileEntry {
+                    name: "model.onnx".into(),
+                    size: graph_bytes.len() as u64,
+                    sha256: sha,
+                }],
+                plugin: None,
+                limits: ManifestLimits::default(),
+                extra: Default::default(),
+            },
+            files: [("model.onnx".to_string(), graph_bytes.to_vec())].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn intact_files_verify() {
+        assert!(files(b"graph", None).verify().is_ok());
+    }
+
+    #[test]
+    fn a_changed_byte_or_size_is_refused_before_loading() {
+        let mut f = files(b"graph", None);
+        if let Some(b) = f.files.get_mut("model.onnx") {
+            b[0] ^= 1;
+        }
+        assert!(matches!(f.verify(), Err(ModelError::Integrity { .. })));
+        let mut f = files(b"graph", None);
+        f.files.insert("model.onnx".into(), b"graph!".to_vec());
+        let e = f.verify().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("6 bytes, manifest says 5"), "{e}");
+    }
+
+    #[test]
+    fn bad_names_and_a_missing_graph_are_manifest_errors() {
+        let mut f = files(b"g", None);
+        f.manifest.name = "../etc".into();
+        assert!(matches!(f.verify(), Err(ModelError::Manifest(_))));
+        let mut f = files(b"g", None);
+        f.manifest.graph = "weights.bin".into();
+        assert!(matches!(f.verify(), Err(ModelError::Manifest(_))));
+        assert!(!safe_name("../x") && !safe_name("a/b") && safe_name("tokenizer.json"));
+    }
+}

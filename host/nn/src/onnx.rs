@@ -424,3 +424,45 @@ fn from_ort(name: &str, value: &ort::value::ValueRef<'_>) -> Result<Tensor, NnEr
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InputSpec {
+        InputSpec { name: "input_ids".into(), ty: TensorElementType::Int64, shape: vec![-1, -1] }
+    }
+
+    fn tensor(dims: &[u32], ty: TensorType, bytes: usize) -> Tensor {
+        Tensor::new(dims.to_vec(), ty, vec![0; bytes])
+    }
+
+    #[test]
+    fn a_well_formed_tensor_passes() {
+        assert!(check_shape(&spec(), &tensor(&[2, 3], TensorType::I64, 48)).is_ok());
+    }
+
+    #[test]
+    fn wrong_type_rank_dims_and_length_are_named() {
+        let e = |t: Tensor| check_shape(&spec(), &t).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            e(tensor(&[1, 2], TensorType::Fp32, 8)).contains("'input_ids' is FP32; the graph expects Int64")
+        );
+        assert!(e(tensor(&[2], TensorType::I64, 16)).contains("rank 1; the graph expects rank 2"));
+        assert!(
+            e(tensor(&[2, 3], TensorType::I64, 40))
+                .contains("has 40 bytes; dimensions [2, 3] of I64 need 48")
+        );
+        let fixed = InputSpec { shape: vec![1, 4], ..spec() };
+        let msg = check_shape(&fixed, &tensor(&[1, 5], TensorType::I64, 40)).err().map(|e| e.to_string());
+        assert!(msg.unwrap_or_default().contains("dimension 1 is 5; the graph expects 4"));
+        // a product that overflows is refused, not wrapped
+        assert!(e(tensor(&[u32::MAX, u32::MAX], TensorType::I64, 8)).contains("too many"));
+    }
+
+    #[test]
+    fn little_endian_bytes_become_values() {
+        let bytes: Vec<u8> = [1i64, -2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(le_vec!(bytes, i64, 8), vec![1, -2]);
+    }
+}

@@ -20,7 +20,8 @@ static TOKENIZER: OnceLock<Result<Tokenizer, String>> = OnceLock::new();
 fn tokenizer() -> Result<&'static Tokenizer, PluginError> {
     TOKENIZER
         .get_or_init(|| {
-            let bytes = div_plugin::asset("tokenizer.json").ok_or("the model package has no tokenizer.json")?;
+            let bytes =
+                div_plugin::asset("tokenizer.json").ok_or("the model package has no tokenizer.json")?;
             let mut t = Tokenizer::from_bytes(&bytes).map_err(|e| format!("tokenizer.json: {e}"))?;
             let max = div_plugin::model_config().max_seq_len as usize;
             t.with_padding(None);
@@ -51,9 +52,11 @@ impl Plugin for Embedder {
         let mut rows: Vec<Vec<u32>> = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.into_iter().enumerate() {
             let ids = match input {
-                Input::Text(text) => {
-                    tok.encode(text, true).map_err(|e| PluginError::Internal(format!("tokenize: {e}")))?.get_ids().to_vec()
-                }
+                Input::Text(text) => tok
+                    .encode(text, true)
+                    .map_err(|e| PluginError::Internal(format!("tokenize: {e}")))?
+                    .get_ids()
+                    .to_vec(),
                 Input::Tokens(ids) => {
                     if ids.len() > max {
                         return Err(PluginError::InvalidInput(format!(
@@ -100,7 +103,9 @@ impl Plugin for Embedder {
             return Err(PluginError::Backend(format!("unexpected output shape {:?}", hidden.dims)));
         }
         let dim = hidden.dims[2] as usize;
-        let vectors = (0..batch).map(|r| pool(&values[r * seq * dim..(r + 1) * seq * dim], &mask[r * seq..(r + 1) * seq], dim)).collect();
+        let vectors = (0..batch)
+            .map(|r| pool(&values[r * seq * dim..(r + 1) * seq * dim], &mask[r * seq..(r + 1) * seq], dim))
+            .collect();
         Ok(Embeddings { vectors, prompt_tokens: prompt_tokens as u32 })
     }
 }

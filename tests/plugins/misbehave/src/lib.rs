@@ -59,8 +59,12 @@ impl Plugin for Misbehave {
                         Input::Text(s) => s.bytes().map(i64::from).collect(),
                     };
                     tokens += ids.len() as u32;
-                    let out = graph.compute(vec![("input_ids".into(), Tensor::i64(&[1, ids.len() as u32], &ids))])?;
-                    let v = out.first().and_then(|o| o.as_f32()).ok_or_else(|| PluginError::Backend("no f32 output".into()))?;
+                    let out = graph
+                        .compute(vec![("input_ids".into(), Tensor::i64(&[1, ids.len() as u32], &ids))])?;
+                    let v = out
+                        .first()
+                        .and_then(|o| o.as_f32())
+                        .ok_or_else(|| PluginError::Backend("no f32 output".into()))?;
                     vectors.push(v);
                 }
                 Ok(Embeddings { vectors, prompt_tokens: tokens })
