@@ -3,8 +3,6 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 export PATH := $(CURDIR)/contracts/node_modules/.bin:$(PATH)
 export DIV_ANVIL := $(CURDIR)/contracts/node_modules/.bin/anvil
-# resolved when a recipe runs (after the bootstrap made the venv)
-export ORT_DYLIB_PATH ?= $(firstword $(wildcard $(CURDIR)/.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.*))
 FORGE := cd contracts && forge
 
 .PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins

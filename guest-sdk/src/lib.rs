@@ -70,6 +70,12 @@ pub fn asset(name: &str) -> Option<Vec<u8>> {
     bindings::div::plugin::host::asset(name)
 }
 
+/// Token ids of `texts` under the model's own tokenizer, tokenized natively by the host
+/// (special tokens added, each truncated to `max_len`).
+pub fn host_tokenize(texts: &[String], max_len: u32) -> Result<Vec<Vec<u32>>, String> {
+    bindings::div::plugin::host::tokenize(texts, max_len)
+}
+
 /// A log line through the host (tagged with the request id and model there).
 pub fn log(level: Level, message: &str) {
     bindings::div::plugin::host::log(level, message)

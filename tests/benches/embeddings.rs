@@ -86,6 +86,11 @@ async fn main() -> anyhow::Result<()> {
     let host = TestHost::start(div_api::ApiConfig { max_concurrency: 256, ..Default::default() }).await?;
     host.load_minilm().await?;
     let model = host.store.get(MODEL).ok_or_else(|| anyhow::anyhow!("model not loaded"))?;
+    // the same plugin and graph, tokenizing through the host's native tokenizer (host.tokenize)
+    let mut files = div_models::ModelFiles::read_dir(&minilm_dir())?;
+    files.manifest.name = "minilm-host-tokenizer".into();
+    files.manifest.extra.insert("tokenizer".into(), json!("host"));
+    let hosttok = host.store.load(files, &div_tests::plugin_wasm("div_embeddings")?).await?;
     let mut tok = tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     tok.with_padding(None);
@@ -103,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
         let texts = batch_of(b);
         let inputs: Vec<Input> = texts.iter().cloned().map(Input::Text).collect();
         let body = json!({"model": MODEL, "input": texts}).to_string();
-        let (mut d, mut s, mut h) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut d, mut s, mut h, mut ht) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..iters + 5 {
             let t = Instant::now();
             let v = direct(&model, &tok, &texts)?;
@@ -116,6 +121,13 @@ async fn main() -> anyhow::Result<()> {
             let ts = t.elapsed();
             let r = r?;
             anyhow::ensure!(r.vectors.len() == v.len(), "sandbox and direct disagree on the batch");
+            let m = hosttok.clone();
+            let inp = inputs.clone();
+            let t = Instant::now();
+            let (r, _) =
+                tokio::task::spawn_blocking(move || m.plugin.embed(&inp, Arc::from("bench"))).await?;
+            let tht = t.elapsed();
+            r?;
             let t = Instant::now();
             let resp = client.post(&url).body(body.clone()).send().await?;
             anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
@@ -125,22 +137,26 @@ async fn main() -> anyhow::Result<()> {
                 d.push(td);
                 s.push(ts);
                 h.push(th);
+                ht.push(tht);
             }
         }
-        let (md, ms, mh) = (median(d), median(s), median(h));
+        let (md, ms, mh, mht) = (median(d), median(s), median(h), median(ht));
         let sandbox_ratio = ms.as_secs_f64() / md.as_secs_f64();
+        let host_tok_ratio = mht.as_secs_f64() / md.as_secs_f64();
         let http_ratio = mh.as_secs_f64() / md.as_secs_f64();
         if b == 1 || b == 32 {
             out.insert(format!("sandbox_ratio_b{b}"), json!(sandbox_ratio));
             out.insert(format!("http_ratio_b{b}"), json!(http_ratio));
+            out.insert(format!("sandbox_ratio_b{b}_host_tokenizer"), json!(host_tok_ratio));
         }
         let sps = b as f64 / mh.as_secs_f64();
         out.insert(format!("sentences_per_s_b{b}"), json!(sps));
         per_sentence.push((b, sps));
         rows.push(format!(
-            "| {b} | {:.2} | {:.2} | {:.2} | {sandbox_ratio:.3} | {http_ratio:.3} | {sps:.1} |",
+            "| {b} | {:.2} | {:.2} | {:.2} | {:.2} | {sandbox_ratio:.3} | {host_tok_ratio:.3} | {http_ratio:.3} | {sps:.1} |",
             md.as_secs_f64() * 1e3,
             ms.as_secs_f64() * 1e3,
+            mht.as_secs_f64() * 1e3,
             mh.as_secs_f64() * 1e3
         ));
     }
@@ -204,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("embeddings bench (all-MiniLM-L6-v2 F32 ONNX, {nproc} cores; medians)");
     println!(
-        "| batch | direct ms | sandbox ms | HTTP ms | sandbox ÷ direct | HTTP ÷ direct | sentences/s (HTTP) |"
+        "| batch | direct ms | sandbox ms | sandbox, host tokenizer ms | HTTP ms | sandbox ÷ direct | host-tokenizer sandbox ÷ direct | HTTP ÷ direct | sentences/s (HTTP) |"
     );
     for r in &rows {
         println!("{r}");
@@ -225,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
     md.push_str(&format!(
         "all-MiniLM-L6-v2 (F32 ONNX, ONNX Runtime 1.32 via `ort`), {nproc} cores, medians of interleaved calls.\n\n"
     ));
-    md.push_str("| batch | direct ms | sandbox ms | HTTP ms | sandbox ÷ direct | HTTP ÷ direct | sentences/s (HTTP) |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str("| batch | direct ms | sandbox ms | sandbox, host tokenizer ms | HTTP ms | sandbox ÷ direct | host-tokenizer sandbox ÷ direct | HTTP ÷ direct | sentences/s (HTTP) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in &rows {
         md.push_str(r);
         md.push('\n');

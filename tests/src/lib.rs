@@ -19,23 +19,12 @@ pub fn workspace_root() -> PathBuf {
 
 /// `libonnxruntime.so` of the bootstrap's venv (or `$ORT_DYLIB_PATH`).
 pub fn ort_dylib() -> anyhow::Result<PathBuf> {
-    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+    if let Some(p) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
-    let lib = workspace_root().join(".venv/lib");
-    for entry in
-        std::fs::read_dir(&lib).with_context(|| format!("{} (run `make bootstrap`)", lib.display()))?
-    {
-        let capi = entry?.path().join("site-packages/onnxruntime/capi");
-        if let Ok(files) = std::fs::read_dir(&capi) {
-            for f in files.flatten() {
-                if f.file_name().to_string_lossy().starts_with("libonnxruntime.so.") {
-                    return Ok(f.path());
-                }
-            }
-        }
-    }
-    anyhow::bail!("no libonnxruntime.so under {} (run `make bootstrap`)", lib.display())
+    div_nn::locate_onnx_runtime(&workspace_root()).with_context(|| {
+        format!("no libonnxruntime.so under {}/.venv (run `make bootstrap`)", workspace_root().display())
+    })
 }
 
 /// The built plugin `name` (e.g. `div_embeddings`) from `make plugins`.

@@ -23,9 +23,10 @@ pub struct ServeArgs {
     /// (without a plugin, the manifest's `plugin` file inside DIR). Repeatable.
     #[arg(long = "model", env = "DIV_MODELS", value_delimiter = ',', required = true)]
     models: Vec<String>,
-    /// ONNX Runtime's shared library (`libonnxruntime.so.*` from the bootstrap's venv).
+    /// ONNX Runtime's shared library (default: `libonnxruntime.so.*` in `./.venv`, where the
+    /// bootstrap installs it).
     #[arg(long, env = "ORT_DYLIB_PATH")]
-    ort_dylib: PathBuf,
+    ort_dylib: Option<PathBuf>,
     /// Where compiled plugins and snapshots are cached.
     #[arg(long, env = "DIV_CACHE_DIR", default_value = ".div/cache")]
     cache_dir: PathBuf,
@@ -54,7 +55,12 @@ pub struct ServeArgs {
 
 /// Runs `div serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    div_nn::init_onnx_runtime(&args.ort_dylib)?;
+    let ort = match args.ort_dylib.filter(|p| !p.as_os_str().is_empty()) {
+        Some(p) => p,
+        None => div_nn::locate_onnx_runtime(&std::env::current_dir()?)
+            .context("no libonnxruntime.so in ./.venv; run `make bootstrap` or pass --ort-dylib")?,
+    };
+    div_nn::init_onnx_runtime(&ort)?;
     let runtime =
         Runtime::new(RuntimeConfig { cache_dir: Some(args.cache_dir.clone()), ..RuntimeConfig::default() })?;
     let metrics = Arc::new(Metrics::default());

@@ -188,6 +188,17 @@ impl ModelStore {
             graph = graph.with_observer(Arc::new(move |d| observe(&name, d)));
         }
         let limits = self.limits_for(&manifest);
+        let tokenizer = match files.get("tokenizer.json") {
+            Some(bytes) => {
+                let bytes = bytes.clone();
+                let tok = tokio::task::spawn_blocking(move || tokenizers::Tokenizer::from_bytes(bytes))
+                    .await
+                    .map_err(|e| ModelError::Task(e.to_string()))?
+                    .map_err(|e| ModelError::Manifest(format!("tokenizer.json: {e}")))?;
+                Some(Arc::new(tok))
+            }
+            None => None,
+        };
         let context = Arc::new(ModelContext {
             config: ModelConfig {
                 name: manifest.name.clone(),
@@ -197,6 +208,7 @@ impl ModelStore {
             },
             assets: files.into_iter().map(|(k, v)| (k, Arc::<[u8]>::from(v))).collect(),
             graphs: ModelGraphs::single(manifest.name.clone(), graph.clone().into_wasi_nn()),
+            tokenizer,
         });
         let plugin = self.runtime.load_plugin(plugin_wasm, context, limits, self.options.snapshot).await?;
         let created = std::time::SystemTime::now()

@@ -14,7 +14,7 @@
 pub mod onnx;
 pub mod registry;
 
-pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime};
+pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime, locate_onnx_runtime};
 pub use registry::ModelGraphs;
 pub use wasmtime_wasi_nn::backend::NamedTensor;
 pub use wasmtime_wasi_nn::wit::TensorType;

@@ -42,6 +42,21 @@ pub fn init_onnx_runtime(dylib: &Path) -> Result<(), NnError> {
     .map_err(NnError::Runtime)
 }
 
+/// Finds `libonnxruntime.so.*` in the Python venv under `root` (where the bootstrap installs the
+/// pinned `onnxruntime` wheel): `root/.venv/lib/python3*/site-packages/onnxruntime/capi/`.
+pub fn locate_onnx_runtime(root: &Path) -> Option<std::path::PathBuf> {
+    let lib = root.join(".venv/lib");
+    let mut found: Vec<_> = std::fs::read_dir(lib)
+        .ok()?
+        .flatten()
+        .filter_map(|py| std::fs::read_dir(py.path().join("site-packages/onnxruntime/capi")).ok())
+        .flat_map(|d| d.flatten().map(|f| f.path()))
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so")))
+        .collect();
+    found.sort();
+    found.pop()
+}
+
 /// How graphs are run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OnnxConfig {

@@ -28,6 +28,8 @@ pub struct ModelContext {
     pub assets: HashMap<String, Arc<[u8]>>,
     /// The graphs the plugin may load by name.
     pub graphs: ModelGraphs,
+    /// The package's `tokenizer.json`, parsed natively, for `host.tokenize`.
+    pub tokenizer: Option<Arc<tokenizers::Tokenizer>>,
 }
 
 /// Per-plugin limits, from the model's manifest or the host's defaults.
@@ -166,5 +168,16 @@ impl host::Host for RequestState {
 
     fn asset(&mut self, name: String) -> Option<Vec<u8>> {
         self.model.assets.get(&name).map(|a| a.to_vec())
+    }
+
+    fn tokenize(&mut self, texts: Vec<String>, max_len: u32) -> Result<Vec<Vec<u32>>, String> {
+        let tok = self.model.tokenizer.as_ref().ok_or("this model's package has no tokenizer.json")?;
+        let mut out = Vec::with_capacity(texts.len());
+        for text in texts {
+            let enc = tok.encode_fast(text, true).map_err(|e| format!("tokenize: {e}"))?;
+            let ids = enc.get_ids();
+            out.push(ids[..ids.len().min(max_len as usize)].to_vec());
+        }
+        Ok(out)
     }
 }

@@ -8,6 +8,8 @@
 //!    and L2-normalises: what sentence-transformers does for this model.
 //!
 //! Token-array inputs are taken as the model's input ids verbatim (special tokens included).
+//! With `"tokenizer": "host"` in the model's extra settings, texts are tokenized by the host's
+//! native tokenizer on the same `tokenizer.json` (`host.tokenize`) instead of inside the plugin.
 
 use std::sync::OnceLock;
 
@@ -48,11 +50,23 @@ impl Plugin for Embedder {
         }
         let config = div_plugin::model_config();
         let max = config.max_seq_len as usize;
-        let tok = tokenizer()?;
+        let host_tokens = config.extra.replace(' ', "").contains("\"tokenizer\":\"host\"");
+        let mut host_ids = if host_tokens {
+            let texts: Vec<String> = inputs
+                .iter()
+                .filter_map(|i| if let Input::Text(t) = i { Some(t.clone()) } else { None })
+                .collect();
+            div_plugin::host_tokenize(&texts, config.max_seq_len).map_err(PluginError::Internal)?.into_iter()
+        } else {
+            Vec::new().into_iter()
+        };
         let mut rows: Vec<Vec<u32>> = Vec::with_capacity(inputs.len());
         for (i, input) in inputs.into_iter().enumerate() {
             let ids = match input {
-                Input::Text(text) => tok
+                Input::Text(_) if host_tokens => host_ids
+                    .next()
+                    .ok_or_else(|| PluginError::Internal("host tokenizer lost an input".into()))?,
+                Input::Text(text) => tokenizer()?
                     .encode(text, true)
                     .map_err(|e| PluginError::Internal(format!("tokenize: {e}")))?
                     .get_ids()

@@ -39,3 +39,30 @@ async fn plugin_embeddings_match_sentence_transformers() -> anyhow::Result<()> {
     println!("worst cosine {worst}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_host_tokenizer_variant_gives_the_same_embeddings() -> anyhow::Result<()> {
+    div_nn::init_onnx_runtime(&ort_dylib()?)?;
+    let store = ModelStore::new(Runtime::new(RuntimeConfig::default())?, LoadOptions::default());
+    let mut files = ModelFiles::read_dir(&minilm_dir())?;
+    files.manifest.name = "minilm-host-tokenizer".into();
+    files.manifest.extra.insert("tokenizer".into(), serde_json::Value::String("host".into()));
+    let model = store.load(files, &plugin_wasm("div_embeddings")?).await?;
+    let reference = minilm_reference()?;
+    let inputs: Vec<Input> = reference.items.iter().map(|i| Input::Text(i.input.clone())).collect();
+    let (out, _) = model.plugin.embed(&inputs, Arc::from("host-tok"));
+    let out = out?;
+    for (v, item) in out.vectors.iter().zip(&reference.items) {
+        let c = cosine(v, &item.embedding);
+        assert!(c >= 0.9999, "cosine {c} for {:?}", item.input);
+    }
+    // same token count as the in-plugin tokenizer
+    assert_eq!(out.prompt_tokens, store_plain_tokens(&inputs).await?);
+    Ok(())
+}
+
+async fn store_plain_tokens(inputs: &[Input]) -> anyhow::Result<u32> {
+    let (_store, model) = store(true).await?;
+    let (out, _) = model.plugin.embed(inputs, Arc::from("plain"));
+    Ok(out?.prompt_tokens)
+}
