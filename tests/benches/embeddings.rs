@@ -104,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     let mut rows = Vec::new();
     let mut per_sentence = Vec::new();
-    for (b, iters) in [(1usize, 300usize), (8, 60), (32, 20)] {
+    for (b, iters) in [(1usize, 300usize), (8, 80), (32, 40)] {
         let texts = batch_of(b);
         let inputs: Vec<Input> = texts.iter().cloned().map(Input::Text).collect();
         let body = json!({"model": MODEL, "input": texts}).to_string();

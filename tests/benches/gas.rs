@@ -126,7 +126,14 @@ async fn main() -> anyhow::Result<()> {
             s.push_str(&format!("| {name} | {gas} | {per:.1} |\n"));
         }
         s.push_str(&format!(
-            "\nGoal ≤ 100 gas per request at 1000 requests per settlement: **{at_1000:.1}** ({}).\n",
+            "\nGoal ≤ 100 gas per request at 1000 requests per settlement: **{at_1000:.1}** ({}).\n\n\
+             Each row is the first settlement of a fresh permit (the dearest case: its state slot goes \
+             from zero to non-zero, 22.1k gas, and its signature is checked, ~4k). The rest of a \
+             settle: 21k base, ~6k calldata, the proxy hops (~5k here, ~7k into the vault), the \
+             vault's inference count and host check (~12k), the user's balance (~5k), the Settled \
+             event (~3k) and the stablecoin transfer to the payout (~15k). The way under 100: credit \
+             payouts inside PaymentStream and let owners claim in one transfer, and keep the \
+             inference counter beside the permit state instead of in the vault.\n",
             if at_1000 <= 100.0 { "met" } else { "missed" }
         ));
         s
