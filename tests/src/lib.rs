@@ -124,7 +124,18 @@ impl TestHost {
 
     /// Loads the tiny test graph as `name` with the misbehaving plugin in `mode`.
     pub async fn load_misbehave(&self, name: &str, mode: &str) -> anyhow::Result<()> {
+        self.load_misbehave_with(name, mode, None).await
+    }
+
+    /// [`TestHost::load_misbehave`] with a per-model instance limit.
+    pub async fn load_misbehave_with(
+        &self,
+        name: &str,
+        mode: &str,
+        max_instances: Option<u32>,
+    ) -> anyhow::Result<()> {
         let mut files = div_models::ModelFiles::read_dir(&workspace_root().join("build/models/tiny-echo"))?;
+        files.manifest.limits.max_instances = max_instances;
         files.manifest.name = name.to_string();
         files.manifest.extra.insert("mode".into(), serde_json::Value::String(mode.to_string()));
         self.store.load(files, &test_plugin_wasm("div_misbehave")?).await?;

@@ -59,4 +59,6 @@ pub struct ManifestLimits {
     pub memory_mib: Option<u32>,
     /// Longest one request may run inside the plugin, in milliseconds.
     pub deadline_ms: Option<u64>,
+    /// Sandboxes of the plugin that may run at once.
+    pub max_instances: Option<u32>,
 }

@@ -140,6 +140,7 @@ impl Default for LoadOptions {
                 memory_bytes: 1 << 30,
                 deadline: Duration::from_secs(120),
                 table_elements: 1_000_000,
+                instances: 256,
             },
         }
     }
@@ -241,6 +242,7 @@ impl ModelStore {
                 .min(max.memory_bytes),
             deadline: m.limits.deadline_ms.map(Duration::from_millis).unwrap_or(d.deadline).min(max.deadline),
             table_elements: d.table_elements,
+            instances: m.limits.max_instances.unwrap_or(d.instances).min(max.instances),
         }
     }
 

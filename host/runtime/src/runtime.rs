@@ -160,6 +160,7 @@ impl Runtime {
             tick: self.config.epoch_tick,
             snapshotted: snapshot,
             load_time: Duration::ZERO,
+            active: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             _ticker: self.ticker.clone(),
         };
         if !snapshot {
@@ -265,7 +266,17 @@ pub struct Plugin {
     tick: Duration,
     snapshotted: bool,
     load_time: Duration,
+    active: Arc<std::sync::atomic::AtomicU32>,
     _ticker: Arc<Ticker>,
+}
+
+/// Holds one of a plugin's instance slots; frees it on drop.
+struct Slot(Arc<std::sync::atomic::AtomicU32>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How long the parts of one call took.
@@ -333,12 +344,25 @@ impl Plugin {
         store
     }
 
+    /// Takes one of the plugin's `limits.instances` slots, or says none is free.
+    fn slot(&self) -> Result<Slot, InvokeError> {
+        let limit = self.limits.instances.max(1);
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1))
+            .map(|_| Slot(self.active.clone()))
+            .map_err(|_| InvokeError::Instantiate(format!("all {limit} sandboxes of this model are busy")))
+    }
+
     fn call<R>(
         &self,
         request_id: Arc<str>,
         f: impl FnOnce(&mut Store<RequestState>, &PluginWorld) -> wasmtime::Result<Result<R, PluginError>>,
     ) -> (Result<R, InvokeError>, Timings) {
         let started = Instant::now();
+        let _slot = match self.slot() {
+            Ok(s) => s,
+            Err(e) => return (Err(e), Timings::default()),
+        };
         let mut store = self.store(request_id);
         let world = match self.pre.instantiate(&mut store) {
             Ok(w) => w,

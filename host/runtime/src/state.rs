@@ -41,11 +41,18 @@ pub struct Limits {
     pub deadline: Duration,
     /// Largest table (elements).
     pub table_elements: usize,
+    /// Sandboxes of this plugin that may exist at once; more calls are refused, not queued.
+    pub instances: u32,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { memory_bytes: 256 << 20, deadline: Duration::from_secs(10), table_elements: 100_000 }
+        Self {
+            memory_bytes: 256 << 20,
+            deadline: Duration::from_secs(10),
+            table_elements: 100_000,
+            instances: 64,
+        }
     }
 }
 

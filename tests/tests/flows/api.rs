@@ -194,3 +194,28 @@ async fn past_the_concurrency_limit_callers_get_503_at_once() -> anyhow::Result<
     assert_error(s, &b, 504, "plugin_timeout");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_past_its_own_instance_limit_gets_503_while_others_serve() -> anyhow::Result<()> {
+    let host = TestHost::start(ApiConfig::default()).await?;
+    host.load_misbehave_with("one-at-a-time", "loop", Some(1)).await?;
+    host.load_misbehave("other", "echo").await?;
+    let url = host.url.clone();
+    let busy =
+        tokio::spawn(
+            async move { post(&url, json!({"model": "one-at-a-time", "input": "x"}).to_string()).await },
+        );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (s, b, headers) =
+        post(&host.url, json!({"model": "one-at-a-time", "input": "y"}).to_string()).await?;
+    assert_error(s, &b, 503, "sandbox_unavailable");
+    assert!(headers.contains_key("retry-after"));
+    let (s, b, _) = post(&host.url, json!({"model": "other", "input": "hi"}).to_string()).await?;
+    assert_eq!(s, StatusCode::OK, "another model is not held up: {b}");
+    let (s, b, _) = busy.await??;
+    assert_error(s, &b, 504, "plugin_timeout");
+    // the slot is free again
+    let (s, b, _) = post(&host.url, json!({"model": "one-at-a-time", "input": "z"}).to_string()).await?;
+    assert_error(s, &b, 504, "plugin_timeout");
+    Ok(())
+}
