@@ -33,21 +33,7 @@ async fn main() -> anyhow::Result<()> {
     // counters so every measured settle sees the steady state a busy model is in
     let users: Vec<usize> = std::iter::once(2).chain(4..14).collect();
     for &i in &users {
-        let c = chain.client(i).await?;
-        let a = chain.keys[i].address();
-        chain.mint_usdc(a, U256::from(1_000_000_000u64)).await?;
-        DevStablecoin::new(usdc_addr, c.provider())
-            .approve(d.payment_stream, U256::MAX)
-            .send()
-            .await?
-            .watch()
-            .await?;
-        PaymentStream::new(d.payment_stream, c.provider())
-            .deposit(usdc_addr, U256::from(1_000_000_000u64))
-            .send()
-            .await?
-            .watch()
-            .await?;
+        chain.fund_deposit(i, U256::from(1_000_000_000u64)).await?;
     }
     let user = chain.keys[2].clone();
     let mut nonce = 0u64;

@@ -198,6 +198,29 @@ impl LocalChain {
         Ok(())
     }
 
+    /// Mints `amount` USDC to account `index` and deposits it all into `PaymentStream`.
+    pub async fn fund_deposit(&self, index: usize, amount: U256) -> anyhow::Result<()> {
+        let c = self.client(index).await?;
+        let user = self.keys.get(index).with_context(|| format!("no anvil account #{index}"))?.address();
+        let (usdc, stream) = (self.usdc()?, self.deployment.payment_stream);
+        self.mint_usdc(user, amount).await?;
+        let r = DevStablecoin::new(usdc, c.provider())
+            .approve(stream, U256::MAX)
+            .send()
+            .await?
+            .get_receipt()
+            .await?;
+        anyhow::ensure!(r.status(), "approve reverted");
+        let r = div_chain::bindings::PaymentStream::new(stream, c.provider())
+            .deposit(usdc, amount)
+            .send()
+            .await?
+            .get_receipt()
+            .await?;
+        anyhow::ensure!(r.status(), "deposit reverted");
+        Ok(())
+    }
+
     /// Registers a model owned by account #1 with custodians #5..#7 (t = 2), priced at
     /// `price` USDC base units per request, its token sold at 2 USDC, and authorises host #3.
     pub async fn register_model(&self, name: &str, price: U256) -> anyhow::Result<RegisteredModel> {

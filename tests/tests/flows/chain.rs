@@ -137,20 +137,7 @@ async fn a_batch_settles_the_good_permits_and_skips_an_empty_balance() -> anyhow
     for (i, deposit) in [(2usize, 1_000_000u64), (4, 1_000_000), (8, 0)] {
         let key = chain.keys[i].clone();
         if deposit > 0 {
-            let c = chain.client(i).await?;
-            chain.mint_usdc(key.address(), U256::from(deposit)).await?;
-            DevStablecoin::new(usdc_addr, c.provider())
-                .approve(d.payment_stream, U256::MAX)
-                .send()
-                .await?
-                .get_receipt()
-                .await?;
-            PaymentStream::new(d.payment_stream, c.provider())
-                .deposit(usdc_addr, U256::from(deposit))
-                .send()
-                .await?
-                .get_receipt()
-                .await?;
+            chain.fund_deposit(i, U256::from(deposit)).await?;
         }
         let permit = SpendingPermit {
             user: key.address(),
