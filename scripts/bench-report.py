@@ -46,7 +46,24 @@ results_out["machine_nproc"] = machine["nproc"]
 head = (f"# DIV benchmark results\n\nMeasured by `make bench` in one run on {machine['nproc']} cores "
         f"({machine['cpu']}), commit {machine['commit']}, {machine['date']}.\n"
         "Every ratio compares against a baseline measured in the same run.\n")
-(root / "bench" / "RESULTS.md").write_text(head + "\n" + "\n\n".join(sections) + "\n")
+# the goals the issues name, judged on this run's numbers
+GOALS = [
+    ("gas_per_request_at_1000", "<=", 100, "settlement gas per request, one permit covering 1000 requests"),
+    ("sandbox_ratio_b1", "<=", 1.02, "embeddings through the sandbox ÷ backend directly, batch 1"),
+    ("sandbox_ratio_b32", "<=", 1.02, "embeddings through the sandbox ÷ backend directly, batch 32"),
+    ("instantiate_p50_us", "<=", 10, "sandbox instantiate p50 (µs)"),
+    ("pytorch_ratio_b32", ">=", 1.5, "sentences/s vs PyTorch sentence-transformers, batch 32"),
+]
+rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
+for key, op, target, what in GOALS:
+    if key not in results:
+        rows.append(f"| {what} (`{key}`) | not measured | {op} {target} | not measured |")
+        continue
+    v = results[key]
+    ok = v <= target if op == "<=" else v >= target
+    rows.append(f"| {what} (`{key}`) | {v:.3f} | {op} {target} | {'met' if ok else '**missed**'} |")
+goals = "## Goals\n\n" + "\n".join(rows) + "\n"
+(root / "bench" / "RESULTS.md").write_text(head + "\n" + goals + "\n" + "\n\n".join(sections) + "\n")
 print(f"bench-report: {len(results)} keys -> bench/results.json, bench/RESULTS.md")
 for k, v in sorted(results.items()):
     print(f"  {k:<36} {v}")
