@@ -146,28 +146,25 @@ impl Runtime {
         snapshot: bool,
     ) -> Result<Plugin, LoadError> {
         let started = Instant::now();
-        let bytes = if snapshot { self.snapshot(wasm, &model, limits).await? } else { wasm.to_vec() };
+        let bytes: std::borrow::Cow<'_, [u8]> =
+            if snapshot { self.snapshot(wasm, &model, limits).await?.into() } else { wasm.into() };
         let component =
             Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
         let instance_pre =
             self.linker.instantiate_pre(&component).map_err(|e| LoadError::World(format!("{e:#}")))?;
         let pre = PluginWorldPre::new(instance_pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
-        let plugin = Plugin {
+        // without a snapshot, `initialize` runs in every request's instance instead (see `call`)
+        Ok(Plugin {
             pre,
             engine: self.engine.clone(),
             model,
             limits,
             tick: self.config.epoch_tick,
             snapshotted: snapshot,
-            load_time: Duration::ZERO,
+            load_time: started.elapsed(),
             active: Arc::new(std::sync::atomic::AtomicU32::new(0)),
             _ticker: self.ticker.clone(),
-        };
-        if !snapshot {
-            // without a snapshot, `initialize` runs in every request's instance instead
-            return Ok(Plugin { load_time: started.elapsed(), ..plugin });
-        }
-        Ok(Plugin { load_time: started.elapsed(), ..plugin })
+        })
     }
 
     /// Runs `initialize` under wizer and returns the snapshot, from the disk cache when the
