@@ -102,7 +102,7 @@ impl TestHost {
         let metrics = std::sync::Arc::new(div_api::Metrics::default());
         let options = div_models::LoadOptions {
             backend_observer: Some(metrics.backend_observer()),
-            onnx: div_nn::OnnxConfig { sessions: 2, intra_threads: 1 },
+            onnx: div_nn::OnnxConfig { sessions: 2, intra_threads: 1, ..Default::default() },
             ..Default::default()
         };
         let store = std::sync::Arc::new(div_models::ModelStore::new(runtime, options));

@@ -131,10 +131,10 @@ async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Respons
     }
 }
 
-/// Decrements the in-flight gauge when a request ends, however it ends.
-struct InFlight<'a>(&'a Metrics);
+/// Decrements the in-flight gauge when the sandbox work ends, however it ends.
+struct InFlight(Arc<Metrics>);
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight().dec();
     }
@@ -186,14 +186,43 @@ async fn embed(
     let encoding = req.encoding()?;
     req.check_dimensions(model.manifest.dimensions)?;
     let inputs = req.inputs()?;
-    let _permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
+    let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
     s.metrics.in_flight().inc();
-    let _in_flight = InFlight(&s.metrics);
+    let in_flight = InFlight(s.metrics.clone());
     let m = model.clone();
-    let (result, timings) = tokio::task::spawn_blocking(move || m.plugin.embed(&inputs, rid))
-        .await
-        .map_err(|e| ApiError::internal(format!("the sandbox thread failed: {e}")))?;
+    let count = inputs.len();
+    // the permit and the gauge travel with the work: a caller who disconnects drops this future,
+    // but the sandbox runs to its end and holds its slot until then
+    let (result, timings) = tokio::task::spawn_blocking(move || {
+        let _held = (permit, in_flight);
+        m.plugin.embed(&inputs, rid)
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("the sandbox thread failed: {e}")))?;
     s.metrics.sandbox(&model.manifest.name, timings.instantiate, timings.call);
     let out = result?;
+    check_vectors(&out.vectors, count, model.manifest.dimensions)?;
     Ok(EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding))
+}
+
+/// A plugin is untrusted: its answer must have one finite vector per input, of the model's size.
+fn check_vectors(vectors: &[Vec<f32>], inputs: usize, dims: Option<u32>) -> Result<(), ApiError> {
+    let bad = |m: String| ApiError {
+        code: "plugin_error",
+        ..ApiError::internal(format!("the model's plugin returned an invalid answer: {m}"))
+    };
+    if vectors.len() != inputs {
+        return Err(bad(format!("{} vectors for {inputs} inputs", vectors.len())));
+    }
+    for (i, v) in vectors.iter().enumerate() {
+        if let Some(d) = dims
+            && v.len() != d as usize
+        {
+            return Err(bad(format!("vector {i} has {} dimensions, the model has {d}", v.len())));
+        }
+        if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
+            return Err(bad(format!("vector {i} is empty or not finite")));
+        }
+    }
+    Ok(())
 }

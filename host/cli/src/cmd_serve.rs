@@ -70,6 +70,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         onnx: OnnxConfig {
             sessions: args.onnx_sessions.unwrap_or(defaults.sessions),
             intra_threads: args.onnx_threads.unwrap_or(defaults.intra_threads),
+            ..defaults
         },
         snapshot: !args.no_snapshot,
         default_limits: Limits {

@@ -192,10 +192,22 @@ impl ModelStore {
         let tokenizer = match files.get("tokenizer.json") {
             Some(bytes) => {
                 let bytes = bytes.clone();
-                let tok = tokio::task::spawn_blocking(move || tokenizers::Tokenizer::from_bytes(bytes))
-                    .await
-                    .map_err(|e| ModelError::Task(e.to_string()))?
-                    .map_err(|e| ModelError::Manifest(format!("tokenizer.json: {e}")))?;
+                let max = manifest.max_seq_length as usize;
+                let tok = tokio::task::spawn_blocking(move || {
+                    let mut t = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| e.to_string())?;
+                    // as the plugin does: no padding (every id is a real token), and truncation to
+                    // the model's length that keeps the special tokens
+                    t.with_padding(None);
+                    t.with_truncation(Some(tokenizers::TruncationParams {
+                        max_length: max,
+                        ..Default::default()
+                    }))
+                    .map_err(|e| e.to_string())?;
+                    Ok::<_, String>(t)
+                })
+                .await
+                .map_err(|e| ModelError::Task(e.to_string()))?
+                .map_err(|e| ModelError::Manifest(format!("tokenizer.json: {e}")))?;
                 Some(Arc::new(tok))
             }
             None => None,

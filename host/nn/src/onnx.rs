@@ -64,12 +64,15 @@ pub struct OnnxConfig {
     pub intra_threads: usize,
     /// Sessions per graph: how many inferences on one graph run at once.
     pub sessions: usize,
+    /// Most elements one input tensor may have. Inference runs outside the plugin's deadline and
+    /// memory limit, so the host bounds its size here (plugins split larger batches).
+    pub max_input_elements: usize,
 }
 
 impl Default for OnnxConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Self { intra_threads: cores, sessions: cores }
+        Self { intra_threads: cores, sessions: cores, max_input_elements: 64 * 512 }
     }
 }
 
@@ -126,6 +129,7 @@ pub type RunObserver = Arc<dyn Fn(std::time::Duration) + Send + Sync>;
 pub struct OnnxGraph {
     pool: Arc<Pool>,
     inputs: Arc<[InputSpec]>,
+    max_elements: usize,
     observer: Option<RunObserver>,
 }
 
@@ -183,6 +187,7 @@ impl OnnxGraph {
         Ok(Self {
             pool: Arc::new(Pool { sessions: Mutex::new(sessions), returned: Condvar::new() }),
             inputs: inputs.into(),
+            max_elements: config.max_input_elements,
             observer: None,
         })
     }
@@ -232,6 +237,14 @@ impl OnnxGraph {
                 return Err(NnError::InvalidInput(format!("input '{name}' given twice")));
             }
             check_shape(spec, &tensor)?;
+            let elements = tensor.dimensions.iter().map(|&d| d as usize).product::<usize>();
+            if elements > self.max_elements {
+                return Err(NnError::InvalidInput(format!(
+                    "input '{name}' has {elements} elements; this host takes at most {} per inference \
+                     (split the batch)",
+                    self.max_elements
+                )));
+            }
             values.push((name, to_ort(spec, tensor)?));
         }
         let mut lease = self.lease();

@@ -19,6 +19,8 @@ use crate::bindings::{Level, ModelConfig, div::plugin::host};
 const MAX_LOG_LINES: u32 = 64;
 /// Longest log line kept, in bytes.
 const MAX_LOG_LINE: usize = 2048;
+/// Most texts one `host.tokenize` call takes.
+const MAX_TOKENIZE_TEXTS: usize = 2048;
 
 /// A model as its plugin sees it: config, read-only assets, and its graphs for `load-by-name`.
 pub struct ModelContext {
@@ -61,18 +63,24 @@ impl Default for Limits {
 pub(crate) struct Limiter {
     memory_bytes: usize,
     table_elements: usize,
+    /// Bytes of every linear memory of the instance together: the limit is for the plugin, not
+    /// for each of its memories.
+    total_memory: usize,
     pub(crate) refused_memory: bool,
 }
 
 impl ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let ok = desired <= self.memory_bytes;
-        if !ok {
+        let total = self.total_memory.saturating_sub(current).saturating_add(desired);
+        let ok = total <= self.memory_bytes;
+        if ok {
+            self.total_memory = total;
+        } else {
             self.refused_memory = true;
         }
         Ok(ok)
@@ -125,6 +133,7 @@ impl RequestState {
             limiter: Limiter {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
+                total_memory: 0,
                 refused_memory: false,
             },
             request_id,
@@ -179,8 +188,18 @@ impl host::Host for RequestState {
 
     fn tokenize(&mut self, texts: Vec<String>, max_len: u32) -> Result<Vec<Vec<u32>>, String> {
         let tok = self.model.tokenizer.as_ref().ok_or("this model's package has no tokenizer.json")?;
+        // the host does this work outside the plugin's deadline and memory limit: bound it
+        let budget = (self.model.config.max_seq_len as usize).saturating_mul(64).max(4096);
+        if let Some(i) = texts.iter().position(|t| t.len() > budget) {
+            return Err(format!("text {i} is longer than {budget} bytes"));
+        }
+        if texts.len() > MAX_TOKENIZE_TEXTS {
+            return Err(format!("at most {MAX_TOKENIZE_TEXTS} texts per call"));
+        }
         let mut out = Vec::with_capacity(texts.len());
         for text in texts {
+            // the host's tokenizer truncates to the model's length keeping [SEP] and never pads
+            // (set at load); `max_len` can only shorten further
             let enc = tok.encode_fast(text, true).map_err(|e| format!("tokenize: {e}"))?;
             let ids = enc.get_ids();
             out.push(ids[..ids.len().min(max_len as usize)].to_vec());

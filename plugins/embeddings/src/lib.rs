@@ -86,42 +86,61 @@ impl Plugin for Embedder {
             }
             rows.push(ids);
         }
-        let batch = rows.len();
-        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
         let prompt_tokens: usize = rows.iter().map(Vec::len).sum();
-        let mut ids = vec![0i64; batch * seq];
-        let mut mask = vec![0i64; batch * seq];
-        for (r, row) in rows.iter().enumerate() {
-            for (c, &t) in row.iter().enumerate() {
-                ids[r * seq + c] = i64::from(t);
-                mask[r * seq + c] = 1;
-            }
-        }
-        let types = vec![0i64; batch * seq];
-        let dims = [batch as u32, seq as u32];
         let graph = Graph::by_name(&config.name)?;
-        let outputs = graph.compute(vec![
-            ("input_ids".into(), Tensor::i64(&dims, &ids)),
-            ("attention_mask".into(), Tensor::i64(&dims, &mask)),
-            ("token_type_ids".into(), Tensor::i64(&dims, &types)),
-        ])?;
-        let hidden = outputs
-            .iter()
-            .find(|o| o.name == "last_hidden_state")
-            .or_else(|| outputs.first())
-            .ok_or_else(|| PluginError::Backend("the graph returned no outputs".into()))?;
-        let values = hidden
-            .as_f32()
-            .ok_or_else(|| PluginError::Backend(format!("expected an f32 output, got {:?}", hidden.ty)))?;
-        if hidden.dims.len() != 3 || hidden.dims[0] as usize != batch || hidden.dims[1] as usize != seq {
-            return Err(PluginError::Backend(format!("unexpected output shape {:?}", hidden.dims)));
+        let mut vectors = Vec::with_capacity(rows.len());
+        // hosts bound the size of one inference; sub-batches also pad less
+        for chunk in rows.chunks(CHUNK) {
+            vectors.extend(embed_chunk(&graph, chunk)?);
         }
-        let dim = hidden.dims[2] as usize;
-        let vectors = (0..batch)
-            .map(|r| pool(&values[r * seq * dim..(r + 1) * seq * dim], &mask[r * seq..(r + 1) * seq], dim))
-            .collect();
         Ok(Embeddings { vectors, prompt_tokens: prompt_tokens as u32 })
     }
+}
+
+/// Rows per inference: at 256 tokens, 32 rows stay well inside a host's per-inference bound.
+const CHUNK: usize = 32;
+
+/// One padded batch through the graph, mean-pooled and normalised.
+fn embed_chunk(graph: &Graph, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, PluginError> {
+    let batch = rows.len();
+    let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = vec![0i64; batch * seq];
+    let mut mask = vec![0i64; batch * seq];
+    for (r, row) in rows.iter().enumerate() {
+        for (c, &t) in row.iter().enumerate() {
+            ids[r * seq + c] = i64::from(t);
+            mask[r * seq + c] = 1;
+        }
+    }
+    let types = vec![0i64; batch * seq];
+    let dims = [batch as u32, seq as u32];
+    let outputs = graph.compute(vec![
+        ("input_ids".into(), Tensor::i64(&dims, &ids)),
+        ("attention_mask".into(), Tensor::i64(&dims, &mask)),
+        ("token_type_ids".into(), Tensor::i64(&dims, &types)),
+    ])?;
+    let hidden = outputs
+        .iter()
+        .find(|o| o.name == "last_hidden_state")
+        .or_else(|| outputs.first())
+        .ok_or_else(|| PluginError::Backend("the graph returned no outputs".into()))?;
+    let values = hidden
+        .as_f32()
+        .ok_or_else(|| PluginError::Backend(format!("expected an f32 output, got {:?}", hidden.ty)))?;
+    if hidden.dims.len() != 3 || hidden.dims[0] as usize != batch || hidden.dims[1] as usize != seq {
+        return Err(PluginError::Backend(format!("unexpected output shape {:?}", hidden.dims)));
+    }
+    let dim = hidden.dims[2] as usize;
+    if values.len() != batch * seq * dim {
+        return Err(PluginError::Backend(format!(
+            "output has {} values, expected {}",
+            values.len(),
+            batch * seq * dim
+        )));
+    }
+    Ok((0..batch)
+        .map(|r| pool(&values[r * seq * dim..(r + 1) * seq * dim], &mask[r * seq..(r + 1) * seq], dim))
+        .collect())
 }
 
 /// Mean over the positions the mask keeps, then L2-normalised.

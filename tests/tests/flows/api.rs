@@ -144,7 +144,7 @@ async fn bad_requests_get_precise_json_errors() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn misbehaving_plugins_fail_alone_and_within_the_deadline() -> anyhow::Result<()> {
     let host = TestHost::start(ApiConfig::default()).await?;
-    for mode in ["trap", "loop", "oom", "wrong-type", "echo", "count"] {
+    for mode in ["trap", "loop", "oom", "wrong-type", "huge", "echo", "count"] {
         host.load_misbehave(&format!("bad-{mode}"), mode).await?;
     }
     let call = |model: &str| json!({"model": model, "input": "hi"}).to_string();
@@ -153,15 +153,19 @@ async fn misbehaving_plugins_fail_alone_and_within_the_deadline() -> anyhow::Res
         ("bad-loop", 504, "plugin_timeout"),
         ("bad-oom", 500, "plugin_memory_limit"),
         ("bad-wrong-type", 502, "backend_error"),
+        ("bad-huge", 502, "backend_error"),
     ] {
         let started = Instant::now();
         let (s, b, _) = post(&host.url, call(model)).await?;
         assert_error(s, &b, status, code);
         // the manifest's deadline is 1 s; the answer comes within it plus scheduling slack
         assert!(started.elapsed() < Duration::from_secs(5), "{model} took {:?}", started.elapsed());
+        let m = b["error"]["message"].as_str().unwrap_or_default();
         if model == "bad-wrong-type" {
-            let m = b["error"]["message"].as_str().unwrap_or_default();
             assert!(m.contains("input_ids") && m.contains("FP32"), "{m}");
+        }
+        if model == "bad-huge" {
+            assert!(m.contains("40000 elements") && m.contains("split the batch"), "{m}");
         }
         // the host goes on serving
         let (s, b, _) = post(&host.url, call("bad-echo")).await?;

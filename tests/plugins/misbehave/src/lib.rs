@@ -4,6 +4,7 @@
 //! - `loop`: spins forever,
 //! - `oom`: allocates until the host refuses to grow its memory,
 //! - `wrong-type`: sends `input_ids` as FP32 to a graph that takes I64,
+//! - `huge`: sends one input of 40 000 elements, past the host's per-inference bound,
 //! - `count`: returns how many calls this instance has seen (a fresh instance per request: 1),
 //! - `echo` (anything else): embeds correctly through the graph (the host's control case).
 //!
@@ -43,6 +44,11 @@ impl Plugin for Misbehave {
             "count" => {
                 let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 Ok(Embeddings { vectors: vec![vec![n as f32]], prompt_tokens: 1 })
+            }
+            "huge" => {
+                let graph = Graph::by_name(&div_plugin::model_config().name)?;
+                graph.compute(vec![("input_ids".into(), Tensor::i64(&[1, 40_000], &vec![1; 40_000]))])?;
+                Err(PluginError::Internal("the backend accepted an unbounded input".into()))
             }
             "wrong-type" => {
                 let graph = Graph::by_name(&div_plugin::model_config().name)?;
