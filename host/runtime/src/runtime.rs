@@ -146,10 +146,22 @@ impl Runtime {
         snapshot: bool,
     ) -> Result<Plugin, LoadError> {
         let started = Instant::now();
-        let bytes: std::borrow::Cow<'_, [u8]> =
-            if snapshot { self.snapshot(wasm, &model, limits).await?.into() } else { wasm.into() };
-        let component =
-            Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        let component = if snapshot {
+            let (bytes, from_cache) = self.snapshot(wasm, &model, limits, true).await?;
+            match (Component::new(&self.engine, &bytes), from_cache) {
+                (Ok(c), _) => c,
+                (Err(e), Some(path)) => {
+                    // a damaged cache file: drop it and take the snapshot again
+                    tracing::warn!(path = %path.display(), "cached snapshot does not compile ({e}); retaking it");
+                    let _ = std::fs::remove_file(&path);
+                    let (bytes, _) = self.snapshot(wasm, &model, limits, false).await?;
+                    Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?
+                }
+                (Err(e), None) => return Err(LoadError::Compile(format!("{e:#}"))),
+            }
+        } else {
+            Component::new(&self.engine, wasm).map_err(|e| LoadError::Compile(format!("{e:#}")))?
+        };
         let instance_pre =
             self.linker.instantiate_pre(&component).map_err(|e| LoadError::World(format!("{e:#}")))?;
         let pre = PluginWorldPre::new(instance_pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
@@ -174,14 +186,15 @@ impl Runtime {
         wasm: &[u8],
         model: &Arc<ModelContext>,
         limits: Limits,
-    ) -> Result<Vec<u8>, LoadError> {
-        let key = snapshot_key(wasm, model);
-        let cached = self.config.cache_dir.as_ref().map(|d| d.join("snapshots").join(format!("{key}.wasm")));
-        if let Some(path) = &cached
+        read_cache: bool,
+    ) -> Result<(Vec<u8>, Option<PathBuf>), LoadError> {
+        let cached = self.snapshot_path(wasm, model);
+        if read_cache
+            && let Some(path) = &cached
             && let Ok(bytes) = std::fs::read(path)
         {
             tracing::debug!(model = %model.config.name, "wizer snapshot from cache");
-            return Ok(bytes);
+            return Ok((bytes, cached));
         }
         let c = base_config(None)?;
         let engine = Engine::new(&c).map_err(|e| LoadError::Engine(e.to_string()))?;
@@ -202,20 +215,39 @@ impl Runtime {
             })
             .await
             .map_err(|e| LoadError::Snapshot(format!("{e:#}")))?;
-        if let Some(path) = cached {
-            let io = |source| LoadError::Cache { path: path.display().to_string(), source };
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io)?;
-            }
-            // unique per writer: loads of the same plugin may race, the rename settles it
-            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = SEQ.fetch_add(1, Ordering::Relaxed);
-            let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
-            std::fs::write(&tmp, &bytes).map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
+        if let Some(path) = &cached
+            && let Err(e) = write_atomically(path, &bytes)
+        {
+            // a cache is an optimisation: a full or read-only disk must not stop the model
+            tracing::warn!(model = %model.config.name, "not caching the snapshot: {e}");
         }
-        Ok(bytes)
+        Ok((bytes, None))
     }
+
+    fn snapshot_path(&self, wasm: &[u8], model: &ModelContext) -> Option<PathBuf> {
+        let key = snapshot_key(wasm, model);
+        self.config.cache_dir.as_ref().map(|d| d.join("snapshots").join(format!("{key}.wasm")))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file unique to this writer (loads of the same
+/// plugin may race; the rename settles it), synced before the rename.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), LoadError> {
+    use std::io::Write as _;
+    let io = |source| LoadError::Cache { path: path.display().to_string(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("{}.{n}.tmp", std::process::id()));
+    let result = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io)
 }
 
 /// Links `div:plugin/host` and `wasi:nn` into `linker`.

@@ -66,3 +66,28 @@ async fn store_plain_tokens(inputs: &[Input]) -> anyhow::Result<u32> {
     let (out, _) = model.plugin.embed(inputs, Arc::from("plain"));
     Ok(out?.prompt_tokens)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_snapshot_cache_is_retaken_not_fatal() -> anyhow::Result<()> {
+    div_nn::init_onnx_runtime(&ort_dylib()?)?;
+    let cache = std::env::temp_dir().join(format!("div-snapcache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let load = || async {
+        let runtime =
+            Runtime::new(RuntimeConfig { cache_dir: Some(cache.clone()), ..RuntimeConfig::default() })?;
+        let store = ModelStore::new(runtime, LoadOptions::default());
+        let mut files = ModelFiles::read_dir(&div_tests::workspace_root().join("build/models/tiny-echo"))?;
+        files.manifest.extra.insert("mode".into(), serde_json::Value::String("echo".into()));
+        let model = store.load(files, &div_tests::test_plugin_wasm("div_misbehave")?).await?;
+        let (out, _) = model.plugin.embed(&[Input::Text("hi".into())], Arc::from("cache"));
+        anyhow::Ok(out?.vectors)
+    };
+    assert_eq!(load().await?, vec![vec![104.0, 105.0]]);
+    let snaps: Vec<_> = std::fs::read_dir(cache.join("snapshots"))?.flatten().map(|e| e.path()).collect();
+    assert_eq!(snaps.len(), 1, "one snapshot cached: {snaps:?}");
+    std::fs::write(&snaps[0], b"not a component")?;
+    assert_eq!(load().await?, vec![vec![104.0, 105.0]], "loads again from a fresh snapshot");
+    assert_ne!(std::fs::read(&snaps[0])?, b"not a component", "the damaged file was replaced");
+    let _ = std::fs::remove_dir_all(&cache);
+    Ok(())
+}
