@@ -31,6 +31,17 @@ fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
     v.get(i).copied().unwrap_or_default()
 }
 
+/// One embed call through `model`'s plugin on a blocking thread, as the API makes it, timed.
+async fn sandboxed(
+    model: &Arc<LoadedModel>,
+    inputs: &[Input],
+) -> anyhow::Result<(Duration, div_runtime::Embeddings)> {
+    let (m, inp) = (model.clone(), inputs.to_vec());
+    let t = Instant::now();
+    let (r, _) = tokio::task::spawn_blocking(move || m.plugin.embed(&inp, Arc::from("bench"))).await?;
+    Ok((t.elapsed(), r?))
+}
+
 /// The plugin's algorithm, natively.
 fn direct(
     model: &LoadedModel,
@@ -113,21 +124,9 @@ async fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             let v = direct(&model, &tok, &texts)?;
             let td = t.elapsed();
-            let m = model.clone();
-            let inp = inputs.clone();
-            let t = Instant::now();
-            let (r, _) =
-                tokio::task::spawn_blocking(move || m.plugin.embed(&inp, Arc::from("bench"))).await?;
-            let ts = t.elapsed();
-            let r = r?;
+            let (ts, r) = sandboxed(&model, &inputs).await?;
             anyhow::ensure!(r.vectors.len() == v.len(), "sandbox and direct disagree on the batch");
-            let m = hosttok.clone();
-            let inp = inputs.clone();
-            let t = Instant::now();
-            let (r, _) =
-                tokio::task::spawn_blocking(move || m.plugin.embed(&inp, Arc::from("bench"))).await?;
-            let tht = t.elapsed();
-            r?;
+            let (tht, _) = sandboxed(&hosttok, &inputs).await?;
             let t = Instant::now();
             let resp = client.post(&url).body(body.clone()).send().await?;
             anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());

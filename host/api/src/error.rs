@@ -65,16 +65,6 @@ impl ApiError {
         )
     }
 
-    /// 415: not JSON.
-    pub fn unsupported_media() -> Self {
-        Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "invalid_request_error",
-            "unsupported_media_type",
-            "send the body as application/json",
-        )
-    }
-
     /// 404: no such model on this host.
     pub fn model_not_found(model: &str) -> Self {
         Self {
