@@ -3,6 +3,7 @@
 //! This binary only wires the library crates under `host/` together; each subcommand lives in
 //! its own module. Errors reach the user with the context of what was being done (`anyhow`).
 
+mod cmd_cid;
 mod cmd_deploy;
 mod cmd_dev;
 mod cmd_serve;
@@ -25,6 +26,8 @@ enum Command {
     Dev(cmd_dev::DevArgs),
     /// Deploy the contracts to any EVM JSON-RPC endpoint and write the address book.
     Deploy(cmd_deploy::DeployArgs),
+    /// Print the IPFS content id of a file (what `ipfs add` computes).
+    Cid(cmd_cid::CidArgs),
     /// Serve models over the OpenAI-compatible API, one sandboxed plugin instance per request.
     Serve(Box<cmd_serve::ServeArgs>),
 }
@@ -40,6 +43,7 @@ async fn main() -> std::process::ExitCode {
         Command::Dev(args) => cmd_dev::run(args).await,
         Command::Deploy(args) => cmd_deploy::run(args).await,
         Command::Serve(args) => cmd_serve::run(*args).await,
+        Command::Cid(args) => cmd_cid::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
