@@ -13,6 +13,8 @@ need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+# an independent implementation of `ipfs add`'s content ids, to cross-check ours in the tests
+command -v ipfs_cid >/dev/null 2>&1 || need_apt+=(ipfs-cid)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

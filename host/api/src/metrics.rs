@@ -29,6 +29,11 @@ struct ModelLabel {
     model: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CustodianLabel {
+    custodian: String,
+}
+
 fn latency_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
 }
@@ -46,6 +51,7 @@ pub struct Metrics {
     plugin: Family<ModelLabel, Histogram, fn() -> Histogram>,
     backend: Family<ModelLabel, Histogram, fn() -> Histogram>,
     in_flight: Gauge,
+    custodian_failures: Family<CustodianLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,11 +81,22 @@ impl Default for Metrics {
             backend.clone(),
         );
         registry.register("requests_in_flight", "Inference requests being served", in_flight.clone());
-        Self { registry, requests, latency, instantiate, plugin, backend, in_flight }
+        let custodian_failures = Family::<CustodianLabel, Counter>::default();
+        registry.register(
+            "custodian_failures",
+            "Key custodians that failed to give a valid share (down, refusing, or a wrong share)",
+            custodian_failures.clone(),
+        );
+        Self { registry, requests, latency, instantiate, plugin, backend, in_flight, custodian_failures }
     }
 }
 
 impl Metrics {
+    /// Counts a custodian that failed to give a valid share.
+    pub fn custodian_failure(&self, custodian: &str) {
+        self.custodian_failures.get_or_create(&CustodianLabel { custodian: custodian.to_string() }).inc();
+    }
+
     /// Counts an answered request.
     pub fn request(&self, route: &str, model: &str, status: u16, took: Duration) {
         let (route, model) = (route.to_string(), model.to_string());

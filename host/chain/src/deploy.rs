@@ -214,4 +214,41 @@ impl Client {
         confirm("authorising the host", vault.authorizeHost(model_id, host).send().await).await?;
         Ok(())
     }
+
+    /// Stops `host` serving the sender's model `model_id`.
+    pub async fn revoke_host(
+        &self,
+        deployment: &Deployment,
+        model_id: alloy::primitives::B256,
+        host: Address,
+    ) -> Result<(), ChainError> {
+        let vault = ModelVault::new(deployment.model_vault, &self.provider);
+        confirm("revoking the host", vault.revokeHost(model_id, host).send().await).await?;
+        Ok(())
+    }
+
+    /// Points the sender's model at new content (a re-published ciphertext and plugin) and its
+    /// new custodian set.
+    pub async fn update_content(
+        &self,
+        deployment: &Deployment,
+        model_id: alloy::primitives::B256,
+        cid: &str,
+        plugin_cid: &str,
+        custodians: Vec<Address>,
+        threshold: u8,
+    ) -> Result<(), ChainError> {
+        let vault = ModelVault::new(deployment.model_vault, &self.provider);
+        confirm(
+            "updating the custodians",
+            vault.updateCustodians(model_id, custodians, threshold).send().await,
+        )
+        .await?;
+        confirm(
+            "updating the content",
+            vault.updateContent(model_id, cid.to_string(), plugin_cid.to_string()).send().await,
+        )
+        .await?;
+        Ok(())
+    }
 }

@@ -60,8 +60,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .with_context(|| format!("starting {} on port {}", anvil_bin.display(), args.port))?;
     let rpc = format!("http://127.0.0.1:{}", anvil.port());
     let keys: Vec<PrivateKeySigner> = anvil.keys().iter().cloned().map(PrivateKeySigner::from).collect();
-    let [governance, owner, user, host, ..] = keys.as_slice() else {
-        anyhow::bail!("anvil started with fewer than 4 accounts");
+    let [governance, owner, user, host, c1, c2, c3, ..] = keys.as_slice() else {
+        anyhow::bail!("anvil started with fewer than 7 accounts");
     };
     let client = Client::connect(&rpc, governance.clone()).await?;
     let d = client.deploy_all(&[]).await.context("deploying the contracts")?;
@@ -75,6 +75,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ("DIV_USER", user.address().to_string()),
         ("DIV_HOST_KEY", key_hex(host)),
         ("DIV_HOST", host.address().to_string()),
+        ("DIV_CUSTODIAN1_KEY", key_hex(c1)),
+        ("DIV_CUSTODIAN2_KEY", key_hex(c2)),
+        ("DIV_CUSTODIAN3_KEY", key_hex(c3)),
         ("DIV_ANVIL_PID", anvil.child().id().to_string()),
     ]);
     demo_env::merge(&args.state_dir.join("demo.env"), &pairs)?;

@@ -1,17 +1,24 @@
 //! `div serve`: the host. Loads plaintext model packages from disk with their plugins and serves
 //! the OpenAI-compatible API until SIGTERM or Ctrl-C, then drains in-flight requests.
-//! (Encrypted packages fetched by content id come with the vault.)
+//! With `--vault` it also serves every encrypted model `ModelVault` authorises it for: fetched
+//! by content id, decrypted in memory with keys from the custodians, and kept in step with the
+//! chain's events.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, bail};
 use div_api::{ApiConfig, AppState, Metrics, router};
-use div_models::{LoadOptions, ModelFiles, ModelStore};
+use div_chain::Deployment;
+use div_models::{LoadOptions, ModelFiles, ModelStore, Origin};
 use div_nn::OnnxConfig;
 use div_runtime::{Limits, Runtime, RuntimeConfig};
+use div_sync::{CustodianObserver, SyncConfig, VaultSync};
+use div_vault::Store;
 
 /// Arguments of `div serve`; every flag can also be set by the environment variable named.
 #[derive(clap::Args)]
@@ -21,8 +28,29 @@ pub struct ServeArgs {
     listen: SocketAddr,
     /// A model package folder to serve, optionally with its plugin: DIR or DIR=PLUGIN.wasm
     /// (without a plugin, the manifest's `plugin` file inside DIR). Repeatable.
-    #[arg(long = "model", env = "DIV_MODELS", value_delimiter = ',', required = true)]
+    #[arg(long = "model", env = "DIV_MODELS", value_delimiter = ',', required_unless_present = "vault")]
     models: Vec<String>,
+    /// Serve the encrypted models `ModelVault` authorises this host for, following its events.
+    #[arg(long, env = "DIV_VAULT")]
+    vault: bool,
+    /// The host's hex private key (its identity to custodians and on-chain).
+    #[arg(long, env = "DIV_HOST_KEY", hide_env_values = true, required_if_eq("vault", "true"))]
+    host_key: Option<String>,
+    /// A custodian's base URL (repeatable).
+    #[arg(long = "custodian", env = "DIV_CUSTODIANS", value_delimiter = ',')]
+    custodians: Vec<String>,
+    /// Where ciphertexts are fetched from: a directory, or `ipfs+http://HOST:PORT` (Kubo).
+    #[arg(long, env = "DIV_STORE", default_value = ".div/store")]
+    store: String,
+    /// The deployment's address book.
+    #[arg(long, env = "DIV_ADDRESSES", default_value = ".div/addresses.json")]
+    addresses: PathBuf,
+    /// How often to read new `ModelVault` events (ms).
+    #[arg(long, env = "DIV_VAULT_POLL_MS", default_value_t = 1000)]
+    vault_poll_ms: u64,
+    /// Plaintext bytes of models kept loaded (MiB); past it the least recently used is unloaded.
+    #[arg(long, env = "DIV_MODEL_CACHE_MIB")]
+    model_cache_mib: Option<u64>,
     /// ONNX Runtime's shared library (default: `libonnxruntime.so.*` in `./.venv`, where the
     /// bootstrap installs it).
     #[arg(long, env = "ORT_DYLIB_PATH")]
@@ -55,7 +83,7 @@ pub struct ServeArgs {
 
 /// Runs `div serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let ort = match args.ort_dylib.filter(|p| !p.as_os_str().is_empty()) {
+    let ort = match args.ort_dylib.clone().filter(|p| !p.as_os_str().is_empty()) {
         Some(p) => p,
         None => div_nn::locate_onnx_runtime(&std::env::current_dir()?)
             .context("no libonnxruntime.so in ./.venv; run `make bootstrap` or pass --ort-dylib")?,
@@ -78,6 +106,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             deadline: Duration::from_millis(args.plugin_deadline_ms),
             ..Limits::default()
         },
+        capacity_bytes: args.model_cache_mib.map(|m| m << 20),
         ..LoadOptions::default()
     };
     let store = Arc::new(ModelStore::new(runtime, options));
@@ -94,9 +123,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         };
         let wasm =
             std::fs::read(&plugin).with_context(|| format!("reading the plugin {}", plugin.display()))?;
-        let model = store.load(files, &wasm).await.with_context(|| format!("loading {}", dir.display()))?;
+        let origin = Origin::Folder(dir.display().to_string());
+        let model = store
+            .load_from(files, &wasm, origin)
+            .await
+            .with_context(|| format!("loading {}", dir.display()))?;
         println!("serving {} ({}) with {}", model.manifest.name, model.manifest.task, plugin.display());
     }
+    let sync =
+        if args.vault { Some(start_vault(&args, store.clone(), metrics.clone()).await?) } else { None };
     let state = AppState::new(
         store,
         metrics,
@@ -110,10 +145,43 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving")?;
+    if let Some(task) = sync {
+        task.abort();
+    }
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Loads the authorised models from the vault, then follows `ModelVault` in the background.
+async fn start_vault(
+    args: &ServeArgs,
+    store: Arc<ModelStore>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let key = args.host_key.as_deref().context("--vault needs --host-key")?;
+    let signer: PrivateKeySigner = key.trim().parse().context("--host-key is not a hex private key")?;
+    let d = Deployment::load(&args.addresses)
+        .with_context(|| format!("reading the address book {}", args.addresses.display()))?;
+    let provider = ProviderBuilder::new().connect_http(d.rpc_url.parse().context("RPC URL")?).erased();
+    let observer: CustodianObserver = Arc::new(move |c, _why| metrics.custodian_failure(&c.to_string()));
+    let sync = Arc::new(VaultSync::new(
+        SyncConfig {
+            provider,
+            model_vault: d.model_vault,
+            store: Store::from_spec(&args.store),
+            custodians: args.custodians.clone(),
+            signer,
+            share_timeout: Duration::from_secs(5),
+            poll: Duration::from_millis(args.vault_poll_ms),
+            on_custodian_failure: Some(observer),
+        },
+        store,
+    ));
+    println!("host {} following ModelVault {}", sync.host(), d.model_vault);
+    let from = sync.initial_sync().await.context("reading ModelVault")?;
+    Ok(tokio::spawn(async move { sync.follow(from, std::future::pending()).await }))
+}
+
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

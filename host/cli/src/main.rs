@@ -4,8 +4,10 @@
 //! its own module. Errors reach the user with the context of what was being done (`anyhow`).
 
 mod cmd_cid;
+mod cmd_custodian;
 mod cmd_deploy;
 mod cmd_dev;
+mod cmd_publish;
 mod cmd_serve;
 mod demo_env;
 
@@ -26,6 +28,10 @@ enum Command {
     Dev(cmd_dev::DevArgs),
     /// Deploy the contracts to any EVM JSON-RPC endpoint and write the address book.
     Deploy(cmd_deploy::DeployArgs),
+    /// Run a key custodian: hold key shares, release them sealed to authorised hosts.
+    Custodian(cmd_custodian::CustodianArgs),
+    /// Encrypt a model package, store it, hand its key shares to custodians, register it.
+    Publish(Box<cmd_publish::PublishArgs>),
     /// Print the IPFS content id of a file (what `ipfs add` computes).
     Cid(cmd_cid::CidArgs),
     /// Serve models over the OpenAI-compatible API, one sandboxed plugin instance per request.
@@ -44,6 +50,8 @@ async fn main() -> std::process::ExitCode {
         Command::Deploy(args) => cmd_deploy::run(args).await,
         Command::Serve(args) => cmd_serve::run(*args).await,
         Command::Cid(args) => cmd_cid::run(args),
+        Command::Custodian(args) => cmd_custodian::run(args).await,
+        Command::Publish(args) => cmd_publish::run(*args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -11,4 +11,4 @@ mod manifest;
 mod store;
 
 pub use manifest::{FileEntry, Manifest, ManifestLimits};
-pub use store::{BackendObserver, LoadOptions, LoadedModel, ModelError, ModelFiles, ModelStore};
+pub use store::{BackendObserver, LoadOptions, LoadedModel, ModelError, ModelFiles, ModelStore, Origin};

@@ -111,6 +111,29 @@ impl ModelFiles {
     }
 }
 
+/// Where a package came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A plaintext folder on disk.
+    Folder(String),
+    /// Decrypted from the vault: `ModelVault` id and ciphertext content id.
+    Vault {
+        /// The model id (hex).
+        model_id: String,
+        /// The ciphertext's content id.
+        cid: String,
+    },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Folder(dir) => write!(f, "folder:{dir}"),
+            Self::Vault { model_id, cid } => write!(f, "vault:{model_id}@{cid}"),
+        }
+    }
+}
+
 /// Told each inference's model and duration (for metrics).
 pub type BackendObserver = Arc<dyn Fn(&str, Duration) + Send + Sync>;
 
@@ -127,6 +150,9 @@ pub struct LoadOptions {
     pub default_limits: Limits,
     /// The most any manifest may ask for.
     pub max_limits: Limits,
+    /// Plaintext bytes of loaded packages kept at most; past it the least recently used model
+    /// is unloaded (`None`: no bound).
+    pub capacity_bytes: Option<u64>,
 }
 
 impl Default for LoadOptions {
@@ -142,6 +168,7 @@ impl Default for LoadOptions {
                 table_elements: 1_000_000,
                 instances: 256,
             },
+            capacity_bytes: None,
         }
     }
 }
@@ -156,6 +183,19 @@ pub struct LoadedModel {
     pub graph: OnnxGraph,
     /// Unix time it was loaded (OpenAI's `created`).
     pub created: u64,
+    /// Plaintext bytes of its package (what the LRU bound counts).
+    pub bytes: u64,
+    /// Where it came from: a folder, or `vault:<model id>@<cid>`.
+    pub origin: String,
+    last_used: std::sync::atomic::AtomicU64,
+}
+
+impl LoadedModel {
+    fn touch(&self) {
+        static CLOCK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let t = CLOCK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.last_used.store(t, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The models loaded in this host, by name.
@@ -174,12 +214,25 @@ impl ModelStore {
     /// Verifies `files`, loads the graph and the plugin, and serves the model under its name
     /// (replacing an earlier version). Nothing is registered unless every step succeeds.
     pub async fn load(&self, files: ModelFiles, plugin_wasm: &[u8]) -> Result<Arc<LoadedModel>, ModelError> {
+        self.load_from(files, plugin_wasm, Origin::Folder(String::new())).await
+    }
+
+    /// [`ModelStore::load`] with the package's origin. A package from the vault is private:
+    /// nothing derived from its plaintext (the plugin's snapshot and its compiled code) is
+    /// cached on disk, and the weights buffer is zeroised once the backend holds the graph.
+    pub async fn load_from(
+        &self,
+        files: ModelFiles,
+        plugin_wasm: &[u8],
+        origin: Origin,
+    ) -> Result<Arc<LoadedModel>, ModelError> {
         files.verify()?;
         let ModelFiles { manifest, mut files } = files;
         if manifest.encoding != "onnx" {
             return Err(ModelError::Encoding(manifest.encoding.clone()));
         }
-        let weights = files.remove(&manifest.graph).unwrap_or_default();
+        let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
+        let weights = zeroize::Zeroizing::new(files.remove(&manifest.graph).unwrap_or_default());
         let onnx = self.options.onnx;
         let mut graph = tokio::task::spawn_blocking(move || OnnxGraph::load(&weights, onnx))
             .await
@@ -223,7 +276,11 @@ impl ModelStore {
             graphs: ModelGraphs::single(manifest.name.clone(), graph.clone().into_wasi_nn()),
             tokenizer,
         });
-        let plugin = self.runtime.load_plugin(plugin_wasm, context, limits, self.options.snapshot).await?;
+        let persist = matches!(origin, Origin::Folder(_));
+        let plugin = self
+            .runtime
+            .load_plugin_with(plugin_wasm, context, limits, self.options.snapshot, persist)
+            .await?;
         let created = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -234,11 +291,31 @@ impl ModelStore {
             load_ms = plugin.load_time().as_millis() as u64,
             "model loaded"
         );
-        let model = Arc::new(LoadedModel { manifest, plugin, graph, created });
-        self.models
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(model.manifest.name.clone(), model.clone());
+        let model = Arc::new(LoadedModel {
+            manifest,
+            plugin,
+            graph,
+            created,
+            bytes,
+            origin: origin.to_string(),
+            last_used: Default::default(),
+        });
+        model.touch();
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        models.insert(model.manifest.name.clone(), model.clone());
+        if let Some(cap) = self.options.capacity_bytes {
+            // least recently used first; the model just loaded stays even if it alone is larger
+            while models.values().map(|m| m.bytes).sum::<u64>() > cap {
+                let victim = models
+                    .values()
+                    .filter(|m| !Arc::ptr_eq(m, &model))
+                    .min_by_key(|m| m.last_used.load(std::sync::atomic::Ordering::Relaxed))
+                    .map(|m| m.manifest.name.clone());
+                let Some(victim) = victim else { break };
+                tracing::info!(model = %victim, "unloaded: least recently used past the byte bound");
+                models.remove(&victim);
+            }
+        }
         Ok(model)
     }
 
@@ -260,7 +337,11 @@ impl ModelStore {
 
     /// The model served under `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
-        self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        let m = self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
+        if let Some(m) = &m {
+            m.touch();
+        }
+        m
     }
 
     /// Every model served, by name.

@@ -59,6 +59,9 @@ impl Default for RuntimeConfig {
 pub struct Runtime {
     engine: Engine,
     linker: Arc<Linker<RequestState>>,
+    /// An engine without a disk cache, made on first use, for plugins whose snapshot holds an
+    /// encrypted package's assets: nothing derived from them may reach the disk.
+    private: Arc<std::sync::OnceLock<(Engine, Arc<Linker<RequestState>>)>>,
     config: RuntimeConfig,
     ticker: Arc<Ticker>,
 }
@@ -66,6 +69,7 @@ pub struct Runtime {
 /// Advances the epoch of every engine it holds until dropped.
 struct Ticker {
     stop: Arc<AtomicBool>,
+    engines: Arc<std::sync::RwLock<Vec<Engine>>>,
 }
 
 impl Drop for Ticker {
@@ -77,12 +81,14 @@ impl Drop for Ticker {
 fn start_ticker(engines: Vec<Engine>, tick: Duration) -> Ticker {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let engines = Arc::new(std::sync::RwLock::new(engines));
+    let ticked = engines.clone();
     std::thread::Builder::new()
         .name("div-epoch".into())
         .spawn(move || {
             while !flag.load(Ordering::Relaxed) {
                 std::thread::sleep(tick);
-                for e in &engines {
+                for e in ticked.read().unwrap_or_else(|p| p.into_inner()).iter() {
                     e.increment_epoch();
                 }
             }
@@ -91,7 +97,7 @@ fn start_ticker(engines: Vec<Engine>, tick: Duration) -> Ticker {
         .unwrap_or_else(|e| {
             tracing::error!("could not start the epoch thread: {e}; deadlines will not fire")
         });
-    Ticker { stop }
+    Ticker { stop, engines }
 }
 
 fn base_config(cache_dir: Option<&PathBuf>) -> Result<Config, LoadError> {
@@ -112,7 +118,16 @@ fn base_config(cache_dir: Option<&PathBuf>) -> Result<Config, LoadError> {
 impl Runtime {
     /// Builds the engine (pooling allocator, epoch interruption) and its linker.
     pub fn new(config: RuntimeConfig) -> Result<Self, LoadError> {
-        let mut c = base_config(config.cache_dir.as_ref())?;
+        let (engine, linker) = Self::engine_and_linker(&config, config.cache_dir.as_ref())?;
+        let ticker = Arc::new(start_ticker(vec![engine.clone()], config.epoch_tick));
+        Ok(Self { engine, linker, private: Arc::default(), config, ticker })
+    }
+
+    fn engine_and_linker(
+        config: &RuntimeConfig,
+        cache_dir: Option<&PathBuf>,
+    ) -> Result<(Engine, Arc<Linker<RequestState>>), LoadError> {
+        let mut c = base_config(cache_dir)?;
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(config.max_instances)
             .total_core_instances(config.max_instances.saturating_mul(4))
@@ -129,8 +144,22 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Engine(e.to_string()))?;
         link_div(&mut linker)?;
-        let ticker = Arc::new(start_ticker(vec![engine.clone()], config.epoch_tick));
-        Ok(Self { engine, linker: Arc::new(linker), config, ticker })
+        Ok((engine, Arc::new(linker)))
+    }
+
+    /// The engine and linker that never write to disk, made on first use.
+    fn private_engine(&self) -> Result<(Engine, Arc<Linker<RequestState>>), LoadError> {
+        if self.config.cache_dir.is_none() {
+            return Ok((self.engine.clone(), self.linker.clone()));
+        }
+        if let Some((e, l)) = self.private.get() {
+            return Ok((e.clone(), l.clone()));
+        }
+        let made = Self::engine_and_linker(&self.config, None)?;
+        if self.private.set(made.clone()).is_ok() {
+            self.ticker.engines.write().unwrap_or_else(|p| p.into_inner()).push(made.0.clone());
+        }
+        self.private.get().cloned().ok_or_else(|| LoadError::Engine("private engine".into()))
     }
 
     /// The engine (for tools that compile components themselves).
@@ -147,17 +176,36 @@ impl Runtime {
         limits: Limits,
         snapshot: bool,
     ) -> Result<Plugin, LoadError> {
+        self.load_plugin_with(wasm, model, limits, snapshot, true).await
+    }
+
+    /// [`Runtime::load_plugin`], choosing whether the snapshot and its compiled code may be
+    /// cached on disk (`persist`); encrypted packages load with `persist = false`, so nothing
+    /// derived from their plaintext assets is written anywhere.
+    pub async fn load_plugin_with(
+        &self,
+        wasm: &[u8],
+        model: Arc<ModelContext>,
+        limits: Limits,
+        snapshot: bool,
+        persist: bool,
+    ) -> Result<Plugin, LoadError> {
         let started = Instant::now();
+        let (engine, linker) = if persist || !snapshot {
+            (self.engine.clone(), self.linker.clone())
+        } else {
+            self.private_engine()?
+        };
         let component = if snapshot {
-            let (bytes, from_cache) = self.snapshot(wasm, &model, limits, true).await?;
-            match (Component::new(&self.engine, &bytes), from_cache) {
+            let (bytes, from_cache) = self.snapshot(wasm, &model, limits, persist, persist).await?;
+            match (Component::new(&engine, &bytes), from_cache) {
                 (Ok(c), _) => c,
                 (Err(e), Some(path)) => {
                     // a damaged cache file: drop it and take the snapshot again
                     tracing::warn!(path = %path.display(), "cached snapshot does not compile ({e}); retaking it");
                     let _ = std::fs::remove_file(&path);
-                    let (bytes, _) = self.snapshot(wasm, &model, limits, false).await?;
-                    Component::new(&self.engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?
+                    let (bytes, _) = self.snapshot(wasm, &model, limits, false, true).await?;
+                    Component::new(&engine, &bytes).map_err(|e| LoadError::Compile(format!("{e:#}")))?
                 }
                 (Err(e), None) => return Err(LoadError::Compile(format!("{e:#}"))),
             }
@@ -165,12 +213,12 @@ impl Runtime {
             Component::new(&self.engine, wasm).map_err(|e| LoadError::Compile(format!("{e:#}")))?
         };
         let instance_pre =
-            self.linker.instantiate_pre(&component).map_err(|e| LoadError::World(format!("{e:#}")))?;
+            linker.instantiate_pre(&component).map_err(|e| LoadError::World(format!("{e:#}")))?;
         let pre = PluginWorldPre::new(instance_pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
         // without a snapshot, `initialize` runs in every request's instance instead (see `call`)
         Ok(Plugin {
             pre,
-            engine: self.engine.clone(),
+            engine,
             model,
             limits,
             tick: self.config.epoch_tick,
@@ -189,8 +237,9 @@ impl Runtime {
         model: &Arc<ModelContext>,
         limits: Limits,
         read_cache: bool,
+        write_cache: bool,
     ) -> Result<(Vec<u8>, Option<PathBuf>), LoadError> {
-        let cached = self.snapshot_path(wasm, model);
+        let cached = if write_cache || read_cache { self.snapshot_path(wasm, model) } else { None };
         if read_cache
             && let Some(path) = &cached
             && let Ok(bytes) = std::fs::read(path)
@@ -217,7 +266,8 @@ impl Runtime {
             })
             .await
             .map_err(|e| LoadError::Snapshot(format!("{e:#}")))?;
-        if let Some(path) = &cached
+        if write_cache
+            && let Some(path) = &cached
             && let Err(e) = write_atomically(path, &bytes)
         {
             // a cache is an optimisation: a full or read-only disk must not stop the model

@@ -1,0 +1,54 @@
+//! `div custodian`: one key custodian, an independent service holding one share per model.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use alloy::providers::{Provider, ProviderBuilder};
+use alloy::signers::local::PrivateKeySigner;
+use anyhow::Context;
+use div_chain::Deployment;
+use div_custodian::{Custodian, router};
+
+/// Arguments of `div custodian`.
+#[derive(clap::Args)]
+pub struct CustodianArgs {
+    /// Address to listen on.
+    #[arg(long, env = "DIV_CUSTODIAN_LISTEN", default_value = "127.0.0.1:7001")]
+    listen: SocketAddr,
+    /// The custodian's hex private key: its identity on-chain, and the root of its at-rest and
+    /// sealing keys.
+    #[arg(long, env = "DIV_CUSTODIAN_KEY", hide_env_values = true)]
+    private_key: String,
+    /// Where shares are kept (encrypted, mode 0600).
+    #[arg(long, env = "DIV_CUSTODIAN_DIR")]
+    data_dir: PathBuf,
+    /// The deployment's address book (for `ModelVault` and the RPC URL).
+    #[arg(long, env = "DIV_ADDRESSES", default_value = ".div/addresses.json")]
+    addresses: PathBuf,
+    /// JSON-RPC endpoint (default: the address book's).
+    #[arg(long, env = "DIV_RPC_URL")]
+    rpc_url: Option<String>,
+}
+
+/// Runs `div custodian`.
+pub async fn run(args: CustodianArgs) -> anyhow::Result<()> {
+    let signer: PrivateKeySigner =
+        args.private_key.trim().parse().context("--private-key is not a hex private key")?;
+    let d = Deployment::load(&args.addresses)
+        .with_context(|| format!("reading the address book {}", args.addresses.display()))?;
+    let rpc = args.rpc_url.unwrap_or_else(|| d.rpc_url.clone());
+    let provider =
+        ProviderBuilder::new().connect_http(rpc.parse().context("--rpc-url is not a URL")?).erased();
+    let custodian = Arc::new(Custodian::new(signer, &args.data_dir, provider, d.model_vault)?);
+    let address = custodian.address();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    println!("custodian {address} listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router(custodian))
+        .with_graceful_shutdown(crate::cmd_serve::shutdown_signal())
+        .await
+        .context("serving")?;
+    Ok(())
+}
