@@ -53,6 +53,8 @@ GOALS = [
     ("sandbox_ratio_b32", "<=", 1.02, "embeddings through the sandbox ÷ backend directly, batch 32"),
     ("instantiate_p50_us", "<=", 10, "sandbox instantiate p50 (µs)"),
     ("pytorch_ratio_b32", ">=", 1.5, "sentences/s vs PyTorch sentence-transformers, batch 32"),
+    ("decrypt_vs_openssl_1core", ">=", 0.9, "model decryption ÷ openssl AES-256-GCM, one core"),
+    ("cold_start_ratio", "<=", 1.3, "encrypted cold start ÷ plaintext load of the same model"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
 for key, op, target, what in GOALS:

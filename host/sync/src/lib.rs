@@ -159,7 +159,7 @@ impl VaultSync {
         let mismatch = |what: String| SyncError::Mismatch { model: id, what };
         let cid: ContentId = m.cid.parse()?;
         let ciphertext = self.config.store.get(&cid).await?;
-        let (header, at) = Header::decode(&ciphertext)?;
+        let (header, _) = Header::decode(&ciphertext)?;
         if B256::from(header.model_id) != id {
             return Err(mismatch(format!("the ciphertext is for {:#x}", B256::from(header.model_id))));
         }
@@ -196,7 +196,7 @@ impl VaultSync {
         let started = Instant::now();
         let key = collected.key;
         let files = tokio::task::spawn_blocking(move || -> Result<ModelFiles, SyncError> {
-            let plain = div_vault::format::decrypt_body(&key, &header, &ciphertext[at..])?;
+            let plain = div_vault::format::decrypt_owned(&key, &header.model_id, ciphertext)?;
             let (manifest, files) = div_vault::package::unpack(&plain)?;
             let manifest: Manifest = serde_json::from_slice(manifest)
                 .map_err(|e| SyncError::Mismatch { model: id, what: format!("manifest.json: {e}") })?;

@@ -279,15 +279,61 @@ pub fn decrypt(
     decrypt_body(key, &header, &ciphertext[at..])
 }
 
-/// Decrypts the chunks that follow `header` (see [`decrypt`]).
+/// Decrypts a whole ciphertext in its own buffer, which becomes the plaintext: no second
+/// buffer, so the host's peak memory is one copy of the model and no fresh pages are faulted in.
+/// Chunks are opened in place in parallel, then slid down over the tags (one sequential
+/// `memmove`). On any error the buffer is zeroised and nothing is returned.
+pub fn decrypt_owned(
+    key: &[u8; 32],
+    model_id: &[u8; 32],
+    ciphertext: Vec<u8>,
+) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+    let mut buf = Zeroizing::new(ciphertext);
+    let (header, at) = Header::decode(&buf)?;
+    if &header.model_id != model_id {
+        return Err(VaultError::WrongModel {
+            expected: hex::encode(model_id),
+            found: hex::encode(header.model_id),
+        });
+    }
+    let expected = header.ciphertext_len();
+    if buf.len() as u64 != expected {
+        return Err(VaultError::Length { expected: expected - at as u64, found: (buf.len() - at) as u64 });
+    }
+    let aes = opening_key(key)?;
+    let aad = header.associated_data();
+    let chunk = header.chunk_size as usize;
+    let count = header.chunk_count() as usize;
+    buf[at..].par_chunks_mut(chunk + TAG_LEN).enumerate().try_for_each(|(i, sealed)| {
+        let (data, tag) = sealed.split_at_mut(sealed.len() - TAG_LEN);
+        let tag: [u8; TAG_LEN] = (&*tag).try_into().map_err(|_| VaultError::Crypto("tag length".into()))?;
+        let nonce = ring::aead::Nonce::assume_unique_for_key(header.nonce(i as u32, i + 1 == count));
+        aes.open_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), tag.into(), data, 0..)
+            .map(|_| ())
+            .map_err(|_| VaultError::Chunk { index: i as u64 })
+    })?;
+    for i in 0..count {
+        let from = at + i * (chunk + TAG_LEN);
+        let len = chunk.min(header.plaintext_len as usize - i * chunk);
+        buf.copy_within(from..from + len, i * chunk);
+    }
+    buf.truncate(header.plaintext_len as usize);
+    Ok(buf)
+}
+
+fn opening_key(key: &[u8; 32]) -> Result<ring::aead::LessSafeKey, VaultError> {
+    let aes = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key)
+        .map_err(|_| VaultError::Crypto("key length".into()))?;
+    Ok(ring::aead::LessSafeKey::new(aes))
+}
+
+/// Decrypts the chunks that follow `header` into a new buffer (see [`decrypt`]).
 pub fn decrypt_body(key: &[u8; 32], header: &Header, body: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
     let expected = header.ciphertext_len() - header.encoded_len() as u64;
     if body.len() as u64 != expected {
         return Err(VaultError::Length { expected, found: body.len() as u64 });
     }
-    let aes = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key)
-        .map_err(|_| VaultError::Crypto("key length".into()))?;
-    let aes = ring::aead::LessSafeKey::new(aes);
+    let aes = opening_key(key)?;
     let aad = header.associated_data();
     let chunk = header.chunk_size as usize;
     let count = header.chunk_count() as usize;
@@ -343,6 +389,8 @@ mod tests {
             assert_eq!(ct.len() as u64, h.ciphertext_len(), "len {len}");
             let plain = decrypt(&KEY, &MODEL, &ct).map(|p| p.to_vec());
             assert_eq!(plain.ok(), Some(data(len)), "len {len}");
+            let owned = decrypt_owned(&KEY, &MODEL, ct).map(|p| p.to_vec());
+            assert_eq!(owned.ok(), Some(data(len)), "owned, len {len}");
         }
     }
 
@@ -376,6 +424,7 @@ mod tests {
             let mut bad = ct.clone();
             bad[at] ^= 0x01;
             assert!(decrypt(&KEY, &MODEL, &bad).is_err(), "flip at {at}");
+            assert!(decrypt_owned(&KEY, &MODEL, bad).is_err(), "owned, flip at {at}");
         }
     }
 
@@ -400,6 +449,8 @@ mod tests {
         swapped[at..at + sealed].copy_from_slice(&ct[at + sealed..at + 2 * sealed]);
         swapped[at + sealed..at + 2 * sealed].copy_from_slice(&ct[at..at + sealed]);
         assert!(matches!(decrypt(&KEY, &MODEL, &swapped), Err(VaultError::Chunk { .. })));
+        assert!(matches!(decrypt_owned(&KEY, &MODEL, swapped), Err(VaultError::Chunk { .. })));
+        assert!(matches!(decrypt_owned(&KEY, &MODEL, cut.to_vec()), Err(VaultError::Length { .. })));
     }
 
     #[test]
