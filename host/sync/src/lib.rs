@@ -229,7 +229,14 @@ impl VaultSync {
         let (files, plugin, mut t, cid) = self.fetch(id).await?;
         let started = Instant::now();
         let origin = Origin::Vault { model_id: format!("{id:#x}"), cid: cid.clone() };
-        let model = self.models.load_from(files, &plugin, origin).await?;
+        // snapshotting runs the plugin's `initialize` and compiling takes seconds of CPU: both
+        // run on a blocking thread so the host's request workers are never held up by a load
+        let models = self.models.clone();
+        let handle = tokio::runtime::Handle::current();
+        let model =
+            tokio::task::spawn_blocking(move || handle.block_on(models.load_from(files, &plugin, origin)))
+                .await
+                .map_err(|e| SyncError::Mismatch { model: id, what: format!("load task: {e}") })??;
         t.load = started.elapsed();
         tracing::info!(
             model = %model.manifest.name, id = %id, cid,

@@ -91,3 +91,26 @@ async fn a_damaged_snapshot_cache_is_retaken_not_fatal() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&cache);
     Ok(())
 }
+
+/// A byte-bounded store unloads the least recently *used* model, not the oldest.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_model_cache_unloads_the_least_recently_used_past_its_byte_bound() -> anyhow::Result<()> {
+    div_nn::init_onnx_runtime(&div_tests::ort_dylib()?)?;
+    let dir = div_tests::workspace_root().join("build/models/tiny-echo");
+    let size: u64 = ModelFiles::read_dir(&dir)?.manifest.files.iter().map(|f| f.size).sum();
+    let options = LoadOptions { capacity_bytes: Some(2 * size), ..LoadOptions::default() };
+    let store = ModelStore::new(Runtime::new(RuntimeConfig::default())?, options);
+    let wasm = div_tests::test_plugin_wasm("div_misbehave")?;
+    for name in ["a", "b"] {
+        let mut files = ModelFiles::read_dir(&dir)?;
+        files.manifest.name = name.into();
+        store.load(files, &wasm).await?;
+    }
+    assert!(store.get("a").is_some(), "a is used now, b is the least recently used");
+    let mut files = ModelFiles::read_dir(&dir)?;
+    files.manifest.name = "c".into();
+    store.load(files, &wasm).await?;
+    let names: Vec<String> = store.list().iter().map(|m| m.manifest.name.clone()).collect();
+    assert_eq!(names, ["a", "c"]);
+    Ok(())
+}
