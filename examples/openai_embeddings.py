@@ -4,7 +4,8 @@
     set -a; . .div/demo.env; set +a
     .venv/bin/python examples/openai_embeddings.py
 
-Uses DIV_URL, DIV_MODEL and (once hosts meter requests) DIV_API_KEY from the environment."""
+Uses DIV_URL, DIV_MODEL and DIV_API_KEY (from `div permit`) from the environment. The host's signed
+receipt for the request comes back with the response."""
 import math
 import os
 
@@ -16,7 +17,9 @@ sentences = [
     "A fast auburn fox leaps above a sleepy hound.",
     "Interest rates rose again this quarter.",
 ]
-response = client.embeddings.create(model=os.environ["DIV_MODEL"], input=sentences)
+raw = client.embeddings.with_raw_response.create(model=os.environ["DIV_MODEL"], input=sentences)
+response = raw.parse()
+receipt = getattr(response, "receipt", None) or (response.model_extra or {}).get("receipt")
 vectors = [item.embedding for item in response.data]
 
 
@@ -28,3 +31,6 @@ print(f"model {response.model}: {len(vectors)} vectors of {len(vectors[0])} dime
       f"{response.usage.prompt_tokens} prompt tokens")
 for i in range(1, len(sentences)):
     print(f"  similarity(0, {i}) = {cosine(vectors[0], vectors[i]):.3f}   {sentences[i]!r}")
+if receipt:
+    print(f"  receipt: paid {receipt['amount']}, permit total {receipt['cumulative_amount']} "
+          f"over {receipt['cumulative_requests']} requests (x-div-receipt: {len(raw.headers.get('x-div-receipt', ''))} bytes)")

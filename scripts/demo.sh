@@ -66,9 +66,10 @@ target/debug/div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
 
 # the host: serves what ModelVault authorises it for, decrypted in memory only
 HTTP_PORT=${DIV_HTTP_PORT:-8080}
+rm -rf "$STATE/host"
 nohup target/debug/div serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key "$DIV_HOST_KEY" \
-  --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" \
-  --cache-dir "$STATE/cache" >"$STATE/logs/serve.log" 2>&1 &
+  --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" --state-dir "$STATE/host" \
+  --settle-interval-secs 60 --cache-dir "$STATE/cache" >"$STATE/logs/serve.log" 2>&1 &
 echo $! >"$STATE/pids/serve.pid"
 wait_up "div serve" "$STATE/pids/serve.pid" "$STATE/logs/serve.log" "http://127.0.0.1:$HTTP_PORT/healthz"
 env_set DIV_URL "http://127.0.0.1:$HTTP_PORT"
@@ -86,7 +87,32 @@ run target/debug/div cid "$STATE/publish/all-minilm-l6-v2/model.divenc"
 run cast call "$DIV_MODEL_VAULT" "isHostAuthorized(bytes32,address)(bool)" "$(cast call "$DIV_MODEL_VAULT" "modelIdAt(uint256)(bytes32)" 0 --rpc-url "$DIV_RPC_URL")" "$DIV_HOST" --rpc-url "$DIV_RPC_URL"
 run curl -s "$DIV_URL/v1/models"
 echo
+MODEL_ID=$(curl -s "$DIV_URL/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["model_id"])')
+echo "== a user pays for inference =="
+# the demo user: 10 USDC deposited, 1 access token bought, a permit for up to 5 USDC signed
+run target/debug/div deposit --private-key "$DIV_USER_KEY" --amount 10 --mint
+run target/debug/div buy --private-key "$DIV_USER_KEY" --model-id "$MODEL_ID" --amount 1 --mint
+run target/debug/div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_MODEL" --max 5 --env-file "$STATE/demo.env"
+set -a; . "$STATE/demo.env"; set +a
+OWNER_BEFORE=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
+USER_BEFORE=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 run examples/curl_embeddings.sh
 run .venv/bin/python examples/openai_embeddings.py
-echo "Address book: $STATE/addresses.json   Environment: $STATE/demo.env (set -a; . $STATE/demo.env; set +a)"
+run curl -s -o /dev/null -w '%{http_code} without a key\n' "$DIV_URL/v1/embeddings" -d "{\"model\":\"$DIV_MODEL\",\"input\":\"hi\"}"
+run target/debug/div settle --now --url "$DIV_URL" --state-dir "$STATE/host"
+run target/debug/div balance --private-key "$DIV_USER_KEY"
+run target/debug/div earnings --private-key "$DIV_OWNER_KEY"
+OWNER_AFTER=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
+USER_AFTER=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
+GAS=$(curl -s "$DIV_URL/metrics" | awk '/^div_settle_gas_total/ {print $2}')
+REQS=$(curl -s "$DIV_URL/metrics" | awk '/^div_settled_requests_total/ {print $2}')
+python3 - "$OWNER_BEFORE" "$OWNER_AFTER" "$USER_BEFORE" "$USER_AFTER" "${GAS:-0}" "${REQS:-0}" <<'PY'
+import sys
+ob, oa, ub, ua, gas, reqs = (float(x) for x in sys.argv[1:])
+print("== summary ==")
+print(f"owner earned {(oa - ob) / 1e6:.6f} USDC, user paid {(ub - ua) / 1e6:.6f} USDC "
+      f"(100 % to the owner), gas per request {gas / reqs if reqs else 0:.0f} over {reqs:.0f} requests")
+PY
+echo
+echo "Address book: $STATE/addresses.json   Environment (with the demo user's DIV_API_KEY): $STATE/demo.env (set -a; . $STATE/demo.env; set +a)"
 echo "Chain: $DIV_RPC_URL (chain id $DIV_CHAIN_ID) and host $DIV_URL, left running. Stop them with: make stop"

@@ -146,6 +146,9 @@ pub struct EmbeddingsResponse {
     data: Vec<EmbeddingData>,
     model: String,
     usage: Usage,
+    /// The host's signed receipt for a paid request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<div_meter::Receipt>,
 }
 
 impl EmbeddingsResponse {
@@ -177,6 +180,7 @@ impl EmbeddingsResponse {
             data,
             model: model.to_string(),
             usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
+            receipt: None,
         }
     }
 }

@@ -165,3 +165,37 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+impl From<div_meter::MeterError> for ApiError {
+    fn from(e: div_meter::MeterError) -> Self {
+        use div_meter::MeterError as M;
+        let (status, kind, code) = match &e {
+            M::MissingCredential => (StatusCode::UNAUTHORIZED, "invalid_request_error", "missing_api_key"),
+            M::InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key"),
+            M::BadSignature => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_signature"),
+            M::WrongChain { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_chain"),
+            M::WrongHost { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_host"),
+            M::WrongModel { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_model"),
+            M::Expired(_) => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_expired"),
+            M::Revoked => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_revoked"),
+            M::Replayed => (StatusCode::CONFLICT, "invalid_request_error", "permit_replayed"),
+            M::InsufficientTokens { .. } => {
+                (StatusCode::FORBIDDEN, "invalid_request_error", "insufficient_token_balance")
+            }
+            M::PremiumRequired { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "premium_required"),
+            M::OverCap { .. } | M::InsufficientFunds { .. } => {
+                (StatusCode::PAYMENT_REQUIRED, "insufficient_quota", "insufficient_quota")
+            }
+            M::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded"),
+            M::ChainUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "chain_unavailable"),
+            M::Ledger(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "ledger_unavailable"),
+            M::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_permit"),
+        };
+        let retry_after = match &e {
+            M::RateLimited { .. } => Some(1),
+            M::ChainUnavailable(_) | M::Ledger(_) => Some(5),
+            _ => None,
+        };
+        Self { retry_after, ..Self::new(status, kind, code, e.to_string()) }
+    }
+}

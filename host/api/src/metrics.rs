@@ -52,6 +52,11 @@ pub struct Metrics {
     backend: Family<ModelLabel, Histogram, fn() -> Histogram>,
     in_flight: Gauge,
     custodian_failures: Family<CustodianLabel, Counter>,
+    unsettled: Gauge,
+    last_settle: Gauge,
+    settled_requests: Counter,
+    settle_gas: Counter,
+    settle_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -87,11 +92,55 @@ impl Default for Metrics {
             "Key custodians that failed to give a valid share (down, refusing, or a wrong share)",
             custodian_failures.clone(),
         );
-        Self { registry, requests, latency, instantiate, plugin, backend, in_flight, custodian_failures }
+        let unsettled = Gauge::default();
+        let last_settle = Gauge::default();
+        let settled_requests = Counter::default();
+        let settle_gas = Counter::default();
+        let settle_failures = Counter::default();
+        registry.register("unsettled_amount", "Charged but not yet settled (token base units)", unsettled.clone());
+        registry.register("last_settle_timestamp_seconds", "When the last settlement landed", last_settle.clone());
+        registry.register("settled_requests", "Requests settled on-chain", settled_requests.clone());
+        registry.register("settle_gas", "Gas used by settlement transactions", settle_gas.clone());
+        registry.register("settle_failures", "Settlement rounds that failed", settle_failures.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            instantiate,
+            plugin,
+            backend,
+            in_flight,
+            custodian_failures,
+            unsettled,
+            last_settle,
+            settled_requests,
+            settle_gas,
+            settle_failures,
+        }
     }
 }
 
 impl Metrics {
+    /// Records a settlement round.
+    pub fn settlement(&self, report: &div_meter::settle::SettleReport) {
+        if report.tx.is_some() {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            self.last_settle.set(i64::try_from(now).unwrap_or(i64::MAX));
+            self.settled_requests.inc_by(report.requests);
+            self.settle_gas.inc_by(report.gas_used);
+        }
+    }
+
+    /// Counts a failed settlement round.
+    pub fn settlement_failed(&self) {
+        self.settle_failures.inc();
+    }
+
+    /// Sets the unsettled amount.
+    pub fn set_unsettled(&self, amount: alloy::primitives::U256) {
+        self.unsettled.set(i64::try_from(amount).unwrap_or(i64::MAX));
+    }
+
     /// Counts a custodian that failed to give a valid share.
     pub fn custodian_failure(&self, custodian: &str) {
         self.custodian_failures.get_or_create(&CustodianLabel { custodian: custodian.to_string() }).inc();

@@ -10,7 +10,9 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, Request, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
+use base64::Engine as _;
+use div_meter::{Meter, ModelRef, PermitFields};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use div_models::ModelStore;
@@ -48,14 +50,45 @@ pub struct AppState {
     metrics: Arc<Metrics>,
     config: ApiConfig,
     permits: Arc<Semaphore>,
+    meter: Option<Arc<Meter>>,
+    settler: Option<(div_chain::Client, Arc<str>)>,
 }
 
 impl AppState {
-    /// State over a model store and metrics.
+    /// State over a model store and metrics; every model is free.
     pub fn new(store: Arc<ModelStore>, metrics: Arc<Metrics>, config: ApiConfig) -> Self {
         let permits = Arc::new(Semaphore::new(config.max_concurrency.max(1)));
-        Self { store, metrics, config, permits }
+        Self { store, metrics, config, permits, meter: None, settler: None }
     }
+
+    /// Gates and meters every model from the vault with `meter` (models loaded from a local
+    /// folder stay free: they are the operator's own).
+    pub fn with_meter(mut self, meter: Arc<Meter>) -> Self {
+        self.meter = Some(meter);
+        self
+    }
+
+    /// Lets `POST /v1/host/settle` (with `Authorization: Bearer <admin_token>`) settle at once
+    /// with `client`, the host's wallet.
+    pub fn with_settler(mut self, client: div_chain::Client, admin_token: &str) -> Self {
+        self.settler = Some((client, Arc::from(admin_token)));
+        self
+    }
+}
+
+/// The `ModelVault` id of a model loaded from the vault.
+fn vault_ref(m: &div_models::LoadedModel) -> Option<ModelRef> {
+    let rest = m.origin.strip_prefix("vault:")?;
+    let id = rest.split('@').next()?.parse().ok()?;
+    Some(ModelRef { name: m.manifest.name.clone(), model_id: id })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
 }
 
 /// The routes of a DIV host.
@@ -66,6 +99,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/keys", post(issue_key))
+        .route("/v1/host", get(host_info))
+        .route("/v1/host/settle", post(settle_now))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -94,6 +130,10 @@ async fn healthz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    if let Some(m) = &s.meter {
+        let unsettled = m.ledger().accounts().iter().fold(alloy::primitives::U256::ZERO, |t, (_, a)| t + a.unsettled());
+        s.metrics.set_unsettled(unsettled);
+    }
     match s.metrics.encode() {
         Ok(text) => {
             let mut r = text.into_response();
@@ -116,7 +156,23 @@ fn model_json(m: &div_models::LoadedModel) -> serde_json::Value {
         "task": m.manifest.task,
         "dimensions": m.manifest.dimensions,
         "max_input_tokens": m.manifest.max_seq_length,
+        "model_id": vault_ref(m).map(|r| format!("{:#x}", r.model_id)),
     })
+}
+
+/// `GET /v1/host`: what a user needs to sign a permit for this host.
+async fn host_info(State(s): State<AppState>) -> Response {
+    match &s.meter {
+        Some(m) => axum::Json(json!({
+            "host": m.config().host.address(),
+            "chain_id": m.config().chain_id,
+            "payment_stream": m.config().payment_stream,
+            "model_vault": m.config().model_vault,
+            "metered": true,
+        }))
+        .into_response(),
+        None => axum::Json(json!({"metered": false})).into_response(),
+    }
 }
 
 async fn list_models(State(s): State<AppState>) -> Response {
@@ -143,6 +199,7 @@ impl Drop for InFlight {
 async fn embeddings(
     State(s): State<AppState>,
     request_id: Option<axum::Extension<RequestId>>,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
     let started = Instant::now();
@@ -150,9 +207,18 @@ async fn embeddings(
         .and_then(|r| r.0.header_value().to_str().ok().map(Arc::from))
         .unwrap_or_else(|| Arc::from("-"));
     let mut model_label = "unknown".to_string();
-    let result = embed(&s, rid, body, &mut model_label).await;
+    let result = embed(&s, rid, &headers, body, &mut model_label).await;
     let response = match result {
-        Ok(r) => axum::Json(r).into_response(),
+        Ok(r) => {
+            let receipt = r.receipt.as_ref().and_then(|rc| serde_json::to_vec(rc).ok());
+            let mut resp = axum::Json(r).into_response();
+            if let Some(json) = receipt
+                && let Ok(v) = HeaderValue::from_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json))
+            {
+                resp.headers_mut().insert("x-div-receipt", v);
+            }
+            resp
+        }
         Err(e) => {
             if e.status.is_server_error() {
                 tracing::warn!(model = %model_label, code = e.code, "{}", e.message);
@@ -167,6 +233,7 @@ async fn embeddings(
 async fn embed(
     s: &AppState,
     rid: Arc<str>,
+    headers: &HeaderMap,
     body: Body,
     model_label: &mut String,
 ) -> Result<EmbeddingsResponse, ApiError> {
@@ -186,23 +253,115 @@ async fn embed(
     let encoding = req.encoding()?;
     req.check_dimensions(model.manifest.dimensions)?;
     let inputs = req.inputs()?;
+    // gate and reserve the price before any work; charged only if the plugin succeeds
+    let paid = match (&s.meter, vault_ref(&model)) {
+        (Some(meter), Some(mref)) => Some((meter.clone(), mref)),
+        _ => None,
+    };
+    let ticket = match &paid {
+        Some((meter, mref)) => meter.admit(bearer(headers), mref, inputs.len()).await?,
+        None => None,
+    };
     let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
     s.metrics.in_flight().inc();
     let in_flight = InFlight(s.metrics.clone());
     let m = model.clone();
     let count = inputs.len();
+    let sandbox_rid = rid.clone();
     // the permit and the gauge travel with the work: a caller who disconnects drops this future,
     // but the sandbox runs to its end and holds its slot until then
     let (result, timings) = tokio::task::spawn_blocking(move || {
         let _held = (permit, in_flight);
-        m.plugin.embed(&inputs, rid)
+        m.plugin.embed(&inputs, sandbox_rid)
     })
     .await
     .map_err(|e| ApiError::internal(format!("the sandbox thread failed: {e}")))?;
     s.metrics.sandbox(&model.manifest.name, timings.instantiate, timings.call);
     let out = result?;
     check_vectors(&out.vectors, count, model.manifest.dimensions)?;
-    Ok(EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding))
+    let mut response = EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding);
+    if let (Some(ticket), Some((meter, mref))) = (ticket, &paid) {
+        // durable before the answer leaves
+        response.receipt = Some(meter.charge(ticket, &rid, mref).await?);
+    }
+    Ok(response)
+}
+
+/// `POST /v1/host/settle`: the operator settles now instead of waiting for the next round.
+async fn settle_now(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let (Some(meter), Some((client, token))) = (&s.meter, &s.settler) else {
+        return ApiError::route_not_found("/v1/host/settle").into_response();
+    };
+    if bearer(&headers) != Some(&**token) {
+        return ApiError::from(div_meter::MeterError::InvalidKey).into_response();
+    }
+    match div_meter::settle::settle_now(meter, client, None).await {
+        Ok(r) => {
+            s.metrics.settlement(&r);
+            axum::Json(json!({
+                "tx": r.tx.map(|t| format!("{t:#x}")),
+                "settled": r.settled,
+                "skipped": r.skipped.len(),
+                "requests": r.requests,
+                "amount": r.amount.to_string(),
+                "gas_used": r.gas_used,
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            s.metrics.settlement_failed();
+            ApiError::from(e).into_response()
+        }
+    }
+}
+
+/// `POST /v1/keys`: a signed spending permit in, the one API key it gets out.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct KeyRequest {
+    permit: PermitFields,
+    signature: alloy::primitives::Bytes,
+    #[serde(default, alias = "chain_id")]
+    chain_id: Option<u64>,
+    #[serde(default, alias = "verifying_contract")]
+    verifying_contract: Option<alloy::primitives::Address>,
+}
+
+async fn issue_key(State(s): State<AppState>, body: Body) -> Response {
+    let result = async {
+        let meter = s.meter.as_ref().ok_or_else(|| ApiError::route_not_found("/v1/keys"))?;
+        let req: KeyRequest = read_json(body, 64 * 1024).await?;
+        let model = s
+            .store
+            .list()
+            .into_iter()
+            .find_map(|m| vault_ref(&m).filter(|r| r.model_id == req.permit.model_id))
+            .ok_or_else(|| ApiError::model_not_found(&format!("{:#x}", req.permit.model_id)))?;
+        let claimed = match (req.chain_id, req.verifying_contract) {
+            (None, None) => None,
+            (c, v) => Some((
+                c.unwrap_or(meter.config().chain_id),
+                v.unwrap_or(meter.config().payment_stream),
+            )),
+        };
+        let expires = req.permit.expiry;
+        let (key, hash) = meter.issue_key(req.permit, req.signature, claimed, &model).await?;
+        Ok::<_, ApiError>(
+            (
+                StatusCode::CREATED,
+                axum::Json(json!({
+                    "object": "api_key",
+                    "key": key,
+                    "model": model.name,
+                    "permit_hash": format!("{hash:#x}"),
+                    "expires_at": expires,
+                })),
+            )
+                .into_response(),
+        )
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// A plugin is untrusted: its answer must have one finite vector per input, of the model's size.

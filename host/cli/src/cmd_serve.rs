@@ -17,6 +17,8 @@ use div_chain::Deployment;
 use div_models::{LoadOptions, ModelFiles, ModelStore, Origin};
 use div_nn::OnnxConfig;
 use div_runtime::{Limits, Runtime, RuntimeConfig};
+use div_meter::settle::SettleConfig;
+use div_meter::{Ledger, Meter, MeterConfig};
 use div_sync::{CustodianObserver, SyncConfig, VaultSync};
 use div_vault::Store;
 
@@ -48,6 +50,30 @@ pub struct ServeArgs {
     /// How often to read new `ModelVault` events (ms).
     #[arg(long, env = "DIV_VAULT_POLL_MS", default_value_t = 1000)]
     vault_poll_ms: u64,
+    /// Serve vault models without gating or metering (a private deployment).
+    #[arg(long, env = "DIV_NO_METER")]
+    no_meter: bool,
+    /// Where the host keeps its charge ledger and admin token.
+    #[arg(long, env = "DIV_HOST_STATE", default_value = ".div/host")]
+    state_dir: PathBuf,
+    /// Seconds between settlements while charges wait.
+    #[arg(long, env = "DIV_SETTLE_INTERVAL_SECS", default_value_t = 30)]
+    settle_interval_secs: u64,
+    /// Settle at once when this many charged requests wait.
+    #[arg(long, env = "DIV_SETTLE_MAX_PENDING", default_value_t = 1000)]
+    settle_max_pending: u64,
+    /// Postpone settlement while the gas price is above this (gwei).
+    #[arg(long, env = "DIV_MAX_GAS_PRICE_GWEI")]
+    max_gas_price_gwei: Option<u64>,
+    /// Largest batch (inputs) without the premium tier.
+    #[arg(long, env = "DIV_PREMIUM_BATCH", default_value_t = 16)]
+    premium_batch: usize,
+    /// Requests per second per permit (access tier; premium gets 10×).
+    #[arg(long, env = "DIV_RATE_LIMIT", default_value_t = 50)]
+    rate_limit: u32,
+    /// How long chain reads (balances, thresholds, revocations) are trusted, in ms.
+    #[arg(long, env = "DIV_CHAIN_CACHE_MS", default_value_t = 5000)]
+    chain_cache_ms: u64,
     /// Plaintext bytes of models kept loaded (MiB); past it the least recently used is unloaded.
     #[arg(long, env = "DIV_MODEL_CACHE_MIB")]
     model_cache_mib: Option<u64>,
@@ -132,11 +158,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let sync =
         if args.vault { Some(start_vault(&args, store.clone(), metrics.clone()).await?) } else { None };
-    let state = AppState::new(
+    let mut state = AppState::new(
         store,
-        metrics,
+        metrics.clone(),
         ApiConfig { max_body_bytes: args.max_body_bytes, max_concurrency: args.max_concurrency },
     );
+    let mut settler = None;
+    if args.vault && !args.no_meter {
+        let (s, task) = start_meter(&args, state, metrics).await?;
+        state = s;
+        settler = Some(task);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -148,7 +180,73 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(task) = sync {
         task.abort();
     }
+    if let Some(task) = settler {
+        task.abort();
+    }
     Ok(())
+}
+
+/// Opens the charge ledger, gates and meters the vault's models, and starts settling.
+async fn start_meter(
+    args: &ServeArgs,
+    state: AppState,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(AppState, tokio::task::JoinHandle<()>)> {
+    let key = args.host_key.as_deref().context("metering needs --host-key")?;
+    let host: PrivateKeySigner = key.trim().parse().context("--host-key is not a hex private key")?;
+    let d = Deployment::load(&args.addresses)?;
+    let provider = ProviderBuilder::new().connect_http(d.rpc_url.parse().context("RPC URL")?).erased();
+    std::fs::create_dir_all(&args.state_dir)?;
+    let ledger = Arc::new(
+        Ledger::open(&args.state_dir.join("ledger"))
+            .with_context(|| format!("opening the ledger in {}", args.state_dir.display()))?,
+    );
+    let meter = Arc::new(Meter::new(
+        MeterConfig {
+            host: host.clone(),
+            chain_id: d.chain_id,
+            payment_stream: d.payment_stream,
+            model_vault: d.model_vault,
+            provider,
+            cache_ttl: Duration::from_millis(args.chain_cache_ms),
+            premium_batch: args.premium_batch,
+            rate_per_sec: args.rate_limit,
+            premium_rate_per_sec: args.rate_limit.saturating_mul(10),
+        },
+        ledger,
+    ));
+    let client = div_chain::Client::connect(&d.rpc_url, host).await.context("connecting the host wallet")?;
+    let admin_token = admin_token(&args.state_dir)?;
+    let config = SettleConfig {
+        interval: Duration::from_secs(args.settle_interval_secs.max(1)),
+        max_pending: args.settle_max_pending.max(1),
+        max_gas_price: args.max_gas_price_gwei.map(|g| u128::from(g) * 1_000_000_000),
+    };
+    let observer: div_meter::settle::SettleObserver = Arc::new(move |r| metrics.settlement(r));
+    let task = tokio::spawn(div_meter::settle::run(meter.clone(), client.clone(), config, Some(observer)));
+    println!("metering paid requests; ledger in {}", args.state_dir.join("ledger").display());
+    Ok((state.with_meter(meter).with_settler(client, &admin_token), task))
+}
+
+/// The operator's token for `POST /v1/host/settle`, made once and kept readable by its owner only.
+fn admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_string());
+    }
+    let token = format!("{:x}", rand_token());
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+    std::io::Write::write_all(&mut f, token.as_bytes())?;
+    Ok(token)
+}
+
+fn rand_token() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    // two independently seeded SipHash states from the OS: 128 unpredictable bits
+    let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    (u128::from(a) << 64) | u128::from(b)
 }
 
 /// Loads the authorised models from the vault, then follows `ModelVault` in the background.

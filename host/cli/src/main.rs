@@ -9,6 +9,7 @@ mod cmd_deploy;
 mod cmd_dev;
 mod cmd_publish;
 mod cmd_serve;
+mod cmd_wallet;
 mod demo_env;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,20 @@ enum Command {
     Custodian(cmd_custodian::CustodianArgs),
     /// Encrypt a model package, store it, hand its key shares to custodians, register it.
     Publish(Box<cmd_publish::PublishArgs>),
+    /// Deposit stablecoins into PaymentStream (user).
+    Deposit(Box<cmd_wallet::DepositArgs>),
+    /// Buy a model's access tokens in its primary sale (user).
+    Buy(Box<cmd_wallet::BuyArgs>),
+    /// Sign a spending permit for a host and get its API key (user).
+    Permit(Box<cmd_wallet::PermitArgs>),
+    /// Show the deposit, a pending withdrawal and the wallet balance (user).
+    Balance(Box<cmd_wallet::BalanceArgs>),
+    /// Request, take or cancel a withdrawal (user).
+    Withdraw(Box<cmd_wallet::WithdrawArgs>),
+    /// What settlement paid for each of an owner's models (owner).
+    Earnings(cmd_wallet::EarningsArgs),
+    /// Ask a host to settle its charges now (operator).
+    Settle(cmd_wallet::SettleArgs),
     /// Print the IPFS content id of a file (what `ipfs add` computes).
     Cid(cmd_cid::CidArgs),
     /// Serve models over the OpenAI-compatible API, one sandboxed plugin instance per request.
@@ -50,6 +65,13 @@ async fn main() -> std::process::ExitCode {
         Command::Deploy(args) => cmd_deploy::run(args).await,
         Command::Serve(args) => cmd_serve::run(*args).await,
         Command::Cid(args) => cmd_cid::run(args),
+        Command::Deposit(args) => cmd_wallet::deposit(*args).await,
+        Command::Buy(args) => cmd_wallet::buy(*args).await,
+        Command::Permit(args) => cmd_wallet::permit(*args).await,
+        Command::Balance(args) => cmd_wallet::balance(*args).await,
+        Command::Withdraw(args) => cmd_wallet::withdraw(*args).await,
+        Command::Earnings(args) => cmd_wallet::earnings(args).await,
+        Command::Settle(args) => cmd_wallet::settle(args).await,
         Command::Custodian(args) => cmd_custodian::run(args).await,
         Command::Publish(args) => cmd_publish::run(*args).await,
     };
