@@ -55,6 +55,7 @@ GOALS = [
     ("pytorch_ratio_b32", ">=", 1.5, "sentences/s vs PyTorch sentence-transformers, batch 32"),
     ("decrypt_vs_openssl_1core", ">=", 0.9, "model decryption ÷ openssl AES-256-GCM, one core"),
     ("cold_start_ratio", "<=", 1.3, "encrypted cold start ÷ plaintext load of the same model"),
+    ("gated_vs_ungated_c32", ">=", 0.95, "gated + metered + journaled ÷ ungated throughput, 32 clients"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
 for key, op, target, what in GOALS:

@@ -186,7 +186,9 @@ impl From<div_meter::MeterError> for ApiError {
             M::OverCap { .. } | M::InsufficientFunds { .. } => {
                 (StatusCode::PAYMENT_REQUIRED, "insufficient_quota", "insufficient_quota")
             }
-            M::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded"),
+            M::RateLimited { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded")
+            }
             M::ChainUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "chain_unavailable"),
             M::Ledger(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", "ledger_unavailable"),
             M::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", "invalid_permit"),

@@ -97,8 +97,16 @@ impl Default for Metrics {
         let settled_requests = Counter::default();
         let settle_gas = Counter::default();
         let settle_failures = Counter::default();
-        registry.register("unsettled_amount", "Charged but not yet settled (token base units)", unsettled.clone());
-        registry.register("last_settle_timestamp_seconds", "When the last settlement landed", last_settle.clone());
+        registry.register(
+            "unsettled_amount",
+            "Charged but not yet settled (token base units)",
+            unsettled.clone(),
+        );
+        registry.register(
+            "last_settle_timestamp_seconds",
+            "When the last settlement landed",
+            last_settle.clone(),
+        );
         registry.register("settled_requests", "Requests settled on-chain", settled_requests.clone());
         registry.register("settle_gas", "Gas used by settlement transactions", settle_gas.clone());
         registry.register("settle_failures", "Settlement rounds that failed", settle_failures.clone());
@@ -124,7 +132,10 @@ impl Metrics {
     /// Records a settlement round.
     pub fn settlement(&self, report: &div_meter::settle::SettleReport) {
         if report.tx.is_some() {
-            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
             self.last_settle.set(i64::try_from(now).unwrap_or(i64::MAX));
             self.settled_requests.inc_by(report.requests);
             self.settle_gas.inc_by(report.gas_used);

@@ -11,10 +11,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
-use base64::Engine as _;
-use div_meter::{Meter, ModelRef, PermitFields};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use base64::Engine as _;
+use div_meter::{Meter, ModelRef, PermitFields};
 use div_models::ModelStore;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -131,7 +131,8 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     if let Some(m) = &s.meter {
-        let unsettled = m.ledger().accounts().iter().fold(alloy::primitives::U256::ZERO, |t, (_, a)| t + a.unsettled());
+        let unsettled =
+            m.ledger().accounts().iter().fold(alloy::primitives::U256::ZERO, |t, (_, a)| t + a.unsettled());
         s.metrics.set_unsettled(unsettled);
     }
     match s.metrics.encode() {
@@ -213,7 +214,8 @@ async fn embeddings(
             let receipt = r.receipt.as_ref().and_then(|rc| serde_json::to_vec(rc).ok());
             let mut resp = axum::Json(r).into_response();
             if let Some(json) = receipt
-                && let Ok(v) = HeaderValue::from_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json))
+                && let Ok(v) =
+                    HeaderValue::from_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json))
             {
                 resp.headers_mut().insert("x-div-receipt", v);
             }
@@ -279,7 +281,8 @@ async fn embed(
     s.metrics.sandbox(&model.manifest.name, timings.instantiate, timings.call);
     let out = result?;
     check_vectors(&out.vectors, count, model.manifest.dimensions)?;
-    let mut response = EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding);
+    let mut response =
+        EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding);
     if let (Some(ticket), Some((meter, mref))) = (ticket, &paid) {
         // durable before the answer leaves
         response.receipt = Some(meter.charge(ticket, &rid, mref).await?);
@@ -339,10 +342,9 @@ async fn issue_key(State(s): State<AppState>, body: Body) -> Response {
             .ok_or_else(|| ApiError::model_not_found(&format!("{:#x}", req.permit.model_id)))?;
         let claimed = match (req.chain_id, req.verifying_contract) {
             (None, None) => None,
-            (c, v) => Some((
-                c.unwrap_or(meter.config().chain_id),
-                v.unwrap_or(meter.config().payment_stream),
-            )),
+            (c, v) => {
+                Some((c.unwrap_or(meter.config().chain_id), v.unwrap_or(meter.config().payment_stream)))
+            }
         };
         let expires = req.permit.expiry;
         let (key, hash) = meter.issue_key(req.permit, req.signature, claimed, &model).await?;

@@ -14,11 +14,11 @@ use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, bail};
 use div_api::{ApiConfig, AppState, Metrics, router};
 use div_chain::Deployment;
+use div_meter::settle::SettleConfig;
+use div_meter::{Ledger, Meter, MeterConfig};
 use div_models::{LoadOptions, ModelFiles, ModelStore, Origin};
 use div_nn::OnnxConfig;
 use div_runtime::{Limits, Runtime, RuntimeConfig};
-use div_meter::settle::SettleConfig;
-use div_meter::{Ledger, Meter, MeterConfig};
 use div_sync::{CustodianObserver, SyncConfig, VaultSync};
 use div_vault::Store;
 

@@ -33,10 +33,14 @@ pub struct Wallet {
 
 impl Wallet {
     async fn open(&self) -> anyhow::Result<(Client, Deployment, div_chain::Stablecoin)> {
-        let signer: PrivateKeySigner = self.private_key.trim().parse().context("the key is not a hex private key")?;
+        let signer: PrivateKeySigner =
+            self.private_key.trim().parse().context("the key is not a hex private key")?;
         let d = Deployment::load(&self.addresses)
             .with_context(|| format!("reading the address book {}", self.addresses.display()))?;
-        let coin = d.stablecoin(&self.token).with_context(|| format!("no stablecoin {:?} in the address book", self.token))?.clone();
+        let coin = d
+            .stablecoin(&self.token)
+            .with_context(|| format!("no stablecoin {:?} in the address book", self.token))?
+            .clone();
         let client = Client::connect(&d.rpc_url, signer).await.context("connecting to the chain")?;
         Ok((client, d, coin))
     }
@@ -114,7 +118,11 @@ pub struct BuyArgs {
 pub async fn buy(args: BuyArgs) -> anyhow::Result<()> {
     let (client, d, coin) = args.wallet.open().await?;
     let p = client.provider();
-    let m = ModelVault::new(d.model_vault, p).getModel(args.model_id).call().await.context("reading the model")?;
+    let m = ModelVault::new(d.model_vault, p)
+        .getModel(args.model_id)
+        .call()
+        .await
+        .context("reading the model")?;
     let token = ModelAccessToken::new(m.accessToken, p);
     let amount = parse_units(&args.amount, 18).context("--amount")?.get_absolute();
     let cost = token.quote(amount).call().await?;
@@ -175,7 +183,8 @@ pub async fn permit(args: PermitArgs) -> anyhow::Result<()> {
         .and_then(|m| m["model_id"].as_str())
         .with_context(|| format!("the host serves no paid model {:?}", args.model))?
         .parse()?;
-    let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + args.days * 86_400;
+    let expiry =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + args.days * 86_400;
     let permit = SpendingPermit {
         user: client.address(),
         modelId: model_id,
@@ -260,7 +269,10 @@ pub async fn withdraw(args: WithdrawArgs) -> anyhow::Result<()> {
         let amount = parse_units(a, coin.decimals).context("--amount")?.get_absolute();
         send("requesting the withdrawal", ps.requestWithdraw(coin.address, amount)).await?;
         let p = ps.pendingWithdrawal(client.address(), coin.address).call().await?;
-        println!("withdrawal of {a} {} requested; take it after unix {} with --finish", coin.symbol, p.readyAt);
+        println!(
+            "withdrawal of {a} {} requested; take it after unix {} with --finish",
+            coin.symbol, p.readyAt
+        );
     } else if args.finish {
         send("withdrawing", ps.withdraw(coin.address)).await?;
         println!("withdrawn");
@@ -292,7 +304,9 @@ pub async fn earnings(args: EarningsArgs) -> anyhow::Result<()> {
     let d = Deployment::load(&args.addresses)?;
     let owner = match (args.owner, &args.private_key) {
         (Some(o), _) => o,
-        (None, Some(k)) => k.trim().parse::<PrivateKeySigner>().context("the key is not a hex private key")?.address(),
+        (None, Some(k)) => {
+            k.trim().parse::<PrivateKeySigner>().context("the key is not a hex private key")?.address()
+        }
         (None, None) => bail!("say --owner ADDRESS or set DIV_OWNER_KEY"),
     };
     let p = alloy::providers::ProviderBuilder::new().connect_http(d.rpc_url.parse()?).erased();
@@ -366,7 +380,9 @@ pub async fn settle(args: SettleArgs) -> anyhow::Result<()> {
     match v["tx"].as_str() {
         Some(tx) => println!(
             "settled {} requests ({} base units) in {tx}, {} gas",
-            v["requests"], v["amount"].as_str().unwrap_or("0"), v["gas_used"]
+            v["requests"],
+            v["amount"].as_str().unwrap_or("0"),
+            v["gas_used"]
         ),
         None => println!("nothing to settle"),
     }

@@ -9,6 +9,8 @@ use div_chain::Deployment;
 use div_chain::bindings::ModelVault;
 use div_tests::{LocalChain, anvil_bin};
 
+mod payments;
+mod rig;
 mod vault;
 
 fn div() -> Command {

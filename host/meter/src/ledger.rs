@@ -188,7 +188,12 @@ impl Ledger {
             .name("div-ledger-commit".into())
             .spawn(move || committer(cdb, rx, cpoison))
             .map_err(|e| MeterError::Ledger(format!("starting the committer: {e}")))?;
-        Ok(Self { db, tx: Mutex::new(tx), accounts: Mutex::new(State { accounts, next_seq, keyed }), poisoned })
+        Ok(Self {
+            db,
+            tx: Mutex::new(tx),
+            accounts: Mutex::new(State { accounts, next_seq, keyed }),
+            poisoned,
+        })
     }
 
     async fn commit(&self, ops: Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), MeterError> {
@@ -201,7 +206,9 @@ impl Ledger {
             .unwrap_or_else(|p| p.into_inner())
             .send(Commit { ops, done })
             .map_err(|_| MeterError::Ledger("the committer stopped".into()))?;
-        wait.await.map_err(|_| MeterError::Ledger("the committer stopped".into()))?.map_err(MeterError::Ledger)
+        wait.await
+            .map_err(|_| MeterError::Ledger("the committer stopped".into()))?
+            .map_err(MeterError::Ledger)
     }
 
     /// The account of a permit.
@@ -227,16 +234,21 @@ impl Ledger {
 
     /// Records a permit (first sight) and, when given, an API key that spends it. Returns false
     /// if the key's permit was already registered with a key (a replayed permit).
-    pub async fn register(&self, hash: B256, account: PermitAccount, api_key: Option<&str>) -> Result<bool, MeterError> {
+    pub async fn register(
+        &self,
+        hash: B256,
+        account: PermitAccount,
+        api_key: Option<&str>,
+    ) -> Result<bool, MeterError> {
         let mut ops = Vec::new();
         {
             let mut g = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
             if api_key.is_some() && !g.keyed.insert(hash) {
                 return Ok(false);
             }
-            if !g.accounts.contains_key(&hash) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = g.accounts.entry(hash) {
                 ops.push((pkey(&hash), json(&account)?));
-                g.accounts.insert(hash, account);
+                slot.insert(account);
             }
         }
         if let Some(key) = api_key {
@@ -259,7 +271,10 @@ impl Ledger {
         let (charge, ops) = {
             let mut g = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
             let seq = g.next_seq;
-            let acc = g.accounts.get_mut(&hash).ok_or_else(|| MeterError::Ledger(format!("unknown permit {hash}")))?;
+            let acc = g
+                .accounts
+                .get_mut(&hash)
+                .ok_or_else(|| MeterError::Ledger(format!("unknown permit {hash}")))?;
             acc.charged_amount += amount;
             acc.charged_requests += 1;
             let charge = Charge {
@@ -362,7 +377,9 @@ mod tests {
             let mut tasks = Vec::new();
             for i in 0..50 {
                 let l = l.clone();
-                tasks.push(tokio::spawn(async move { l.charge(hash, U256::from(3u64), &format!("r{i}")).await }));
+                tasks.push(tokio::spawn(
+                    async move { l.charge(hash, U256::from(3u64), &format!("r{i}")).await },
+                ));
             }
             let mut cum: Vec<U256> = Vec::new();
             for t in tasks {
@@ -381,7 +398,11 @@ mod tests {
         assert_eq!(l.permit_of_key("key-2"), None);
         let journal = l.journal()?;
         assert_eq!(journal.len(), 50);
-        assert!(journal.windows(2).all(|w| w[0].seq + 1 == w[1].seq && w[0].cumulative_amount < w[1].cumulative_amount));
+        assert!(
+            journal
+                .windows(2)
+                .all(|w| w[0].seq + 1 == w[1].seq && w[0].cumulative_amount < w[1].cumulative_amount)
+        );
         // the next charge continues the journal
         let c = l.charge(hash, U256::from(1u64), "after").await?;
         assert_eq!((c.seq, c.cumulative_amount), (50, U256::from(151u64)));

@@ -51,7 +51,9 @@ pub enum MeterError {
     #[error("the permit signature does not recover to the permit's user")]
     BadSignature,
     /// The permit was signed for another chain or contract.
-    #[error("the permit is for chain {chain_id} / {contract}; this host settles on chain {expected_chain} / {expected_contract}")]
+    #[error(
+        "the permit is for chain {chain_id} / {contract}; this host settles on chain {expected_chain} / {expected_contract}"
+    )]
     WrongChain {
         /// The chain the caller says they signed for.
         chain_id: u64,
@@ -387,7 +389,12 @@ impl Meter {
         Ok((key, hash))
     }
 
-    async fn check_permit(&self, permit: &PermitFields, hash: B256, model: &ModelRef) -> Result<(), MeterError> {
+    async fn check_permit(
+        &self,
+        permit: &PermitFields,
+        hash: B256,
+        model: &ModelRef,
+    ) -> Result<(), MeterError> {
         let host = self.config.host.address();
         if permit.host != host {
             return Err(MeterError::WrongHost { permit_host: permit.host, host });
@@ -439,9 +446,15 @@ impl Meter {
         let (user, token) = (permit.user, permit.token);
         let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let in_flight_permit = r.by_permit.get(&hash).copied().unwrap_or_default();
-        let charged = account.charged_amount.max(self.ledger.account(&hash).map(|a| a.charged_amount).unwrap_or_default());
+        let charged = account
+            .charged_amount
+            .max(self.ledger.account(&hash).map(|a| a.charged_amount).unwrap_or_default());
         if charged + in_flight_permit + price > permit.max_amount {
-            return Err(MeterError::OverCap { cap: permit.max_amount, charged: charged + in_flight_permit, price });
+            return Err(MeterError::OverCap {
+                cap: permit.max_amount,
+                charged: charged + in_flight_permit,
+                price,
+            });
         }
         let in_flight_user = r.by_user.get(&(user, token)).copied().unwrap_or_default();
         let committed = self.ledger.unsettled_of(user, token) + in_flight_user + funds.pending_withdrawal;
@@ -466,7 +479,12 @@ impl Meter {
     }
 
     /// Charges an admitted request that succeeded: durable before this returns; then the receipt.
-    pub async fn charge(&self, mut ticket: Ticket, request_id: &str, model: &ModelRef) -> Result<Receipt, MeterError> {
+    pub async fn charge(
+        &self,
+        mut ticket: Ticket,
+        request_id: &str,
+        model: &ModelRef,
+    ) -> Result<Receipt, MeterError> {
         let charge = self.ledger.charge(ticket.permit_hash, ticket.amount, request_id).await;
         // charged or not, the reservation ends here
         ticket.done = true;
@@ -498,7 +516,8 @@ impl Meter {
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let bucket = b.entry(hash).or_insert(Bucket { tokens: burst, at: now });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * f64::from(per_sec)).min(burst);
+        bucket.tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * f64::from(per_sec)).min(burst);
         bucket.at = now;
         if bucket.tokens < 1.0 {
             return Err(MeterError::RateLimited { per_sec });
@@ -547,57 +566,43 @@ impl Meter {
 
     async fn model_info(&self, id: B256) -> Result<ModelInfo, MeterError> {
         let vault = ModelVault::new(self.config.model_vault, self.config.provider.clone());
-        self.cached(
-            |c| &mut c.models,
-            id,
-            async move {
-                let m = vault.getModel(id).call().await.map_err(chain_err)?;
-                Ok(ModelInfo { owner: m.owner, access_token: m.accessToken, price: m.pricePerRequest })
-            },
-        )
+        self.cached(|c| &mut c.models, id, async move {
+            let m = vault.getModel(id).call().await.map_err(chain_err)?;
+            Ok(ModelInfo { owner: m.owner, access_token: m.accessToken, price: m.pricePerRequest })
+        })
         .await
     }
 
     async fn token_info(&self, token: Address, user: Address) -> Result<TokenInfo, MeterError> {
         let t = ModelAccessToken::new(token, self.config.provider.clone());
-        self.cached(
-            |c| &mut c.tokens,
-            (token, user),
-            async move {
-                let (balance, access, premium) = tokio::try_join!(
-                    async { t.balanceOf(user).call().await.map_err(chain_err) },
-                    async { t.accessThreshold().call().await.map_err(chain_err) },
-                    async { t.premiumThreshold().call().await.map_err(chain_err) },
-                )?;
-                Ok(TokenInfo { balance, access, premium })
-            },
-        )
+        self.cached(|c| &mut c.tokens, (token, user), async move {
+            let (balance, access, premium) = tokio::try_join!(
+                async { t.balanceOf(user).call().await.map_err(chain_err) },
+                async { t.accessThreshold().call().await.map_err(chain_err) },
+                async { t.premiumThreshold().call().await.map_err(chain_err) },
+            )?;
+            Ok(TokenInfo { balance, access, premium })
+        })
         .await
     }
 
     async fn funds_info(&self, user: Address, token: Address) -> Result<FundsInfo, MeterError> {
         let ps = PaymentStream::new(self.config.payment_stream, self.config.provider.clone());
-        self.cached(
-            |c| &mut c.funds,
-            (user, token),
-            async move {
-                let (balance, pending) = tokio::try_join!(
-                    async { ps.getBalance(user, token).call().await.map_err(chain_err) },
-                    async { ps.pendingWithdrawal(user, token).call().await.map_err(chain_err) },
-                )?;
-                Ok(FundsInfo { balance, pending_withdrawal: pending.amount })
-            },
-        )
+        self.cached(|c| &mut c.funds, (user, token), async move {
+            let (balance, pending) = tokio::try_join!(
+                async { ps.getBalance(user, token).call().await.map_err(chain_err) },
+                async { ps.pendingWithdrawal(user, token).call().await.map_err(chain_err) },
+            )?;
+            Ok(FundsInfo { balance, pending_withdrawal: pending.amount })
+        })
         .await
     }
 
     async fn revoked(&self, hash: B256) -> Result<bool, MeterError> {
         let ps = PaymentStream::new(self.config.payment_stream, self.config.provider.clone());
-        self.cached(
-            |c| &mut c.revoked,
-            hash,
-            async move { Ok(ps.permitState(hash).call().await.map_err(chain_err)?.revokedAt != 0) },
-        )
+        self.cached(|c| &mut c.revoked, hash, async move {
+            Ok(ps.permitState(hash).call().await.map_err(chain_err)?.revokedAt != 0)
+        })
         .await
     }
 

@@ -64,7 +64,7 @@ pub async fn settle_now(
     if pending.is_empty() {
         return Ok(SettleReport::default());
     }
-    pending.sort_by(|a, b| b.1.unsettled().cmp(&a.1.unsettled()));
+    pending.sort_by_key(|(_, a)| std::cmp::Reverse(a.unsettled()));
     pending.truncate(MAX_BATCH);
     if let Some(max) = max_gas_price
         && let Ok(price) = client.provider().get_gas_price().await

@@ -1,0 +1,452 @@
+//! Gating and payments against real processes: anvil with the contracts, three custodians, a
+//! model published encrypted, and `div serve --vault` metering every request, settled on-chain.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, U256};
+use alloy::signers::local::PrivateKeySigner;
+use anyhow::Context;
+use div_chain::bindings::{DevStablecoin, ModelVault, PaymentStream};
+use div_chain::{SpendingPermit, permit_domain, sign_permit};
+use div_meter::{Ledger, Receipt};
+use serde_json::{Value, json};
+
+use super::div;
+use super::rig::{HOST, OWNER, Proc, Rig, free_port, hex_key, misbehave_wasm};
+
+/// The price `div publish` sets by default: 0.001 USDC.
+const PRICE: u64 = 1000;
+
+/// A rig with a paid model and a metering host process.
+struct Paid {
+    rig: Rig,
+    id: B256,
+    url: String,
+    port: u16,
+    state: PathBuf,
+    host: Option<Proc>,
+}
+
+impl Paid {
+    async fn start(name: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let rig = Rig::start(name).await?;
+        let pkg = rig.tiny_package("tiny-paid")?;
+        let id = rig.publish_ok(&pkg, &misbehave_wasm(), &[rig.chain.keys[HOST].address()])?;
+        let port = free_port()?;
+        let state = rig.dir.join("host-state");
+        let mut paid = Self { url: format!("http://127.0.0.1:{port}"), rig, id, port, state, host: None };
+        paid.start_host(extra).await?;
+        Ok(paid)
+    }
+
+    async fn start_host(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.rig.dir.join("serve.log"))?;
+        let child = div()
+            .args(["serve", "--vault", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "--host-key",
+                &hex_key(&self.rig.chain.keys[HOST]),
+                "--custodian",
+                &self.rig.urls.join(","),
+            ])
+            .arg("--store")
+            .arg(self.rig.store())
+            .arg("--addresses")
+            .arg(&self.rig.book)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--ort-dylib")
+            .arg(div_tests::ort_dylib()?)
+            .args(["--settle-interval-secs", "3600", "--chain-cache-ms", "200", "--vault-poll-ms", "200"])
+            .args(extra)
+            .current_dir(&self.rig.dir)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()?;
+        self.host = Some(Proc(child));
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Ok(r) = http.get(format!("{}/v1/models", self.url)).send().await
+                && let Ok(v) = r.json::<Value>().await
+                && v["data"].as_array().is_some_and(|d| !d.is_empty())
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!(
+            "the host did not serve the model: {}",
+            std::fs::read_to_string(self.rig.dir.join("serve.log")).unwrap_or_default()
+        )
+    }
+
+    fn key(&self, i: usize) -> &PrivateKeySigner {
+        &self.rig.chain.keys[i]
+    }
+
+    fn cli(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+        let out = div()
+            .args(args)
+            .arg("--private-key")
+            .arg(hex_key(self.key(i)))
+            .arg("--addresses")
+            .arg(&self.rig.book)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        anyhow::ensure!(
+            out.status.success(),
+            "div {args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    }
+
+    /// Funds user `i` with `deposit` base units and, if `tokens`, one access token.
+    async fn fund(&self, i: usize, deposit: u64, tokens: bool) -> anyhow::Result<()> {
+        self.rig.chain.fund_deposit(i, U256::from(deposit)).await?;
+        if tokens {
+            self.cli(i, &["buy", "--model-id", &format!("{:#x}", self.id), "--amount", "1", "--mint"])?;
+        }
+        Ok(())
+    }
+
+    fn permit(&self, user: usize, max: u64, expiry: u64, host: Address) -> anyhow::Result<SpendingPermit> {
+        Ok(SpendingPermit {
+            user: self.key(user).address(),
+            modelId: self.id,
+            host,
+            token: self.rig.chain.usdc()?,
+            maxAmount: U256::from(max),
+            expiry,
+            nonce: U256::from(rand_nonce()),
+        })
+    }
+
+    /// Signs `permit` for `chain_id` and posts it to `/v1/keys` with `extra` fields.
+    async fn post_key(
+        &self,
+        user: usize,
+        permit: &SpendingPermit,
+        chain_id: u64,
+        extra: Value,
+    ) -> anyhow::Result<(u16, Value)> {
+        let domain = permit_domain(chain_id, self.rig.chain.deployment.payment_stream);
+        let sig = sign_permit(self.key(user), permit, &domain).await?;
+        let mut body = json!({
+            "permit": {
+                "user": permit.user, "modelId": permit.modelId, "host": permit.host, "token": permit.token,
+                "maxAmount": permit.maxAmount.to_string(), "expiry": permit.expiry, "nonce": permit.nonce.to_string(),
+            },
+            "signature": sig,
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let r = reqwest::Client::new().post(format!("{}/v1/keys", self.url)).json(&body).send().await?;
+        Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    async fn key_for(&self, user: usize, max: u64) -> anyhow::Result<String> {
+        let p = self.permit(user, max, now() + 3600, self.key(HOST).address())?;
+        let (s, v) = self.post_key(user, &p, 31337, json!({})).await?;
+        anyhow::ensure!(s == 201, "key refused: {v}");
+        Ok(v["key"].as_str().context("no key")?.to_string())
+    }
+
+    async fn embed(&self, key: Option<&str>, inputs: usize) -> anyhow::Result<(u16, Value)> {
+        let input: Vec<String> = (0..inputs).map(|i| format!("sentence {i}")).collect();
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/v1/embeddings", self.url))
+            .json(&json!({"model": "tiny-paid", "input": input}));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().await?;
+        Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    async fn settle(&self) -> anyhow::Result<String> {
+        let out = div()
+            .args(["settle", "--now", "--url", &self.url])
+            .arg("--state-dir")
+            .arg(&self.state)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        anyhow::ensure!(
+            out.status.success(),
+            "div settle: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    }
+
+    async fn usdc_of(&self, who: Address) -> anyhow::Result<U256> {
+        Ok(DevStablecoin::new(self.rig.chain.usdc()?, self.rig.provider()?).balanceOf(who).call().await?)
+    }
+
+    async fn deposit_of(&self, who: Address) -> anyhow::Result<U256> {
+        let ps = PaymentStream::new(self.rig.chain.deployment.payment_stream, self.rig.provider()?);
+        Ok(ps.getBalance(who, self.rig.chain.usdc()?).call().await?)
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn rand_nonce() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("-")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paid_requests_settle_exactly_and_bad_callers_are_refused_without_charge() -> anyhow::Result<()> {
+    let p = Paid::start("pay-e2e", &["--rate-limit", "5", "--premium-batch", "4"]).await?;
+    let (u, v, w) = (2usize, 8usize, 9usize);
+    p.fund(u, 10_000_000, true).await?;
+    p.fund(v, 10_000_000, false).await?;
+    p.fund(w, 3 * PRICE, true).await?;
+    let vault = ModelVault::new(p.rig.chain.deployment.model_vault, p.rig.provider()?);
+    let owner = p.key(OWNER).address();
+
+    // a permit through the CLI, as a user gets one
+    let out = p.cli(u, &["permit", "--url", &p.url, "--model", "tiny-paid", "--max", "5"])?;
+    let key = out.lines().find_map(|l| l.strip_prefix("DIV_API_KEY=")).context("no key printed")?.to_string();
+    let mut ok = 0u64;
+    let mut last = U256::ZERO;
+    for i in 1..=5u64 {
+        let (s, body) = p.embed(Some(&key), 1).await?;
+        assert_eq!(s, 200, "{body}");
+        let r: Receipt = serde_json::from_value(body["receipt"].clone())?;
+        assert!(r.verify(), "the receipt is signed by the host");
+        assert_eq!((r.amount, r.cumulative_requests), (U256::from(PRICE), i));
+        assert_eq!(r.host, p.key(HOST).address());
+        last = r.cumulative_amount;
+        ok += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(last, U256::from(5 * PRICE));
+
+    // who is calling
+    assert_eq!(code(&p.embed(None, 1).await?.1), "missing_api_key");
+    let (s, b) = p.embed(Some("div-not-a-key"), 1).await?;
+    assert_eq!((s, code(&b)), (401, "invalid_api_key"));
+    // permits that must not become keys
+    let host = p.key(HOST).address();
+    let (s, b) =
+        p.post_key(u, &p.permit(u, 1000, now() + 60, Address::repeat_byte(7))?, 31337, json!({})).await?;
+    assert_eq!((s, code(&b)), (403, "permit_wrong_host"), "{b}");
+    let (s, b) = p.post_key(u, &p.permit(u, 1000, now() - 10, host)?, 31337, json!({})).await?;
+    assert_eq!((s, code(&b)), (403, "permit_expired"), "{b}");
+    let pm = p.permit(u, 1000, now() + 60, host)?;
+    let (s, b) = p.post_key(u, &pm, 1, json!({"chainId": 1})).await?;
+    assert_eq!((s, code(&b)), (403, "permit_wrong_chain"), "{b}");
+    let (s, b) = p.post_key(u, &pm, 1, json!({})).await?;
+    assert_eq!((s, code(&b)), (401, "invalid_signature"), "signed for chain 1, sent bare: {b}");
+    let replayed = p.permit(u, 1000, now() + 60, host)?;
+    assert_eq!(p.post_key(u, &replayed, 31337, json!({})).await?.0, 201);
+    let (s, b) = p.post_key(u, &replayed, 31337, json!({})).await?;
+    assert_eq!((s, code(&b)), (409, "permit_replayed"), "{b}");
+    let (s, b) = {
+        let r = reqwest::Client::new().post(format!("{}/v1/keys", p.url)).body("{not json").send().await?;
+        (r.status().as_u16(), r.json::<Value>().await?)
+    };
+    assert_eq!((s, code(&b)), (400, "invalid_json"), "{b}");
+
+    // may they: no access token; a batch past the premium size
+    let v_key = p.key_for(v, 1_000_000).await?;
+    let (s, b) = p.embed(Some(&v_key), 1).await?;
+    assert_eq!((s, code(&b)), (403, "insufficient_token_balance"), "{b}");
+    let (s, b) = p.embed(Some(&key), 5).await?;
+    assert_eq!((s, code(&b)), (403, "premium_required"), "{b}");
+
+    // can they pay: a permit cap, a deposit that runs out mid-stream
+    let capped = p.key_for(u, 2 * PRICE).await?;
+    for _ in 0..2 {
+        assert_eq!(p.embed(Some(&capped), 1).await?.0, 200);
+        ok += 1;
+    }
+    let (s, b) = p.embed(Some(&capped), 1).await?;
+    assert_eq!((s, code(&b)), (402, "insufficient_quota"), "{b}");
+    let w_key = p.key_for(w, 1_000_000).await?;
+    for _ in 0..3 {
+        let (s, b) = p.embed(Some(&w_key), 1).await?;
+        assert_eq!(s, 200, "{b}");
+        ok += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (s, b) = p.embed(Some(&w_key), 1).await?;
+    assert_eq!((s, code(&b)), (402, "insufficient_quota"), "deposit spent: {b}");
+
+    // rate limit (5/s, burst 10) is 429, distinct from quota
+    let fast = p.key_for(u, 1_000_000).await?;
+    let mut limited = 0;
+    let burst = futures_join(&p, &fast, 16).await?;
+    for (s, b) in &burst {
+        match s {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(code(b), "rate_limit_exceeded");
+                limited += 1;
+            }
+            other => anyhow::bail!("unexpected {other}: {b}"),
+        }
+    }
+    assert!(limited >= 1, "16 requests at once passed a 5/s limit");
+
+    // revoked on-chain: refused from the next request after the cache's bound
+    let revocable = p.permit(u, 1_000_000, now() + 3600, host)?;
+    let (s, b) = p.post_key(u, &revocable, 31337, json!({})).await?;
+    assert_eq!(s, 201, "{b}");
+    let rkey = b["key"].as_str().unwrap_or_default().to_string();
+    let user = p.rig.chain.client(u).await?;
+    let ps = PaymentStream::new(p.rig.chain.deployment.payment_stream, user.provider());
+    let r = ps.revokePermit(revocable).send().await?.get_receipt().await?;
+    assert!(r.status());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (s, b) = p.embed(Some(&rkey), 1).await?;
+    assert_eq!((s, code(&b)), (403, "permit_revoked"), "{b}");
+
+    // settle: exactly the successful requests move, 100 % to the owner
+    let (owner_before, u_before, w_before) = (
+        p.usdc_of(owner).await?,
+        p.deposit_of(p.key(u).address()).await?,
+        p.deposit_of(p.key(w).address()).await?,
+    );
+    let total_before = vault.getModel(p.id).call().await?.totalInferences;
+    let out = p.settle().await?;
+    assert!(out.contains(&format!("settled {ok} requests")), "{out}");
+    let total_after = vault.getModel(p.id).call().await?.totalInferences;
+    assert_eq!(total_after - total_before, ok, "totalInferences += N");
+    assert_eq!(p.usdc_of(owner).await? - owner_before, U256::from(ok * PRICE), "owner payout += N × price");
+    let paid_u = u_before - p.deposit_of(p.key(u).address()).await?;
+    let paid_w = w_before - p.deposit_of(p.key(w).address()).await?;
+    assert_eq!(paid_w, U256::from(3 * PRICE));
+    assert_eq!(paid_u + paid_w, U256::from(ok * PRICE), "users paid exactly what the owner got");
+    assert!(p.settle().await?.contains("nothing to settle"), "a second settle moves nothing");
+    let earnings = div()
+        .args(["earnings", "--owner", &owner.to_string()])
+        .arg("--addresses")
+        .arg(&p.rig.book)
+        .output()?;
+    let earnings = String::from_utf8_lossy(&earnings.stdout);
+    assert!(earnings.contains(&format!("{ok} inferences settled")), "{earnings}");
+    Ok(())
+}
+
+async fn futures_join(p: &Paid, key: &str, n: usize) -> anyhow::Result<Vec<(u16, Value)>> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (url, key) = (p.url.clone(), key.to_string());
+        tasks.push(tokio::spawn(async move {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/embeddings"))
+                .bearer_auth(key)
+                .json(&json!({"model": "tiny-paid", "input": "x"}))
+                .send()
+                .await?;
+            Ok::<_, anyhow::Error>((r.status().as_u16(), r.json::<Value>().await?))
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
+/// `kill -9` the host while 32 clients send paid requests; restart; every receipt a client holds
+/// is in the journal, and after settlement the chain holds exactly the journal: no charge lost,
+/// none made twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_host_loses_no_charge_and_charges_none_twice() -> anyhow::Result<()> {
+    let mut p = Paid::start("pay-crash", &["--rate-limit", "100000"]).await?;
+    let u = 2usize;
+    p.fund(u, 100_000_000, true).await?;
+    let key = p.key_for(u, 100_000_000).await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..32 {
+        let (url, key, stop) = (p.url.clone(), key.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut receipts: Vec<Receipt> = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let sent = http
+                    .post(format!("{url}/v1/embeddings"))
+                    .bearer_auth(&key)
+                    .json(&json!({"model": "tiny-paid", "input": "crash me"}))
+                    .send()
+                    .await;
+                let Ok(r) = sent else { break };
+                let Ok(body) = r.json::<Value>().await else { break };
+                if let Ok(rc) = serde_json::from_value::<Receipt>(body["receipt"].clone()) {
+                    receipts.push(rc);
+                }
+            }
+            receipts
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SIGKILL, mid-stream
+    if let Some(mut h) = p.host.take() {
+        h.0.kill()?;
+        h.0.wait()?;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut receipts = Vec::new();
+    for c in clients {
+        receipts.extend(c.await?);
+    }
+    assert!(receipts.len() > 32, "only {} requests were served before the kill", receipts.len());
+    assert!(receipts.iter().all(Receipt::verify));
+
+    // the journal holds every receipt, with no gap and no repeat
+    let (journal_total, journal_len) = {
+        let ledger = Ledger::open(&p.state.join("ledger"))?;
+        let journal = ledger.journal()?;
+        let counts: Vec<u64> = journal.iter().map(|c| c.cumulative_requests).collect();
+        assert_eq!(counts, (1..=journal.len() as u64).collect::<Vec<_>>(), "journal requests are 1..n");
+        for r in &receipts {
+            assert!(
+                journal.iter().any(|c| c.request_id == r.request_id
+                    && c.cumulative_requests == r.cumulative_requests
+                    && c.cumulative_amount == r.cumulative_amount),
+                "receipt {} has no journal entry",
+                r.request_id
+            );
+        }
+        let total = journal.iter().fold(U256::ZERO, |t, c| t + c.amount);
+        (total, journal.len() as u64)
+    };
+    let held = receipts.iter().fold(U256::ZERO, |t, r| t + r.amount);
+    eprintln!("crash test: {} receipts held by clients, {journal_len} charges journaled", receipts.len());
+    assert!(
+        journal_total >= held && journal_total - held <= U256::from(32 * PRICE),
+        "journal {journal_total}, receipts {held}"
+    );
+
+    // restart on the same ledger, settle: the chain matches the journal exactly
+    let owner = p.key(OWNER).address();
+    let before = p.usdc_of(owner).await?;
+    p.start_host(&["--rate-limit", "100000"]).await?;
+    let out = p.settle().await?;
+    assert!(out.contains(&format!("settled {journal_len} requests")), "{out}");
+    assert_eq!(p.usdc_of(owner).await? - before, journal_total);
+    let ps = PaymentStream::new(p.rig.chain.deployment.payment_stream, p.rig.provider()?);
+    let st = ps.permitState(receipts[0].permit_hash).call().await?;
+    assert_eq!((U256::from(st.settledAmount), st.settledRequests), (journal_total, journal_len));
+    // the next paid request continues the permit after the last journaled one
+    let (s, b) = p.embed(Some(&key), 1).await?;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["receipt"]["cumulative_requests"].as_u64(), Some(journal_len + 1));
+    Ok(())
+}
