@@ -121,7 +121,8 @@ struct Commit {
 /// The durable ledger.
 pub struct Ledger {
     db: sled::Db,
-    tx: Mutex<mpsc::Sender<Commit>>,
+    tx: Mutex<Option<mpsc::Sender<Commit>>>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     accounts: Mutex<State>,
     poisoned: Arc<AtomicBool>,
 }
@@ -184,13 +185,14 @@ impl Ledger {
         let (tx, rx) = mpsc::channel::<Commit>();
         let poisoned = Arc::new(AtomicBool::new(false));
         let (cdb, cpoison) = (db.clone(), poisoned.clone());
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("div-ledger-commit".into())
             .spawn(move || committer(cdb, rx, cpoison))
             .map_err(|e| MeterError::Ledger(format!("starting the committer: {e}")))?;
         Ok(Self {
             db,
-            tx: Mutex::new(tx),
+            tx: Mutex::new(Some(tx)),
+            committer: Mutex::new(Some(handle)),
             accounts: Mutex::new(State { accounts, next_seq, keyed }),
             poisoned,
         })
@@ -204,6 +206,8 @@ impl Ledger {
         self.tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(|| MeterError::Ledger("the ledger is closed".into()))?
             .send(Commit { ops, done })
             .map_err(|_| MeterError::Ledger("the committer stopped".into()))?;
         wait.await
@@ -315,6 +319,17 @@ impl Ledger {
                 serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))
             })
             .collect()
+    }
+}
+
+impl Drop for Ledger {
+    /// Lets the committer finish what is queued and stop, so the database is closed (and its
+    /// lock released) when the ledger is.
+    fn drop(&mut self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = self.committer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
     }
 }
 
