@@ -78,6 +78,20 @@ impl ApiError {
         }
     }
 
+    /// 503: the model is known but being (re)loaded.
+    pub fn model_loading(model: &str) -> Self {
+        Self {
+            param: Some("model"),
+            retry_after: Some(5),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "model_loading",
+                format!("the model '{model}' is being loaded on this host; retry shortly"),
+            )
+        }
+    }
+
     /// 404: no such route.
     pub fn route_not_found(path: &str) -> Self {
         Self::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", format!("no route {path}"))
@@ -172,6 +186,7 @@ impl From<div_meter::MeterError> for ApiError {
         let (status, kind, code) = match &e {
             M::MissingCredential => (StatusCode::UNAUTHORIZED, "invalid_request_error", "missing_api_key"),
             M::InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key"),
+            M::PermitRequired(_) => (StatusCode::UNAUTHORIZED, "invalid_request_error", "permit_required"),
             M::BadSignature => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_signature"),
             M::WrongChain { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_chain"),
             M::WrongHost { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_host"),

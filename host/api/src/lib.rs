@@ -13,4 +13,4 @@ mod server;
 
 pub use error::ApiError;
 pub use metrics::Metrics;
-pub use server::{ApiConfig, AppState, router};
+pub use server::{ApiConfig, AppState, ModelLoader, router};

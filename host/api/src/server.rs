@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use div_meter::{Meter, ModelRef, PermitFields};
+use div_meter::{Credential, Meter, ModelRef, PermitFields};
 use div_models::ModelStore;
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -52,13 +52,18 @@ pub struct AppState {
     permits: Arc<Semaphore>,
     meter: Option<Arc<Meter>>,
     settler: Option<(div_chain::Client, Arc<str>)>,
+    loader: Option<ModelLoader>,
 }
+
+/// Asked for a model the store does not hold; starts loading it and returns true if it knows it
+/// (e.g. a vault model the byte-bounded cache unloaded).
+pub type ModelLoader = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl AppState {
     /// State over a model store and metrics; every model is free.
     pub fn new(store: Arc<ModelStore>, metrics: Arc<Metrics>, config: ApiConfig) -> Self {
         let permits = Arc::new(Semaphore::new(config.max_concurrency.max(1)));
-        Self { store, metrics, config, permits, meter: None, settler: None }
+        Self { store, metrics, config, permits, meter: None, settler: None, loader: None }
     }
 
     /// Gates and meters every model from the vault with `meter` (models loaded from a local
@@ -66,6 +71,19 @@ impl AppState {
     pub fn with_meter(mut self, meter: Arc<Meter>) -> Self {
         self.meter = Some(meter);
         self
+    }
+
+    /// Loads models on demand that the store does not hold (see [`ModelLoader`]).
+    pub fn with_loader(mut self, loader: ModelLoader) -> Self {
+        self.loader = Some(loader);
+        self
+    }
+
+    fn missing(&self, model: &str) -> ApiError {
+        match &self.loader {
+            Some(load) if load(model) => ApiError::model_loading(model),
+            _ => ApiError::model_not_found(model),
+        }
     }
 
     /// Lets `POST /v1/host/settle` (with `Authorization: Bearer <admin_token>`) settle at once
@@ -81,6 +99,26 @@ fn vault_ref(m: &div_models::LoadedModel) -> Option<ModelRef> {
     let rest = m.origin.strip_prefix("vault:")?;
     let id = rest.split('@').next()?.parse().ok()?;
     Some(ModelRef { name: m.manifest.name.clone(), model_id: id })
+}
+
+/// The caller's credential: a bearer key, else a permit in `X-DIV-Permit`.
+fn credential(headers: &HeaderMap) -> Result<Credential<'_>, ApiError> {
+    if let Some(key) = bearer(headers) {
+        return Ok(if key.starts_with("div-session-") {
+            Credential::Session(key)
+        } else {
+            Credential::ApiKey(key)
+        });
+    }
+    let Some(v) = headers.get("x-div-permit") else { return Ok(Credential::None) };
+    let bad = |m: &str| ApiError::from(div_meter::MeterError::Invalid(format!("X-DIV-Permit: {m}")));
+    let raw = v.to_str().map_err(|_| bad("not ASCII"))?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw.trim().trim_end_matches('='))
+        .map_err(|_| bad("not base64url"))?;
+    let sp: div_meter::SignedPermit =
+        serde_json::from_slice(&json).map_err(|e| bad(&format!("not a signed permit: {e}")))?;
+    Ok(Credential::Permit { permit: sp.permit, signature: sp.signature })
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -101,6 +139,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/keys", post(issue_key))
         .route("/v1/host", get(host_info))
+        .route("/v1/siwe/nonce", get(siwe_nonce))
+        .route("/v1/siwe", post(siwe_sign_in))
+        .route("/v1/me", get(me))
         .route("/v1/host/settle", post(settle_now))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -159,6 +200,74 @@ fn model_json(m: &div_models::LoadedModel) -> serde_json::Value {
         "max_input_tokens": m.manifest.max_seq_length,
         "model_id": vault_ref(m).map(|r| format!("{:#x}", r.model_id)),
     })
+}
+
+fn meter_of(s: &AppState, route: &str) -> Result<Arc<Meter>, ApiError> {
+    s.meter.clone().ok_or_else(|| ApiError::route_not_found(route))
+}
+
+/// `GET /v1/siwe/nonce`: a single-use nonce for an EIP-4361 message.
+async fn siwe_nonce(State(s): State<AppState>) -> Response {
+    match meter_of(&s, "/v1/siwe/nonce") {
+        Ok(m) => {
+            axum::Json(json!({"nonce": m.sessions.nonce(), "chain_id": m.config().chain_id})).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SignIn {
+    message: String,
+    signature: String,
+}
+
+/// `POST /v1/siwe`: a signed EIP-4361 message for this host in, a session token out.
+async fn siwe_sign_in(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let m = meter_of(&s, "/v1/siwe")?;
+        let req: SignIn = read_json(body, 16 * 1024).await?;
+        let domain = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let (token, address) =
+            m.sessions.sign_in(&req.message, &req.signature, domain, m.config().chain_id, now as i64)?;
+        Ok::<_, ApiError>(axum::Json(json!({"token": token, "address": address})).into_response())
+    }
+    .await;
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/me`: the signed-in address and its permits on this host.
+async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let result = (|| {
+        let m = meter_of(&s, "/v1/me")?;
+        let who = bearer(&headers)
+            .and_then(|t| m.sessions.address(t))
+            .ok_or_else(|| ApiError::from(div_meter::MeterError::MissingCredential))?;
+        let permits: Vec<_> = m
+            .ledger()
+            .accounts()
+            .into_iter()
+            .filter(|(_, a)| a.permit.user == who)
+            .map(|(h, a)| {
+                json!({
+                    "permit_hash": format!("{h:#x}"),
+                    "model": a.model,
+                    "max_amount": a.permit.max_amount.to_string(),
+                    "expiry": a.permit.expiry,
+                    "charged_amount": a.charged_amount.to_string(),
+                    "charged_requests": a.charged_requests,
+                    "settled_amount": a.settled_amount.to_string(),
+                    "settled_requests": a.settled_requests,
+                })
+            })
+            .collect();
+        Ok::<_, ApiError>(axum::Json(json!({"address": who, "permits": permits})).into_response())
+    })();
+    result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `GET /v1/host`: what a user needs to sign a permit for this host.
@@ -240,7 +349,7 @@ async fn embed(
     model_label: &mut String,
 ) -> Result<EmbeddingsResponse, ApiError> {
     let req: EmbeddingsRequest = read_json(body, s.config.max_body_bytes).await?;
-    let model = s.store.get(&req.model).ok_or_else(|| ApiError::model_not_found(&req.model))?;
+    let model = s.store.get(&req.model).ok_or_else(|| s.missing(&req.model))?;
     model_label.clone_from(&model.manifest.name);
     if model.manifest.task != "embeddings" {
         return Err(ApiError {
@@ -261,7 +370,7 @@ async fn embed(
         _ => None,
     };
     let ticket = match &paid {
-        Some((meter, mref)) => meter.admit(bearer(headers), mref, inputs.len()).await?,
+        Some((meter, mref)) => meter.admit(credential(headers)?, mref, inputs.len()).await?,
         None => None,
     };
     let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;

@@ -158,11 +158,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let sync =
         if args.vault { Some(start_vault(&args, store.clone(), metrics.clone()).await?) } else { None };
+    let loader = sync.as_ref().map(|(sync, _)| {
+        let sync = sync.clone();
+        let load: div_api::ModelLoader = Arc::new(move |name: &str| sync.request_load(name));
+        load
+    });
     let mut state = AppState::new(
         store,
         metrics.clone(),
         ApiConfig { max_body_bytes: args.max_body_bytes, max_concurrency: args.max_concurrency },
     );
+    if let Some(load) = loader {
+        state = state.with_loader(load);
+    }
     let mut settler = None;
     if args.vault && !args.no_meter {
         let (s, task) = start_meter(&args, state, metrics).await?;
@@ -177,7 +185,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving")?;
-    if let Some(task) = sync {
+    if let Some((_, task)) = sync {
         task.abort();
     }
     if let Some(task) = settler {
@@ -216,6 +224,18 @@ async fn start_meter(
         ledger,
     ));
     let client = div_chain::Client::connect(&d.rpc_url, host).await.context("connecting the host wallet")?;
+    // a user may withdraw once the delay passes: every charge must be settled well before that
+    let delay = div_chain::bindings::PaymentStream::new(d.payment_stream, client.provider())
+        .withdrawDelay()
+        .call()
+        .await
+        .context("reading PaymentStream.withdrawDelay")?;
+    if args.settle_interval_secs.saturating_mul(4) > delay {
+        bail!(
+            "--settle-interval-secs {} is not well inside the withdraw delay of {delay} s (at most a quarter)",
+            args.settle_interval_secs
+        );
+    }
     let admin_token = admin_token(&args.state_dir)?;
     let config = SettleConfig {
         interval: Duration::from_secs(args.settle_interval_secs.max(1)),
@@ -254,7 +274,7 @@ async fn start_vault(
     args: &ServeArgs,
     store: Arc<ModelStore>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<(Arc<VaultSync>, tokio::task::JoinHandle<()>)> {
     let key = args.host_key.as_deref().context("--vault needs --host-key")?;
     let signer: PrivateKeySigner = key.trim().parse().context("--host-key is not a hex private key")?;
     let d = Deployment::load(&args.addresses)
@@ -276,7 +296,8 @@ async fn start_vault(
     ));
     println!("host {} following ModelVault {}", sync.host(), d.model_vault);
     let from = sync.initial_sync().await.context("reading ModelVault")?;
-    Ok(tokio::spawn(async move { sync.follow(from, std::future::pending()).await }))
+    let follower = sync.clone();
+    Ok((sync, tokio::spawn(async move { follower.follow(from, std::future::pending()).await })))
 }
 
 pub(crate) async fn shutdown_signal() {

@@ -22,6 +22,7 @@
 
 pub mod ledger;
 pub mod settle;
+pub mod siwe;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,9 @@ pub enum MeterError {
     /// An API key this host did not issue.
     #[error("unknown API key")]
     InvalidKey,
+    /// A signed-in session, but paid inference needs a permit.
+    #[error("signed in as {0}, but this model is paid: sign a spending permit (POST /v1/keys)")]
+    PermitRequired(Address),
     /// The permit's signature is not the user's.
     #[error("the permit signature does not recover to the permit's user")]
     BadSignature,
@@ -229,6 +233,34 @@ pub struct Meter {
     buckets: Mutex<HashMap<B256, Bucket>>,
     /// Woken when charges pile up (the settlement loop listens).
     pub charged: tokio::sync::Notify,
+    /// Sign-In with Ethereum sessions.
+    pub sessions: siwe::Sessions,
+}
+
+/// How a caller proves what it may spend.
+pub enum Credential<'a> {
+    /// Nothing was sent.
+    None,
+    /// `Authorization: Bearer <key>` from `POST /v1/keys`.
+    ApiKey(&'a str),
+    /// `Authorization: Bearer <session>` from `POST /v1/siwe`.
+    Session(&'a str),
+    /// A signed permit sent with the request (`X-DIV-Permit`).
+    Permit {
+        /// The permit.
+        permit: PermitFields,
+        /// Its signature.
+        signature: Bytes,
+    },
+}
+
+/// A permit and its signature as `X-DIV-Permit` carries them (base64url of this JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedPermit {
+    /// The permit.
+    pub permit: PermitFields,
+    /// Its signature.
+    pub signature: Bytes,
 }
 
 /// A request admitted to run: its price is reserved until charged or dropped.
@@ -330,6 +362,7 @@ impl Meter {
             reserved: Mutex::default(),
             buckets: Mutex::default(),
             charged: tokio::sync::Notify::new(),
+            sessions: siwe::Sessions::default(),
         }
     }
 
@@ -411,16 +444,56 @@ impl Meter {
         Ok(())
     }
 
-    /// Admits a request of `inputs` inputs on `model` for the holder of `api_key`. `None` means
-    /// it runs free (the model's owner).
+    /// The permit a credential spends: an API key's, or a permit sent with the request (checked
+    /// and recorded on first sight, its signature compared on every later one).
+    async fn resolve(&self, credential: Credential<'_>, model: &ModelRef) -> Result<B256, MeterError> {
+        match credential {
+            Credential::None => Err(MeterError::MissingCredential),
+            Credential::ApiKey(key) => self.ledger.permit_of_key(key).ok_or(MeterError::InvalidKey),
+            Credential::Session(token) => {
+                Err(self.sessions.address(token).map_or(MeterError::InvalidKey, MeterError::PermitRequired))
+            }
+            Credential::Permit { permit, signature } => {
+                let hash = self.permit_hash(&permit);
+                if let Some(acc) = self.ledger.account(&hash) {
+                    return if acc.signature == signature { Ok(hash) } else { Err(MeterError::BadSignature) };
+                }
+                let sig = Signature::from_raw(&signature).map_err(|_| MeterError::BadSignature)?;
+                if sig.recover_address_from_prehash(&hash).ok() != Some(permit.user) {
+                    return Err(MeterError::BadSignature);
+                }
+                self.check_permit(&permit, hash, model).await?;
+                let account = PermitAccount {
+                    permit,
+                    signature,
+                    model: model.name.clone(),
+                    charged_amount: U256::ZERO,
+                    charged_requests: 0,
+                    settled_amount: U256::ZERO,
+                    settled_requests: 0,
+                };
+                self.ledger.register(hash, account, None).await?;
+                Ok(hash)
+            }
+        }
+    }
+
+    /// Admits a request of `inputs` inputs on `model` for the holder of `credential`. `None`
+    /// means it runs free (the model's owner).
     pub async fn admit(
         self: &Arc<Self>,
-        api_key: Option<&str>,
+        credential: Credential<'_>,
         model: &ModelRef,
         inputs: usize,
     ) -> Result<Option<Ticket>, MeterError> {
-        let key = api_key.ok_or(MeterError::MissingCredential)?;
-        let hash = self.ledger.permit_of_key(key).ok_or(MeterError::InvalidKey)?;
+        if let Credential::Session(token) = &credential
+            && let Some(who) = self.sessions.address(token)
+            && self.model_info(model.model_id).await?.owner == who
+        {
+            // the owner, signed in, uses their own model free
+            return Ok(None);
+        }
+        let hash = self.resolve(credential, model).await?;
         let account = self.ledger.account(&hash).ok_or(MeterError::InvalidKey)?;
         let permit = &account.permit;
         self.check_permit(permit, hash, model).await?;

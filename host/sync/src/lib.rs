@@ -102,6 +102,7 @@ pub struct VaultSync {
     models: Arc<ModelStore>,
     directory: tokio::sync::Mutex<HashMap<Address, String>>,
     loaded: Mutex<HashMap<B256, (String, String)>>,
+    loading: Mutex<std::collections::HashSet<B256>>,
 }
 
 impl VaultSync {
@@ -116,7 +117,32 @@ impl VaultSync {
             models,
             directory: tokio::sync::Mutex::new(HashMap::new()),
             loaded: Mutex::new(HashMap::new()),
+            loading: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Starts loading the authorised model served as `name` if the store no longer holds it
+    /// (the byte-bounded cache unloaded it); true if this host knows the name. Loads at most once
+    /// at a time per model; the caller answers "loading, retry".
+    pub fn request_load(self: &Arc<Self>, name: &str) -> bool {
+        let id = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find_map(|(id, (n, _))| (n == name).then_some(*id));
+        let Some(id) = id else { return false };
+        if !self.loading.lock().unwrap_or_else(|p| p.into_inner()).insert(id) {
+            return true;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.reconcile(id).await {
+                tracing::error!(id = %id, "reloading the model failed: {e}");
+            }
+            this.loading.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        });
+        true
     }
 
     /// This host's address.

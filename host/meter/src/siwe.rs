@@ -1,0 +1,222 @@
+//! Sign-In with Ethereum (EIP-4361) sessions for the dApp.
+//!
+//! `GET /v1/siwe/nonce` hands out a single-use nonce; the wallet signs an EIP-4361 message that
+//! names this host's domain, the chain, that nonce and when it was issued; `POST /v1/siwe` checks
+//! all of it and the EIP-191 signature and returns a session token for the address. A session
+//! says *who* the caller is, not that they will pay: it admits a model's owner to their own model
+//! and shows a user their permits (`GET /v1/me`); paid inference still needs a permit.
+//!
+//! Sessions live in memory (a restart signs everyone out) and expire after [`SESSION_TTL`].
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, Signature};
+
+use crate::MeterError;
+
+/// How long a nonce may wait for its signature.
+pub const NONCE_TTL: Duration = Duration::from_secs(300);
+/// How long a session lasts.
+pub const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The fields of an EIP-4361 message this host checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiweMessage {
+    /// The domain asking for the sign-in.
+    pub domain: String,
+    /// The signing address.
+    pub address: Address,
+    /// `Chain ID`.
+    pub chain_id: u64,
+    /// `Nonce`.
+    pub nonce: String,
+    /// `Issued At` (RFC 3339, as written).
+    pub issued_at: String,
+    /// `Expiration Time`, if any (RFC 3339, as written).
+    pub expiration_time: Option<String>,
+}
+
+impl SiweMessage {
+    /// Parses the ABNF of EIP-4361 far enough to check it: the header, the address line, and the
+    /// `Key: value` fields.
+    pub fn parse(text: &str) -> Result<Self, MeterError> {
+        let bad = |m: &str| MeterError::Invalid(format!("SIWE message: {m}"));
+        let mut lines = text.lines();
+        let header = lines.next().ok_or_else(|| bad("empty"))?;
+        let domain = header
+            .strip_suffix(" wants you to sign in with your Ethereum account:")
+            .ok_or_else(|| bad("the first line is not an EIP-4361 header"))?
+            .to_string();
+        let address: Address =
+            lines.next().ok_or_else(|| bad("no address"))?.trim().parse().map_err(|_| bad("bad address"))?;
+        let mut fields = HashMap::new();
+        for line in lines {
+            if let Some((k, v)) = line.split_once(": ") {
+                fields.insert(k.trim().to_string(), v.trim().to_string());
+            }
+        }
+        let field = |k: &str| fields.get(k).cloned().ok_or_else(|| bad(&format!("no {k}")));
+        if field("Version")? != "1" {
+            return Err(bad("Version must be 1"));
+        }
+        Ok(Self {
+            domain,
+            address,
+            chain_id: field("Chain ID")?.parse().map_err(|_| bad("bad Chain ID"))?,
+            nonce: field("Nonce")?,
+            issued_at: field("Issued At")?,
+            expiration_time: fields.get("Expiration Time").cloned(),
+        })
+    }
+}
+
+/// Parses the subset of RFC 3339 EIP-4361 uses (`2026-11-26T04:00:00Z`, optional fraction and
+/// offset) into Unix seconds.
+pub fn rfc3339_secs(s: &str) -> Option<i64> {
+    let (date, rest) = s.split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (time, offset) = if let Some(t) = rest.strip_suffix('Z') {
+        (t, 0)
+    } else {
+        let at = rest.rfind(['+', '-'])?;
+        let (t, off) = rest.split_at(at);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':')?;
+        (t, sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60))
+    };
+    let time = time.split('.').next()?;
+    let mut t = time.split(':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    // days from civil (Howard Hinnant's algorithm)
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss - offset)
+}
+
+/// Nonces handed out and sessions signed in.
+#[derive(Default)]
+pub struct Sessions {
+    nonces: Mutex<HashMap<String, Instant>>,
+    sessions: Mutex<HashMap<String, (Address, Instant)>>,
+}
+
+impl Sessions {
+    /// A fresh single-use nonce.
+    pub fn nonce(&self) -> String {
+        let n = alloy::hex::encode(rand::random::<[u8; 12]>());
+        let mut g = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|_, at| at.elapsed() < NONCE_TTL);
+        g.insert(n.clone(), Instant::now());
+        n
+    }
+
+    /// Checks a signed EIP-4361 message for `domain` and `chain_id` and opens a session.
+    pub fn sign_in(
+        &self,
+        message: &str,
+        signature: &str,
+        domain: &str,
+        chain_id: u64,
+        now: i64,
+    ) -> Result<(String, Address), MeterError> {
+        let m = SiweMessage::parse(message)?;
+        let bad = |s: String| MeterError::Invalid(format!("SIWE: {s}"));
+        if m.domain != domain {
+            return Err(bad(format!("signed for {:?}, this host is {domain:?}", m.domain)));
+        }
+        if m.chain_id != chain_id {
+            return Err(MeterError::WrongChain {
+                chain_id: m.chain_id,
+                contract: Address::ZERO,
+                expected_chain: chain_id,
+                expected_contract: Address::ZERO,
+            });
+        }
+        let issued = rfc3339_secs(&m.issued_at).ok_or_else(|| bad("bad Issued At".into()))?;
+        if (now - issued).abs() > NONCE_TTL.as_secs() as i64 {
+            return Err(bad("Issued At is not recent".into()));
+        }
+        if let Some(exp) = &m.expiration_time
+            && rfc3339_secs(exp).is_none_or(|e| e <= now)
+        {
+            return Err(MeterError::Expired(0));
+        }
+        let bytes =
+            alloy::hex::decode(signature.trim_start_matches("0x")).map_err(|_| MeterError::BadSignature)?;
+        let sig = Signature::from_raw(&bytes).map_err(|_| MeterError::BadSignature)?;
+        if sig.recover_address_from_msg(message.as_bytes()).ok() != Some(m.address) {
+            return Err(MeterError::BadSignature);
+        }
+        let fresh = self
+            .nonces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&m.nonce)
+            .is_some_and(|at| at.elapsed() < NONCE_TTL);
+        if !fresh {
+            return Err(MeterError::Replayed);
+        }
+        let token = format!("div-session-{}", alloy::hex::encode(rand::random::<[u8; 24]>()));
+        let mut g = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|_, (_, at)| at.elapsed() < SESSION_TTL);
+        g.insert(token.clone(), (m.address, Instant::now()));
+        Ok((token, m.address))
+    }
+
+    /// The address signed in with `token`.
+    pub fn address(&self, token: &str) -> Option<Address> {
+        let g = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        g.get(token).filter(|(_, at)| at.elapsed() < SESSION_TTL).map(|(a, _)| *a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::signers::SignerSync;
+    use alloy::signers::local::PrivateKeySigner;
+
+    fn message(addr: Address, nonce: &str, issued: &str) -> String {
+        format!(
+            "host.example wants you to sign in with your Ethereum account:\n{addr}\n\nSign in to DIV.\n\n\
+             URI: http://host.example\nVersion: 1\nChain ID: 31337\nNonce: {nonce}\nIssued At: {issued}"
+        )
+    }
+
+    #[test]
+    fn rfc3339_dates_convert() {
+        assert_eq!(rfc3339_secs("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(rfc3339_secs("2026-11-26T04:00:00.123Z"), Some(1_795_665_600));
+        assert_eq!(rfc3339_secs("2026-11-26T05:00:00+01:00"), Some(1_795_665_600));
+        assert_eq!(rfc3339_secs("yesterday"), None);
+    }
+
+    #[test]
+    fn a_signed_message_opens_one_session_and_its_nonce_only_once() -> Result<(), MeterError> {
+        let key = PrivateKeySigner::random();
+        let s = Sessions::default();
+        let nonce = s.nonce();
+        let msg = message(key.address(), &nonce, "2026-11-26T04:00:00Z");
+        let sig = key.sign_message_sync(msg.as_bytes()).map_err(|e| MeterError::Invalid(e.to_string()))?;
+        let sig = alloy::hex::encode(sig.as_bytes());
+        let now = 1_795_665_600 + 10;
+        assert!(matches!(s.sign_in(&msg, &sig, "other.example", 31337, now), Err(MeterError::Invalid(_))));
+        assert!(matches!(s.sign_in(&msg, &sig, "host.example", 1, now), Err(MeterError::WrongChain { .. })));
+        assert!(s.sign_in(&msg, &sig, "host.example", 31337, now + 3600).is_err(), "stale");
+        let (token, addr) = s.sign_in(&msg, &sig, "host.example", 31337, now)?;
+        assert_eq!((s.address(&token), addr), (Some(key.address()), key.address()));
+        assert_eq!(s.sign_in(&msg, &sig, "host.example", 31337, now), Err(MeterError::Replayed));
+        let forged = msg.replace("Sign in to DIV.", "Sign in to DIV!");
+        assert_eq!(s.sign_in(&forged, &sig, "host.example", 31337, now), Err(MeterError::BadSignature));
+        assert_eq!(s.address("div-session-nope"), None);
+        Ok(())
+    }
+}
