@@ -346,7 +346,7 @@ async fn payments(
     round(free.clone(), None).await?;
     round(gated.clone(), Some(key.clone())).await?;
     let (mut g, mut u) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
+    for _ in 0..9 {
         u.push(round(free.clone(), None).await?);
         g.push(round(gated.clone(), Some(key.clone())).await?);
     }
@@ -378,7 +378,7 @@ async fn payments(
          | ratio (goal ≥ 0.95) | **{ratio:.3}** |\n\
          | settlement of {} requests on one permit, one `settleBatch` | {gas_per:.1} gas / request |\n\n\
          Rounds of 256 requests alternate between the two routers (same model store, same \
-         sandboxes); medians of 5. Every gated request checks the key, the permit, the token \
+         sandboxes); medians of 9. Every gated request checks the key, the permit, the token \
          gate and the funds (cached chain reads) and is journaled durably before its answer.\n",
         report.requests
     );
