@@ -400,13 +400,27 @@ impl Meter {
                 expected_contract: self.config.payment_stream,
             });
         }
+        let (hash, account) = self.verified_account(permit, signature, model).await?;
+        let key = format!("div-{}", alloy::hex::encode(rand::random::<[u8; 24]>()));
+        if !self.ledger.register(hash, account, Some(&key)).await? {
+            return Err(MeterError::Replayed);
+        }
+        Ok((key, hash))
+    }
+
+    /// Checks a permit's signature and terms; returns its hash and a fresh account for it.
+    async fn verified_account(
+        &self,
+        permit: PermitFields,
+        signature: Bytes,
+        model: &ModelRef,
+    ) -> Result<(B256, PermitAccount), MeterError> {
         let hash = self.permit_hash(&permit);
         let sig = Signature::from_raw(&signature).map_err(|_| MeterError::BadSignature)?;
         if sig.recover_address_from_prehash(&hash).ok() != Some(permit.user) {
             return Err(MeterError::BadSignature);
         }
         self.check_permit(&permit, hash, model).await?;
-        let key = format!("div-{}", alloy::hex::encode(rand::random::<[u8; 24]>()));
         let account = PermitAccount {
             permit,
             signature,
@@ -416,10 +430,7 @@ impl Meter {
             settled_amount: U256::ZERO,
             settled_requests: 0,
         };
-        if !self.ledger.register(hash, account, Some(&key)).await? {
-            return Err(MeterError::Replayed);
-        }
-        Ok((key, hash))
+        Ok((hash, account))
     }
 
     async fn check_permit(
@@ -458,20 +469,7 @@ impl Meter {
                 if let Some(acc) = self.ledger.account(&hash) {
                     return if acc.signature == signature { Ok(hash) } else { Err(MeterError::BadSignature) };
                 }
-                let sig = Signature::from_raw(&signature).map_err(|_| MeterError::BadSignature)?;
-                if sig.recover_address_from_prehash(&hash).ok() != Some(permit.user) {
-                    return Err(MeterError::BadSignature);
-                }
-                self.check_permit(&permit, hash, model).await?;
-                let account = PermitAccount {
-                    permit,
-                    signature,
-                    model: model.name.clone(),
-                    charged_amount: U256::ZERO,
-                    charged_requests: 0,
-                    settled_amount: U256::ZERO,
-                    settled_requests: 0,
-                };
+                let (hash, account) = self.verified_account(permit, signature, model).await?;
                 self.ledger.register(hash, account, None).await?;
                 Ok(hash)
             }
