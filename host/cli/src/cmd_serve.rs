@@ -243,7 +243,15 @@ async fn start_meter(
         max_gas_price: args.max_gas_price_gwei.map(|g| u128::from(g) * 1_000_000_000),
     };
     let observer: div_meter::settle::SettleObserver = Arc::new(move |r| metrics.settlement(r));
-    let task = tokio::spawn(div_meter::settle::run(meter.clone(), client.clone(), config, Some(observer)));
+    let (meter_for_settle, client_for_settle) = (meter.clone(), client.clone());
+    let follower = meter.clone();
+    let poll = Duration::from_millis(args.vault_poll_ms);
+    let task = tokio::spawn(async move {
+        tokio::join!(
+            div_meter::settle::run(meter_for_settle, client_for_settle, config, Some(observer)),
+            follower.follow_chain(poll),
+        );
+    });
     println!("metering paid requests; ledger in {}", args.state_dir.join("ledger").display());
     Ok((state.with_meter(meter).with_settler(client, &admin_token), task))
 }

@@ -677,6 +677,70 @@ impl Meter {
         .await
     }
 
+    /// Follows the chain's events so cached reads change when the chain does, not only when they
+    /// expire: deposits, withdrawals and settlements (`PaymentStream`) drop the user's funds;
+    /// a revocation marks the permit revoked at once; `Transfer`s of an access token drop both
+    /// parties' balances and a threshold change drops the token's entries. The TTL stays the
+    /// bound when an event is missed (RPC down). Runs until the task is dropped.
+    pub async fn follow_chain(self: Arc<Self>, poll: Duration) {
+        use alloy::providers::Provider;
+        use alloy::sol_types::SolEvent;
+        let p = self.config.provider.clone();
+        let mut from = loop {
+            match p.get_block_number().await {
+                Ok(b) => break b,
+                Err(_) => tokio::time::sleep(poll).await,
+            }
+        };
+        let address_topic =
+            |t: &B256| (t[..12].iter().all(|b| *b == 0)).then(|| Address::from_slice(&t[12..]));
+        loop {
+            tokio::time::sleep(poll).await;
+            let Ok(latest) = p.get_block_number().await else { continue };
+            if latest <= from {
+                continue;
+            }
+            let tokens: Vec<Address> = {
+                let c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+                let mut t: Vec<Address> = c.tokens.keys().map(|(token, _)| *token).collect();
+                t.sort();
+                t.dedup();
+                t
+            };
+            let mut watched = tokens.clone();
+            watched.push(self.config.payment_stream);
+            let filter =
+                alloy::rpc::types::Filter::new().address(watched).from_block(from + 1).to_block(latest);
+            let Ok(logs) = p.get_logs(&filter).await else { continue };
+            let mut c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
+            for log in &logs {
+                let topics = log.topics();
+                let Some(sig) = topics.first() else { continue };
+                if log.address() == self.config.payment_stream {
+                    if *sig == PaymentStream::PermitRevokedByUser::SIGNATURE_HASH
+                        && let Some(hash) = topics.get(1)
+                    {
+                        c.revoked.insert(*hash, Cached { value: true, at: Instant::now() });
+                    }
+                    for user in topics[1..].iter().filter_map(address_topic) {
+                        c.funds.retain(|(u, _), _| *u != user);
+                    }
+                } else if *sig == ModelAccessToken::Transfer::SIGNATURE_HASH {
+                    let token = log.address();
+                    for who in topics[1..].iter().filter_map(address_topic) {
+                        c.tokens.remove(&(token, who));
+                    }
+                } else if *sig == ModelAccessToken::AccessThresholdSet::SIGNATURE_HASH
+                    || *sig == ModelAccessToken::PremiumThresholdSet::SIGNATURE_HASH
+                {
+                    let token = log.address();
+                    c.tokens.retain(|(t, _), _| *t != token);
+                }
+            }
+            from = latest;
+        }
+    }
+
     /// Forgets cached chain reads about `user` (after a settlement or a known change).
     pub fn invalidate_user(&self, user: Address) {
         let mut c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
