@@ -275,6 +275,7 @@ async fn no_plaintext_weights_reach_the_disk() -> anyhow::Result<()> {
             .args([
                 "serve",
                 "--vault",
+                "--no-meter",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--host-key",
