@@ -311,7 +311,7 @@ pub async fn earnings(args: EarningsArgs) -> anyhow::Result<()> {
     };
     let p = alloy::providers::ProviderBuilder::new().connect_http(d.rpc_url.parse()?).erased();
     let vault = ModelVault::new(d.model_vault, &p);
-    let count = vault.modelCount().call().await?.to::<u64>();
+    let count = vault.modelCount().call().await?.saturating_to::<u64>();
     let mut any = false;
     for i in 0..count {
         let id = vault.modelIdAt(U256::from(i)).call().await?;

@@ -78,7 +78,7 @@ pub async fn settle_now(
         .map(|(_, a)| IPaymentStream::Settlement {
             permit: (&a.permit).into(),
             signature: a.signature.clone(),
-            cumulativeAmount: a.charged_amount.to::<u128>(),
+            cumulativeAmount: a.charged_amount.saturating_to::<u128>(),
             cumulativeRequests: a.charged_requests,
         })
         .collect();

@@ -299,7 +299,7 @@ impl VaultSync {
         let block =
             self.config.provider.get_block_number().await.map_err(|e| SyncError::Chain(e.to_string()))?;
         let count = self.vault.modelCount().call().await.map_err(chain)?;
-        for i in 0..count.to::<u64>() {
+        for i in 0..count.saturating_to::<u64>() {
             let id = self.vault.modelIdAt(alloy::primitives::U256::from(i)).call().await.map_err(chain)?;
             if let Err(e) = self.reconcile(id).await {
                 tracing::error!(id = %id, "model not loaded: {e}");
