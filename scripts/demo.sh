@@ -115,4 +115,4 @@ print(f"owner earned {(oa - ob) / 1e6:.6f} USDC, user paid {(ub - ua) / 1e6:.6f}
 PY
 echo
 echo "Address book: $STATE/addresses.json   Environment (with the demo user's DIV_API_KEY): $STATE/demo.env (set -a; . $STATE/demo.env; set +a)"
-echo "Chain: $DIV_RPC_URL (chain id $DIV_CHAIN_ID) and host $DIV_URL, left running. Stop them with: make stop"
+echo "Chain: $DIV_RPC_URL (chain id $DIV_CHAIN_ID), custodians $DIV_CUSTODIANS and host $DIV_URL, left running. Stop them with: make stop"
