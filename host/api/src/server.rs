@@ -96,9 +96,12 @@ impl AppState {
 
 /// The `ModelVault` id of a model loaded from the vault.
 fn vault_ref(m: &div_models::LoadedModel) -> Option<ModelRef> {
-    let rest = m.origin.strip_prefix("vault:")?;
-    let id = rest.split('@').next()?.parse().ok()?;
-    Some(ModelRef { name: m.manifest.name.clone(), model_id: id })
+    match &m.origin {
+        div_models::Origin::Vault { model_id, .. } => {
+            Some(ModelRef { name: m.manifest.name.clone(), model_id: (*model_id).into() })
+        }
+        div_models::Origin::Folder(_) => None,
+    }
 }
 
 /// The caller's credential: a bearer key, else a permit in `X-DIV-Permit`.
@@ -172,9 +175,7 @@ async fn healthz(State(s): State<AppState>) -> Response {
 
 async fn metrics(State(s): State<AppState>) -> Response {
     if let Some(m) = &s.meter {
-        let unsettled =
-            m.ledger().accounts().iter().fold(alloy::primitives::U256::ZERO, |t, (_, a)| t + a.unsettled());
-        s.metrics.set_unsettled(unsettled);
+        s.metrics.set_unsettled(m.ledger().unsettled_total());
     }
     match s.metrics.encode() {
         Ok(text) => {

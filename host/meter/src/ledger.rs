@@ -236,6 +236,18 @@ impl Ledger {
             .fold(U256::ZERO, |s, a| s + a.unsettled())
     }
 
+    /// Charged requests not yet settled, across every permit.
+    pub fn unsettled_requests(&self) -> u64 {
+        let g = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        g.accounts.values().map(|a| a.charged_requests.saturating_sub(a.settled_requests)).sum()
+    }
+
+    /// Charged amount not yet settled, across every permit.
+    pub fn unsettled_total(&self) -> U256 {
+        let g = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        g.accounts.values().fold(U256::ZERO, |s, a| s + a.unsettled())
+    }
+
     /// Records a permit (first sight) and, when given, an API key that spends it. Returns false
     /// if the key's permit was already registered with a key (a replayed permit).
     pub async fn register(

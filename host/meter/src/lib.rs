@@ -517,9 +517,8 @@ impl Meter {
         let (user, token) = (permit.user, permit.token);
         let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let in_flight_permit = r.by_permit.get(&hash).copied().unwrap_or_default();
-        let charged = account
-            .charged_amount
-            .max(self.ledger.account(&hash).map(|a| a.charged_amount).unwrap_or_default());
+        // read again: requests charged on this permit during the chain reads above count too
+        let charged = self.ledger.account(&hash).map_or(account.charged_amount, |a| a.charged_amount);
         if charged + in_flight_permit + price > permit.max_amount {
             return Err(MeterError::OverCap {
                 cap: permit.max_amount,

@@ -131,13 +131,7 @@ pub async fn run(meter: Arc<Meter>, client: Client, config: SettleConfig, observ
             tokio::select! {
                 _ = &mut due => break,
                 _ = meter.charged.notified() => {
-                    let waiting: u64 = meter
-                        .ledger()
-                        .accounts()
-                        .iter()
-                        .map(|(_, a)| a.charged_requests.saturating_sub(a.settled_requests))
-                        .sum();
-                    if waiting >= config.max_pending {
+                    if meter.ledger().unsettled_requests() >= config.max_pending {
                         break;
                     }
                 }

@@ -118,8 +118,8 @@ pub enum Origin {
     Folder(String),
     /// Decrypted from the vault: `ModelVault` id and ciphertext content id.
     Vault {
-        /// The model id (hex).
-        model_id: String,
+        /// The `ModelVault` id.
+        model_id: [u8; 32],
         /// The ciphertext's content id.
         cid: String,
     },
@@ -129,7 +129,7 @@ impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Folder(dir) => write!(f, "folder:{dir}"),
-            Self::Vault { model_id, cid } => write!(f, "vault:{model_id}@{cid}"),
+            Self::Vault { model_id, cid } => write!(f, "vault:0x{}@{cid}", hex::encode(model_id)),
         }
     }
 }
@@ -185,8 +185,8 @@ pub struct LoadedModel {
     pub created: u64,
     /// Plaintext bytes of its package (what the LRU bound counts).
     pub bytes: u64,
-    /// Where it came from: a folder, or `vault:<model id>@<cid>`.
-    pub origin: String,
+    /// Where it came from.
+    pub origin: Origin,
     last_used: std::sync::atomic::AtomicU64,
 }
 
@@ -297,7 +297,7 @@ impl ModelStore {
             graph,
             created,
             bytes,
-            origin: origin.to_string(),
+            origin,
             last_used: Default::default(),
         });
         model.touch();

@@ -254,7 +254,7 @@ impl VaultSync {
     pub async fn load(&self, id: B256) -> Result<(Arc<LoadedModel>, LoadTimings), SyncError> {
         let (files, plugin, mut t, cid) = self.fetch(id).await?;
         let started = Instant::now();
-        let origin = Origin::Vault { model_id: format!("{id:#x}"), cid: cid.clone() };
+        let origin = Origin::Vault { model_id: id.0, cid: cid.clone() };
         // snapshotting runs the plugin's `initialize` and compiling takes seconds of CPU: both
         // run on a blocking thread so the host's request workers are never held up by a load
         let models = self.models.clone();

@@ -35,7 +35,11 @@ async fn published_model_serves_with_a_custodian_down_and_a_lying_one_named() ->
     // all up: loads and serves
     let (model, timings) = sync.load(id).await?;
     assert_eq!(model.manifest.name, "tiny-vault");
-    assert!(model.origin.starts_with("vault:"), "{}", model.origin);
+    assert!(
+        matches!(&model.origin, div_models::Origin::Vault { model_id, .. } if *model_id == id.0),
+        "{}",
+        model.origin
+    );
     assert!(timings.decrypt > Duration::ZERO);
     let (status, body) = embed(&host.url, "tiny-vault").await?;
     assert_eq!(status, 200, "{body}");
