@@ -5,10 +5,10 @@ export PATH := $(CURDIR)/contracts/node_modules/.bin:$(PATH)
 export DIV_ANVIL := $(CURDIR)/contracts/node_modules/.bin/anvil
 FORGE := cd contracts && forge
 
-.PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins
+.PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins web
 
 ## demo: start a local chain with DIV deployed and walk through it (leaves it running; `make stop`)
-demo: bootstrap contracts plugins
+demo: bootstrap contracts plugins web
 	cargo build --bin div
 	scripts/demo.sh
 
@@ -26,6 +26,10 @@ test: bootstrap
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	$(MAKE) --no-print-directory plugins
 	cargo test --workspace --locked
+	cd web && npm run --silent lint && npm run --silent typecheck
+	$(MAKE) --no-print-directory web
+	cargo build --bin div --locked
+	scripts/web-e2e.sh
 
 ## check: the fast inner loop (format, lint, unit tests)
 check:
@@ -39,6 +43,10 @@ bench: bootstrap contracts
 	rm -rf bench/out
 	cargo bench -p div-tests --locked
 	scripts/bench-report.py
+
+## web: the dApp's production build (web/dist), which `div serve --web-dir` serves
+web:
+	cd web && npm run --silent build
 
 stop:
 	scripts/stop.sh

@@ -15,6 +15,8 @@ command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # an independent implementation of `ipfs add`'s content ids, to cross-check ours in the tests
 command -v ipfs_cid >/dev/null 2>&1 || need_apt+=(ipfs-cid)
+# the browser the dApp's end-to-end test drives (playwright-core launches it; no downloads)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -40,6 +42,14 @@ fi
 for bin in forge anvil cast; do
   contracts/node_modules/.bin/$bin --version >/dev/null
 done
+
+# --- the web dApp's dependencies (React, viem, wagmi, Vite, eslint, playwright-core; web/package-lock.json)
+web_stamp=web/node_modules/.div-lock-stamp
+if [ ! -f "$web_stamp" ] || ! cmp -s web/package-lock.json "$web_stamp"; then
+  say "npm ci in web/"
+  (cd web && npm ci --no-audit --no-fund --loglevel=error)
+  cp web/package-lock.json "$web_stamp"
+fi
 
 # --- Python venv: model preparation, ONNX Runtime's shared library, the openai client ------------
 command -v python3 >/dev/null 2>&1 || { echo "python3 is required" >&2; exit 1; }

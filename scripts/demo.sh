@@ -3,8 +3,11 @@
 # and a short walk-through whose every command is run here. `make stop` ends it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STATE=.div
+# DIV_STATE and the ports let a test run a second stack beside a running demo
+STATE=${DIV_STATE:-.div}
 PORT=${DIV_RPC_PORT:-8545}
+CUSTODIAN_PORT_BASE=${DIV_CUSTODIAN_PORT_BASE:-7100}
+export DIV_STATE=$STATE DIV_ADDRESSES=$STATE/addresses.json
 mkdir -p "$STATE/logs" "$STATE/pids"
 scripts/stop.sh --quiet
 
@@ -44,7 +47,7 @@ wait_up() { # NAME PIDFILE LOG URL: wait until URL answers, or show the log if t
 rm -rf "$STATE/custodians" "$STATE/store" "$STATE/publish"
 CUSTODIAN_URLS=()
 for i in 1 2 3; do
-  port=$((7100 + i))
+  port=$((CUSTODIAN_PORT_BASE + i))
   key_var="DIV_CUSTODIAN${i}_KEY"
   nohup target/debug/div custodian --listen "127.0.0.1:$port" --private-key "${!key_var}" \
     --data-dir "$STATE/custodians/$i" >"$STATE/logs/custodian$i.log" 2>&1 &
@@ -62,20 +65,23 @@ echo
 echo "== publishing $MODEL_DIR encrypted =="
 target/debug/div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
   --custodian "${CUSTODIAN_URLS[0]}" --custodian "${CUSTODIAN_URLS[1]}" --custodian "${CUSTODIAN_URLS[2]}" \
-  --threshold 2 --price 0.001 --token-price 1 --authorize "$DIV_HOST" --store "$STATE/store"
+  --threshold 2 --price 0.001 --token-price 1 --authorize "$DIV_HOST" --store "$STATE/store" \
+  --work-dir "$STATE/publish/all-minilm-l6-v2"
 
 # the host: serves what ModelVault authorises it for, decrypted in memory only
 HTTP_PORT=${DIV_HTTP_PORT:-8080}
 rm -rf "$STATE/host"
 nohup target/debug/div serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key "$DIV_HOST_KEY" \
   --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" --state-dir "$STATE/host" \
-  --settle-interval-secs 60 --cache-dir "$STATE/cache" >"$STATE/logs/serve.log" 2>&1 &
+  --settle-interval-secs 60 --cache-dir "$STATE/cache" --web-dir web/dist >"$STATE/logs/serve.log" 2>&1 &
 echo $! >"$STATE/pids/serve.pid"
 wait_up "div serve" "$STATE/pids/serve.pid" "$STATE/logs/serve.log" "http://127.0.0.1:$HTTP_PORT/healthz"
 env_set DIV_URL "http://127.0.0.1:$HTTP_PORT"
 env_set DIV_MODEL all-minilm-l6-v2
+env_set DIV_WEB_URL "http://127.0.0.1:$HTTP_PORT/"
 set -a; . "$STATE/demo.env"; set +a
 echo "Host: $DIV_URL serving $DIV_MODEL (log: $STATE/logs/serve.log)"
+echo "Web dApp: $DIV_WEB_URL (dev wallet: pick an anvil account; #1 is the model owner, #2 the demo user)"
 echo
 echo "== walk-through (each command below is run now) =="
 run() { printf '$ %s\n' "$*"; "$@"; echo; }
@@ -116,3 +122,4 @@ PY
 echo
 echo "Address book: $STATE/addresses.json   Environment (with the demo user's DIV_API_KEY): $STATE/demo.env (set -a; . $STATE/demo.env; set +a)"
 echo "Chain: $DIV_RPC_URL (chain id $DIV_CHAIN_ID), custodians $DIV_CUSTODIANS and host $DIV_URL, left running. Stop them with: make stop"
+echo "Open the dApp: $DIV_WEB_URL"

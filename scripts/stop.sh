@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Stops what `make demo` started (the pids in .div/pids), politely first.
+# Stops what `make demo` started (the pids in $DIV_STATE/pids, default .div), politely first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quiet=${1:-}
+STATE=${DIV_STATE:-.div}
 shopt -s nullglob
-for f in .div/pids/*.pid; do
+for f in "$STATE"/pids/*.pid; do
   pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null
@@ -15,8 +16,8 @@ for f in .div/pids/*.pid; do
   rm -f "$f"
 done
 # anvil is div dev's child; if div dev was killed hard, its anvil may be left
-if [ -f .div/demo.env ]; then
-  apid=$(sed -n 's/^DIV_ANVIL_PID=//p' .div/demo.env)
+if [ -f "$STATE/demo.env" ]; then
+  apid=$(sed -n 's/^DIV_ANVIL_PID=//p' "$STATE/demo.env")
   if [ -n "$apid" ] && kill -0 "$apid" 2>/dev/null && grep -q anvil "/proc/$apid/cmdline" 2>/dev/null; then
     kill -TERM "$apid" 2>/dev/null || true
   fi

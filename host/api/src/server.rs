@@ -53,6 +53,10 @@ pub struct AppState {
     meter: Option<Arc<Meter>>,
     settler: Option<(div_chain::Client, Arc<str>)>,
     loader: Option<ModelLoader>,
+    /// What a browser needs to reach the chain: the address book (with a public RPC URL).
+    deployment: Option<Arc<serde_json::Value>>,
+    /// The built dApp served at `/`.
+    web_dir: Option<Arc<std::path::Path>>,
 }
 
 /// Asked for a model the store does not hold; starts loading it and returns true if it knows it
@@ -63,7 +67,17 @@ impl AppState {
     /// State over a model store and metrics; every model is free.
     pub fn new(store: Arc<ModelStore>, metrics: Arc<Metrics>, config: ApiConfig) -> Self {
         let permits = Arc::new(Semaphore::new(config.max_concurrency.max(1)));
-        Self { store, metrics, config, permits, meter: None, settler: None, loader: None }
+        Self {
+            store,
+            metrics,
+            config,
+            permits,
+            meter: None,
+            settler: None,
+            loader: None,
+            deployment: None,
+            web_dir: None,
+        }
     }
 
     /// Gates and meters every model from the vault with `meter` (models loaded from a local
@@ -76,6 +90,20 @@ impl AppState {
     /// Loads models on demand that the store does not hold (see [`ModelLoader`]).
     pub fn with_loader(mut self, loader: ModelLoader) -> Self {
         self.loader = Some(loader);
+        self
+    }
+
+    /// Publishes the deployment's address book (as `div dev`/`div deploy` wrote it, with the RPC
+    /// URL browsers should use) in `GET /v1/host`, so the dApp needs no build-time configuration.
+    pub fn with_deployment(mut self, deployment: serde_json::Value) -> Self {
+        self.deployment = Some(Arc::new(deployment));
+        self
+    }
+
+    /// Serves the built web dApp from `dir` at every path outside `/v1/` (unknown paths get its
+    /// `index.html`, so the app's own routes survive a reload).
+    pub fn with_web_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.web_dir = Some(Arc::from(dir.into().as_path()));
         self
     }
 
@@ -134,6 +162,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The routes of a DIV host.
 pub fn router(state: AppState) -> Router {
+    let web = state.web_dir.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
@@ -146,7 +175,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/siwe", post(siwe_sign_in))
         .route("/v1/me", get(me))
         .route("/v1/host/settle", post(settle_now))
-        .fallback(not_found)
+        .fallback_service(tower::service_fn(move |req: Request<Body>| {
+            let web = web.clone();
+            async move { Ok::<_, std::convert::Infallible>(fallback(web, req).await) }
+        }))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(
@@ -161,8 +193,21 @@ pub fn router(state: AppState) -> Router {
         )
 }
 
-async fn not_found(req: Request<Body>) -> ApiError {
-    ApiError::route_not_found(req.uri().path())
+/// Unknown API routes get a JSON 404; anything else is the dApp's, when one is served.
+async fn fallback(web: Option<Arc<std::path::Path>>, req: Request<Body>) -> Response {
+    let path = req.uri().path();
+    let api = path == "/v1" || path.starts_with("/v1/") || path == "/metrics" || path == "/healthz";
+    match web {
+        Some(dir) if !api && matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD) => {
+            let index = tower_http::services::ServeFile::new(dir.join("index.html"));
+            let serve = tower_http::services::ServeDir::new(&*dir).fallback(index);
+            match tower::ServiceExt::oneshot(serve, req).await {
+                Ok(r) => r.map(Body::new),
+                Err(e) => ApiError::internal(format!("serving the web app: {e}")).into_response(),
+            }
+        }
+        _ => ApiError::route_not_found(req.uri().path()).into_response(),
+    }
 }
 
 async fn method_not_allowed() -> ApiError {
@@ -273,17 +318,20 @@ async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
 
 /// `GET /v1/host`: what a user needs to sign a permit for this host.
 async fn host_info(State(s): State<AppState>) -> Response {
-    match &s.meter {
-        Some(m) => axum::Json(json!({
+    let mut info = match &s.meter {
+        Some(m) => json!({
             "host": m.config().host.address(),
             "chain_id": m.config().chain_id,
             "payment_stream": m.config().payment_stream,
             "model_vault": m.config().model_vault,
             "metered": true,
-        }))
-        .into_response(),
-        None => axum::Json(json!({"metered": false})).into_response(),
+        }),
+        None => json!({"metered": false}),
+    };
+    if let Some(d) = &s.deployment {
+        info["deployment"] = (**d).clone();
     }
+    axum::Json(info).into_response()
 }
 
 async fn list_models(State(s): State<AppState>) -> Response {
@@ -293,7 +341,21 @@ async fn list_models(State(s): State<AppState>) -> Response {
 
 async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
     match s.store.get(&id) {
-        Some(m) => axum::Json(model_json(&m)).into_response(),
+        Some(m) => {
+            let mut body = model_json(&m);
+            if let (Some(meter), Some(r)) = (&s.meter, vault_ref(&m)) {
+                let u = meter.ledger().usage_of(r.model_id);
+                body["usage"] = json!({
+                    "permits": u.permits,
+                    "charged_amount": u.charged_amount.to_string(),
+                    "charged_requests": u.charged_requests,
+                    "settled_amount": u.settled_amount.to_string(),
+                    "settled_requests": u.settled_requests,
+                    "unsettled_amount": u.charged_amount.saturating_sub(u.settled_amount).to_string(),
+                });
+            }
+            axum::Json(body).into_response()
+        }
         None => ApiError::model_not_found(&id).into_response(),
     }
 }

@@ -102,6 +102,12 @@ pub struct ServeArgs {
     /// ONNX Runtime threads per inference.
     #[arg(long, env = "DIV_ONNX_THREADS")]
     onnx_threads: Option<usize>,
+    /// Serve the built web dApp (`web/dist`) at `/`.
+    #[arg(long, env = "DIV_WEB_DIR")]
+    web_dir: Option<PathBuf>,
+    /// The chain RPC URL browsers should use (default: the address book's).
+    #[arg(long, env = "DIV_PUBLIC_RPC_URL")]
+    public_rpc_url: Option<String>,
     /// Run `initialize` in every request instead of snapshotting it once (for comparison).
     #[arg(long, env = "DIV_NO_SNAPSHOT")]
     no_snapshot: bool,
@@ -170,6 +176,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     if let Some(load) = loader {
         state = state.with_loader(load);
+    }
+    if let Ok(text) = std::fs::read_to_string(&args.addresses) {
+        let mut book: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("reading the address book {}", args.addresses.display()))?;
+        if let Some(url) = &args.public_rpc_url {
+            book["rpcUrl"] = url.clone().into();
+        }
+        state = state.with_deployment(book);
+    }
+    if let Some(dir) = &args.web_dir {
+        if !dir.join("index.html").is_file() {
+            bail!("--web-dir {}: no index.html (build it with `make web`)", dir.display());
+        }
+        println!("serving the web dApp from {}", dir.display());
+        state = state.with_web_dir(dir.clone());
     }
     let mut settler = None;
     if args.vault && !args.no_meter {

@@ -52,6 +52,21 @@ impl PermitAccount {
     }
 }
 
+/// What one host's ledger holds for one model, summed over its permits.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelUsage {
+    /// Permits seen for the model.
+    pub permits: u64,
+    /// Charged in total.
+    pub charged_amount: U256,
+    /// Requests charged.
+    pub charged_requests: u64,
+    /// Settled on chain (as last read back).
+    pub settled_amount: U256,
+    /// Requests settled.
+    pub settled_requests: u64,
+}
+
 /// `SpendingPermit`'s fields in a serialisable form.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -240,6 +255,23 @@ impl Ledger {
     pub fn unsettled_requests(&self) -> u64 {
         let g = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
         g.accounts.values().map(|a| a.charged_requests.saturating_sub(a.settled_requests)).sum()
+    }
+
+    /// Charged amount not yet settled, across every permit.
+    /// Charged and settled amounts of `model_id` on this host (the owner dashboard's numbers).
+    pub fn usage_of(&self, model_id: B256) -> ModelUsage {
+        let g = self.accounts.lock().unwrap_or_else(|p| p.into_inner());
+        g.accounts.values().filter(|a| a.permit.model_id == model_id).fold(
+            ModelUsage::default(),
+            |mut u, a| {
+                u.permits += 1;
+                u.charged_amount += a.charged_amount;
+                u.charged_requests += a.charged_requests;
+                u.settled_amount += a.settled_amount;
+                u.settled_requests += a.settled_requests;
+                u
+            },
+        )
     }
 
     /// Charged amount not yet settled, across every permit.

@@ -37,7 +37,7 @@ use div_chain::bindings::{ModelAccessToken, ModelVault, PaymentStream};
 use div_chain::{SpendingPermit, permit_domain};
 use serde::{Deserialize, Serialize};
 
-pub use ledger::{Charge, Ledger, PermitAccount, PermitFields};
+pub use ledger::{Charge, Ledger, ModelUsage, PermitAccount, PermitFields};
 
 /// Why a request was refused or could not be metered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -94,7 +94,7 @@ pub enum MeterError {
     #[error("this permit already has an API key; sign a new permit (another nonce) for another key")]
     Replayed,
     /// Not enough of the access token.
-    #[error("holding {have} of the model's access token; {need} needed")]
+    #[error("holding {} of the model's access token; {} needed", tokens(*have), tokens(*need))]
     InsufficientTokens {
         /// Balance.
         have: U256,
@@ -102,7 +102,7 @@ pub enum MeterError {
         need: U256,
     },
     /// Batches need the premium tier.
-    #[error("batches of more than {max} inputs need {need} access tokens (premium); holding {have}")]
+    #[error("batches of more than {max} inputs need {} access tokens (premium); holding {}", tokens(*need), tokens(*have))]
     PremiumRequired {
         /// Largest batch without premium.
         max: usize,
@@ -745,5 +745,33 @@ impl Meter {
         let mut c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
         c.funds.retain(|(u, _), _| *u != user);
         c.tokens.retain(|(_, u), _| *u != user);
+    }
+}
+
+/// An access-token amount (18 decimals) as people write it: `1`, `0.5`, `1000`.
+fn tokens(v: U256) -> String {
+    let unit = U256::from(10u64).pow(U256::from(18u64));
+    let (whole, frac) = (v / unit, v % unit);
+    if frac.is_zero() {
+        return whole.to_string();
+    }
+    let f = format!("{frac:0>18}");
+    format!("{whole}.{}", f.trim_end_matches('0'))
+}
+
+#[cfg(test)]
+mod token_amount_tests {
+    use super::*;
+
+    #[test]
+    fn access_token_amounts_read_as_whole_tokens() {
+        let e18 = U256::from(10u64).pow(U256::from(18u64));
+        assert_eq!(tokens(U256::ZERO), "0");
+        assert_eq!(tokens(e18), "1");
+        assert_eq!(tokens(e18 * U256::from(1000u64)), "1000");
+        assert_eq!(tokens(e18 / U256::from(2u64)), "0.5");
+        assert_eq!(tokens(U256::from(1u64)), "0.000000000000000001");
+        let e = MeterError::InsufficientTokens { have: U256::ZERO, need: e18 };
+        assert_eq!(e.to_string(), "holding 0 of the model's access token; 1 needed");
     }
 }

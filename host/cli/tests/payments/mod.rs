@@ -215,9 +215,36 @@ fn code(v: &Value) -> &str {
 #[tokio::test(flavor = "multi_thread")]
 async fn paid_requests_settle_exactly_and_bad_callers_are_refused_without_charge() -> anyhow::Result<()> {
     // a minute-long cache: the revocation below can only be seen in time through the chain's events
-    let p =
-        Paid::start("pay-e2e", &["--rate-limit", "5", "--premium-batch", "4", "--chain-cache-ms", "60000"])
-            .await?;
+    let web = std::env::temp_dir().join(format!("div-web-{}", std::process::id()));
+    std::fs::create_dir_all(web.join("assets"))?;
+    std::fs::write(web.join("index.html"), "<!doctype html><title>DIV dApp marker</title>")?;
+    std::fs::write(web.join("assets/app.js"), "console.log('div');")?;
+    let web_arg = web.display().to_string();
+    let p = Paid::start(
+        "pay-e2e",
+        &["--rate-limit", "5", "--premium-batch", "4", "--chain-cache-ms", "60000", "--web-dir", &web_arg],
+    )
+    .await?;
+    let http = reqwest::Client::new();
+    // the dApp on the host's origin: files, its own routes falling back to index.html, and the
+    // API's unknown routes still JSON errors
+    for (path, status, needle) in [
+        ("/", 200, "DIV dApp marker"),
+        ("/model/0x01", 200, "DIV dApp marker"),
+        ("/assets/app.js", 200, "console.log"),
+        ("/v1/nope", 404, "no route /v1/nope"),
+    ] {
+        let r = http.get(format!("{}{path}", p.url)).send().await?;
+        assert_eq!(r.status().as_u16(), status, "{path}");
+        assert!(r.text().await?.contains(needle), "{path}");
+    }
+    let info: Value = http.get(format!("{}/v1/host", p.url)).send().await?.json().await?;
+    assert_eq!(info["host"].as_str().map(str::to_lowercase), Some(format!("{:#x}", p.key(HOST).address())));
+    assert_eq!(
+        info["deployment"]["modelVault"].as_str().map(str::to_lowercase),
+        Some(format!("{:#x}", p.rig.chain.deployment.model_vault)),
+        "the dApp learns the contracts from the host: {info}"
+    );
     let (u, v, w) = (2usize, 8usize, 9usize);
     p.fund(u, 10_000_000, true).await?;
     p.fund(v, 10_000_000, false).await?;
@@ -330,6 +357,10 @@ async fn paid_requests_settle_exactly_and_bad_callers_are_refused_without_charge
         p.deposit_of(p.key(w).address()).await?,
     );
     let total_before = vault.getModel(p.id).call().await?.totalInferences;
+    let usage = |v: Value| v["usage"].clone();
+    let before: Value = http.get(format!("{}/v1/models/tiny-paid", p.url)).send().await?.json().await?;
+    assert_eq!(usage(before.clone())["charged_requests"], json!(ok), "{before}");
+    assert_eq!(usage(before.clone())["unsettled_amount"], json!((ok * PRICE).to_string()), "{before}");
     let out = p.settle().await?;
     assert!(out.contains(&format!("settled {ok} requests")), "{out}");
     let total_after = vault.getModel(p.id).call().await?.totalInferences;
@@ -340,6 +371,10 @@ async fn paid_requests_settle_exactly_and_bad_callers_are_refused_without_charge
     assert_eq!(paid_w, U256::from(3 * PRICE));
     assert_eq!(paid_u + paid_w, U256::from(ok * PRICE), "users paid exactly what the owner got");
     assert!(p.settle().await?.contains("nothing to settle"), "a second settle moves nothing");
+    let after: Value = http.get(format!("{}/v1/models/tiny-paid", p.url)).send().await?.json().await?;
+    assert_eq!(usage(after.clone())["settled_requests"], json!(ok), "the owner dashboard's numbers: {after}");
+    assert_eq!(usage(after.clone())["unsettled_amount"], json!("0"), "{after}");
+    let _ = std::fs::remove_dir_all(&web);
     let earnings = div()
         .args(["earnings", "--owner", &owner.to_string()])
         .arg("--addresses")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The dApp in a real browser against the real stack: runs `scripts/demo.sh` (anvil, contracts,
+# three custodians, MiniLM published encrypted, a metered host serving web/dist) on ports of its
+# own beside any running demo, drives it with Playwright on Debian's chromium, then stops it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DIV_STATE=target/web-e2e/state DIV_RPC_PORT=18545 DIV_HTTP_PORT=18080 DIV_CUSTODIAN_PORT_BASE=17100
+out=web/e2e/artifacts
+rm -rf "$DIV_STATE" "$out"
+mkdir -p "$DIV_STATE" "$out"
+trap 'scripts/stop.sh --quiet' EXIT
+if ! scripts/demo.sh >"$out/demo.log" 2>&1; then
+  echo "web e2e: the stack did not come up; scripts/demo.sh said:" >&2
+  tail -n 60 "$out/demo.log" >&2
+  exit 1
+fi
+set -a; . "$DIV_STATE/demo.env"; set +a
+export DIV_BIN=$PWD/target/debug/div DIV_HOST_STATE=$PWD/$DIV_STATE/host
+node web/e2e/run.mjs

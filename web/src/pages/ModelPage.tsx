@@ -1,0 +1,64 @@
+import { useConnection } from 'wagmi';
+import { formatUnits, type Hex } from 'viem';
+import { useApp } from '../context';
+import { useModel, useModelHosts } from '../models';
+import { amount, describeError, short } from '../format';
+import { AccessPanel } from './Access';
+import { TryIt } from './TryIt';
+
+export function ModelPage({ id }: { id: Hex }) {
+  const { hostModels, info, stablecoin } = useApp();
+  const { address } = useConnection();
+  const model = useModel(id);
+  const hosts = useModelHosts(id);
+  if (model.isPending) return <p className="loading">Reading the model…</p>;
+  if (model.error) return <p className="error">{describeError(model.error)}</p>;
+  const m = model.data;
+  const served = hostModels.find((h) => h.model_id?.toLowerCase() === id.toLowerCase());
+  return (
+    <section>
+      <p>
+        <a href="#/">← all models</a>
+      </p>
+      <h1 data-testid="model-name">
+        {m.name} {m.active ? <span className="ok small">active</span> : <span className="warn small">paused</span>}
+      </h1>
+      <div className="panel">
+        <dl className="facts">
+          <dt>Task</dt>
+          <dd>{served ? `${served.task}${served.dimensions ? ` (${served.dimensions} dimensions)` : ''}` : '—'}</dd>
+          <dt>Price</dt>
+          <dd>{amount(m.pricePerRequest, stablecoin.decimals, stablecoin.symbol)} per request</dd>
+          <dt>Access token</dt>
+          <dd>
+            {m.token.symbol} <span className="muted">{short(m.accessToken)}</span>: {formatUnits(m.token.accessThreshold, 18)} for access,{' '}
+            {formatUnits(m.token.premiumThreshold, 18)} for premium; sold at {amount(m.token.pricePerToken, stablecoin.decimals, stablecoin.symbol)}
+          </dd>
+          <dt>Inferences</dt>
+          <dd>{m.totalInferences.toString()} settled on chain</dd>
+          <dt>Owner</dt>
+          <dd title={m.owner}>{short(m.owner)}{address?.toLowerCase() === m.owner.toLowerCase() && ' (you)'}</dd>
+          <dt>Ciphertext</dt>
+          <dd><code>{m.cid}</code></dd>
+          <dt>Plugin</dt>
+          <dd><code>{m.pluginCid || '—'}</code></dd>
+          <dt>Key custody</dt>
+          <dd>{m.threshold} of {m.custodians.length} custodians</dd>
+          <dt>Hosts</dt>
+          <dd data-testid="hosts">
+            {hosts.isPending && 'reading…'}
+            {hosts.data?.length === 0 && 'no host is authorised yet'}
+            {hosts.data?.map((h) => (
+              <span key={h} className="chip" title={h}>
+                {short(h)}
+                {h.toLowerCase() === info.host?.toLowerCase() && ' (this host)'}
+              </span>
+            ))}
+          </dd>
+        </dl>
+      </div>
+      <AccessPanel model={m} />
+      <TryIt key={address ?? 'none'} model={m} served={served} />
+    </section>
+  );
+}

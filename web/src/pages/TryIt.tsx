@@ -1,0 +1,315 @@
+// Trying a model: sign a spending permit with a cap, trade it for an API key (shown once, with
+// curl and OpenAI snippets), then run the playground; every call shows its cost and the host's
+// signed receipt, checked here against the host's address.
+import { useMemo, useState } from 'react';
+import { useConnection, useWalletClient } from 'wagmi';
+import { parseUnits, recoverMessageAddress, toHex, type Address, type Hex } from 'viem';
+import { useApp } from '../context';
+import { HostError, hostFetch, type HostModel } from '../host';
+import { amount, describeError, short } from '../format';
+import type { ChainModel } from '../models';
+
+type SavedKey = { key: string; cap: string; permitHash: Hex; expiry: number };
+
+type Receipt = {
+  request_id: string;
+  model_id: Hex;
+  permit_hash: Hex;
+  amount: string;
+  cumulative_amount: string;
+  cumulative_requests: number;
+  host: Address;
+  signature: Hex;
+};
+
+type EmbeddingsAnswer = {
+  data: { embedding: number[]; index: number }[];
+  usage: { prompt_tokens: number; total_tokens: number };
+  receipt?: Receipt;
+};
+
+const storageKey = (chain: number, user: string, model: string) => `div.key.${chain}.${user.toLowerCase()}.${model.toLowerCase()}`;
+
+function loadKey(k: string): SavedKey | undefined {
+  try {
+    const v = localStorage.getItem(k);
+    return v ? (JSON.parse(v) as SavedKey) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function randomNonce(): bigint {
+  const b = new Uint32Array(2);
+  crypto.getRandomValues(b);
+  return (BigInt(b[0]!) << 32n) | BigInt(b[1]!);
+}
+
+function receiptMessage(r: Receipt): string {
+  return [
+    'DIV receipt',
+    `request: ${r.request_id}`,
+    `model: ${r.model_id.toLowerCase()}`,
+    `permit: ${r.permit_hash.toLowerCase()}`,
+    `amount: ${r.amount}`,
+    `cumulative: ${r.cumulative_amount}`,
+    `requests: ${r.cumulative_requests}`,
+    `host: ${r.host.toLowerCase()}`,
+  ].join('\n');
+}
+
+function cosine(a: number[], b: number[]): number {
+  let dot = 0,
+    na = 0,
+    nb = 0;
+  for (let i = 0; i < a.length; i++) {
+    dot += a[i]! * b[i]!;
+    na += a[i]! * a[i]!;
+    nb += b[i]! * b[i]!;
+  }
+  return dot / Math.sqrt(na * nb || 1);
+}
+
+function Snippets({ apiKey, model }: { apiKey: string; model: string }) {
+  const origin = window.location.origin;
+  const curl = `curl ${origin}/v1/embeddings \\\n  -H "Authorization: Bearer ${apiKey}" \\\n  -H "Content-Type: application/json" \\\n  -d '{"model": "${model}", "input": ["The vault keeps weights encrypted."]}'`;
+  const python = `from openai import OpenAI\n\nclient = OpenAI(base_url="${origin}/v1", api_key="${apiKey}")\nr = client.embeddings.create(model="${model}", input=["The vault keeps weights encrypted."])\nprint(len(r.data[0].embedding))`;
+  return (
+    <div className="snippets">
+      <h3>curl</h3>
+      <pre data-testid="curl-snippet">{curl}</pre>
+      <h3>Python (openai)</h3>
+      <pre data-testid="python-snippet">{python}</pre>
+    </div>
+  );
+}
+
+export function TryIt({ model, served }: { model: ChainModel; served?: HostModel }) {
+  const { info, deployment, stablecoin } = useApp();
+  const { address } = useConnection();
+  const { data: wallet } = useWalletClient();
+  const k = address ? storageKey(deployment.chainId, address, model.id) : '';
+  const [saved, setSaved] = useState<SavedKey | undefined>(() => (k ? loadKey(k) : undefined));
+  const [freshKey, setFreshKey] = useState<string>();
+  const [cap, setCap] = useState('1');
+  const [days, setDays] = useState('7');
+  const [signing, setSigning] = useState(false);
+  const [error, setError] = useState<string>();
+  const current = saved;
+
+  if (!served) {
+    return (
+      <div className="panel">
+        <h2>Try it</h2>
+        <p className="empty">This host does not serve {model.name}; pick a host from the list above.</p>
+      </div>
+    );
+  }
+  if (!info.metered || !info.host) {
+    return (
+      <div className="panel">
+        <h2>Try it</h2>
+        <p className="empty">This host serves {model.name} without metering.</p>
+        <Playground model={served} />
+      </div>
+    );
+  }
+  if (!address || !wallet) return <div className="panel"><h2>Try it</h2><p className="empty">Connect a wallet to sign a spending permit.</p></div>;
+
+  const signPermit = async () => {
+    setError(undefined);
+    setSigning(true);
+    try {
+      const maxAmount = parseUnits(cap, stablecoin.decimals);
+      const expiry = BigInt(Math.floor(Date.now() / 1000) + Math.round(Number(days) * 86400));
+      if (!(Number(days) > 0)) throw new Error('the permit must last more than 0 days');
+      const permit = {
+        user: address,
+        modelId: model.id,
+        host: info.host as Address,
+        token: stablecoin.address,
+        maxAmount,
+        expiry,
+        nonce: randomNonce(),
+      };
+      const signature = await wallet.signTypedData({
+        account: wallet.account!,
+        domain: { name: 'DIV PaymentStream', version: '1', chainId: deployment.chainId, verifyingContract: deployment.paymentStream },
+        types: {
+          SpendingPermit: [
+            { name: 'user', type: 'address' },
+            { name: 'modelId', type: 'bytes32' },
+            { name: 'host', type: 'address' },
+            { name: 'token', type: 'address' },
+            { name: 'maxAmount', type: 'uint256' },
+            { name: 'expiry', type: 'uint64' },
+            { name: 'nonce', type: 'uint256' },
+          ],
+        },
+        primaryType: 'SpendingPermit',
+        message: permit,
+      });
+      const { body } = await hostFetch<{ key: string; permit_hash: Hex; expires_at: number }>('/v1/keys', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({
+          permit: { ...permit, maxAmount: toHex(maxAmount), expiry: Number(expiry), nonce: toHex(permit.nonce) },
+          signature,
+        }),
+      });
+      const s: SavedKey = { key: body.key, cap: maxAmount.toString(), permitHash: body.permit_hash, expiry: body.expires_at };
+      localStorage.setItem(k, JSON.stringify(s));
+      setSaved(s);
+      setFreshKey(body.key);
+    } catch (e) {
+      setError(describeError(e));
+    } finally {
+      setSigning(false);
+    }
+  };
+
+  return (
+    <div className="panel" data-testid="try-panel">
+      <h2>Try it</h2>
+      <div className="form-row">
+        <label>
+          Cap <input value={cap} onChange={(e) => setCap(e.target.value)} aria-label="permit cap" size={6} /> {stablecoin.symbol}
+        </label>
+        <label>
+          valid for <input value={days} onChange={(e) => setDays(e.target.value)} aria-label="permit days" size={3} /> days
+        </label>
+        <button onClick={signPermit} disabled={signing} data-testid="sign-permit">
+          {signing ? 'Signing…' : current ? 'Sign a new permit' : 'Sign permit & get API key'}
+        </button>
+      </div>
+      <p className="muted">
+        The permit lets host {short(info.host)} charge you up to the cap for {model.name}, settled on chain with 100 % to the owner.
+      </p>
+      {error && <p className="error" role="alert" data-testid="permit-error">{error}</p>}
+      {freshKey && (
+        <div className="key-once">
+          <p>
+            <strong>Your API key</strong> (shown once; this browser keeps it for the playground):
+          </p>
+          <code data-testid="api-key">{freshKey}</code>{' '}
+          <button onClick={() => void navigator.clipboard?.writeText(freshKey)}>Copy</button>
+          <Snippets apiKey={freshKey} model={served.id} />
+        </div>
+      )}
+      {current && (
+        <Playground
+          model={served}
+          apiKey={current.key}
+          cap={BigInt(current.cap)}
+          onForget={() => {
+            localStorage.removeItem(k);
+            setSaved(undefined);
+            setFreshKey(undefined);
+          }}
+        />
+      )}
+    </div>
+  );
+}
+
+function Playground({
+  model,
+  apiKey,
+  cap,
+  onForget,
+}: {
+  model: HostModel;
+  apiKey?: string;
+  cap?: bigint;
+  onForget?: () => void;
+}) {
+  const { stablecoin, info } = useApp();
+  const [text, setText] = useState('The vault keeps the weights encrypted.\nModel weights stay sealed in storage.\nI had pasta for dinner.');
+  const [running, setRunning] = useState(false);
+  const [answer, setAnswer] = useState<{ inputs: string[]; vectors: number[][]; receipt?: Receipt; ms: number }>();
+  const [verified, setVerified] = useState<boolean>();
+  const [error, setError] = useState<string>();
+  const run = async () => {
+    setError(undefined);
+    setRunning(true);
+    const inputs = text.split('\n').map((s) => s.trim()).filter(Boolean);
+    const t0 = performance.now();
+    try {
+      const { body } = await hostFetch<EmbeddingsAnswer>('/v1/embeddings', {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}) },
+        body: JSON.stringify({ model: model.id, input: inputs }),
+      });
+      const vectors = body.data.sort((a, b) => a.index - b.index).map((d) => d.embedding);
+      setAnswer({ inputs, vectors, receipt: body.receipt, ms: performance.now() - t0 });
+      setVerified(undefined);
+      if (body.receipt) {
+        const signer = await recoverMessageAddress({ message: receiptMessage(body.receipt), signature: body.receipt.signature });
+        setVerified(signer.toLowerCase() === (info.host ?? '').toLowerCase());
+      }
+    } catch (e) {
+      setError(e instanceof HostError ? `${e.status}: ${e.message}` : describeError(e));
+    } finally {
+      setRunning(false);
+    }
+  };
+  const sims = useMemo(() => answer?.vectors.map((a) => answer.vectors.map((b) => cosine(a, b))), [answer]);
+  const spent = answer?.receipt ? BigInt(answer.receipt.cumulative_amount) : undefined;
+  return (
+    <div className="playground" data-testid="playground">
+      <h3>Playground — {model.id}</h3>
+      <textarea rows={4} value={text} onChange={(e) => setText(e.target.value)} aria-label="sentences, one per line" />
+      <div className="form-row">
+        <button onClick={run} disabled={running} data-testid="run">
+          {running ? 'Running…' : 'Embed'}
+        </button>
+        {onForget && <button onClick={onForget}>Forget this key</button>}
+      </div>
+      {error && <p className="error" role="alert" data-testid="playground-error">{error}</p>}
+      {answer && sims && (
+        <>
+          <p data-testid="vectors">
+            {answer.vectors.length} vectors of {answer.vectors[0]?.length ?? 0} dimensions in {answer.ms.toFixed(0)} ms; first:{' '}
+            <code>[{answer.vectors[0]?.slice(0, 4).map((x) => x.toFixed(4)).join(', ')}, …]</code>
+          </p>
+          <table className="heatmap" data-testid="heatmap" aria-label="cosine similarity">
+            <tbody>
+              {sims.map((row, i) => (
+                <tr key={i}>
+                  <th title={answer.inputs[i]}>{answer.inputs[i]!.slice(0, 28)}</th>
+                  {row.map((v, j) => (
+                    <td key={j} style={{ background: `rgba(46, 111, 219, ${Math.max(0, v).toFixed(3)})`, color: v > 0.55 ? '#fff' : '#111' }}>
+                      {v.toFixed(2)}
+                    </td>
+                  ))}
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </>
+      )}
+      {answer?.receipt && (
+        <div className="receipt" data-testid="receipt">
+          <strong>Receipt</strong> {verified === true && <span className="ok" data-testid="receipt-verified">signed by host {short(answer.receipt.host)} ✓</span>}
+          {verified === false && <span className="error">signature does not match this host</span>}
+          <dl className="facts">
+            <dt>This call</dt>
+            <dd data-testid="cost">{amount(answer.receipt.amount, stablecoin.decimals, stablecoin.symbol)}</dd>
+            <dt>Total on this permit</dt>
+            <dd data-testid="spent">
+              {amount(answer.receipt.cumulative_amount, stablecoin.decimals, stablecoin.symbol)} of{' '}
+              {cap !== undefined ? amount(cap, stablecoin.decimals, stablecoin.symbol) : '—'} ({answer.receipt.cumulative_requests} requests)
+            </dd>
+            <dt>Request</dt>
+            <dd>{answer.receipt.request_id}</dd>
+            <dt>Permit</dt>
+            <dd>{short(answer.receipt.permit_hash)}</dd>
+          </dl>
+          {cap !== undefined && spent !== undefined && cap > 0n && (
+            <progress max={1000} value={Number((spent * 1000n) / cap)} aria-label="spent of cap" />
+          )}
+        </div>
+      )}
+    </div>
+  );
+}
