@@ -56,6 +56,7 @@ GOALS = [
     ("decrypt_vs_openssl_1core", ">=", 0.9, "model decryption ÷ openssl AES-256-GCM, one core"),
     ("cold_start_ratio", "<=", 1.3, "encrypted cold start ÷ plaintext load of the same model"),
     ("gated_vs_ungated_c32", ">=", 0.95, "gated + metered + journaled ÷ ungated throughput, 32 clients"),
+    ("llm_tokens_ratio", ">=", 0.95, "text generation tokens/s through HTTP + plugin ÷ llama-cpp-2 directly"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
 for key, op, target, what in GOALS:

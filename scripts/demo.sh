@@ -68,19 +68,29 @@ target/debug/div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
   --threshold 2 --price 0.001 --token-price 1 --authorize "$DIV_HOST" --store "$STATE/store" \
   --work-dir "$STATE/publish/all-minilm-l6-v2"
 
+# and Gemma 3 270M for text generation (GGUF on llama.cpp), with its chat plugin, priced per
+# request plus per 1000 tokens
+CHAT_DIR=build/models/gemma-3-270m
+echo "== publishing $CHAT_DIR encrypted =="
+target/debug/div publish "$CHAT_DIR" --plugin plugins/target/wasm32-wasip2/release/div_chat.wasm --quiet \
+  --custodian "${CUSTODIAN_URLS[0]}" --custodian "${CUSTODIAN_URLS[1]}" --custodian "${CUSTODIAN_URLS[2]}" \
+  --threshold 2 --price 0.0005 --price-per-1k-tokens 0.002 --token-price 1 --authorize "$DIV_HOST" \
+  --store "$STATE/store" --work-dir "$STATE/publish/gemma-3-270m"
+
 # the host: serves what ModelVault authorises it for, decrypted in memory only
 HTTP_PORT=${DIV_HTTP_PORT:-8080}
 rm -rf "$STATE/host"
 nohup target/debug/div serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key "$DIV_HOST_KEY" \
   --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" --state-dir "$STATE/host" \
-  --settle-interval-secs 60 --cache-dir "$STATE/cache" --web-dir web/dist >"$STATE/logs/serve.log" 2>&1 &
+  --settle-interval-secs "${DIV_SETTLE_INTERVAL_SECS:-60}" --cache-dir "$STATE/cache" --web-dir web/dist >"$STATE/logs/serve.log" 2>&1 &
 echo $! >"$STATE/pids/serve.pid"
 wait_up "div serve" "$STATE/pids/serve.pid" "$STATE/logs/serve.log" "http://127.0.0.1:$HTTP_PORT/healthz"
 env_set DIV_URL "http://127.0.0.1:$HTTP_PORT"
 env_set DIV_MODEL all-minilm-l6-v2
+env_set DIV_CHAT_MODEL gemma-3-270m
 env_set DIV_WEB_URL "http://127.0.0.1:$HTTP_PORT/"
 set -a; . "$STATE/demo.env"; set +a
-echo "Host: $DIV_URL serving $DIV_MODEL (log: $STATE/logs/serve.log)"
+echo "Host: $DIV_URL serving $DIV_MODEL and $DIV_CHAT_MODEL (log: $STATE/logs/serve.log)"
 echo "Web dApp: $DIV_WEB_URL (dev wallet: pick an anvil account; #1 is the model owner, #2 the demo user)"
 echo
 echo "== walk-through (each command below is run now) =="
@@ -93,7 +103,9 @@ run target/debug/div cid "$STATE/publish/all-minilm-l6-v2/model.divenc"
 run cast call "$DIV_MODEL_VAULT" "isHostAuthorized(bytes32,address)(bool)" "$(cast call "$DIV_MODEL_VAULT" "modelIdAt(uint256)(bytes32)" 0 --rpc-url "$DIV_RPC_URL")" "$DIV_HOST" --rpc-url "$DIV_RPC_URL"
 run curl -s "$DIV_URL/v1/models"
 echo
-MODEL_ID=$(curl -s "$DIV_URL/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["model_id"])')
+model_id() { curl -s "$DIV_URL/v1/models" | python3 -c 'import json,sys; print(next(m["model_id"] for m in json.load(sys.stdin)["data"] if m["id"] == sys.argv[1]))' "$1"; }
+MODEL_ID=$(model_id "$DIV_MODEL")
+CHAT_MODEL_ID=$(model_id "$DIV_CHAT_MODEL")
 echo "== a user pays for inference =="
 # the demo user: 10 USDC deposited, 1 access token bought, a permit for up to 5 USDC signed
 run target/debug/div deposit --private-key "$DIV_USER_KEY" --amount 10 --mint
@@ -104,6 +116,11 @@ OWNER_BEFORE=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" 
 USER_BEFORE=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 run examples/curl_embeddings.sh
 run .venv/bin/python examples/openai_embeddings.py
+# text generation, streamed token by token: an access token and a permit for the chat model too
+run target/debug/div buy --private-key "$DIV_USER_KEY" --model-id "$CHAT_MODEL_ID" --amount 1 --mint
+run target/debug/div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_CHAT_MODEL" --max 5 --env-file "$STATE/demo.env" --env-var DIV_CHAT_API_KEY
+set -a; . "$STATE/demo.env"; set +a
+run .venv/bin/python examples/openai_chat_stream.py "Write a haiku about vaults."
 run curl -s -o /dev/null -w '%{http_code} without a key\n' "$DIV_URL/v1/embeddings" -d "{\"model\":\"$DIV_MODEL\",\"input\":\"hi\"}"
 run target/debug/div settle --now --url "$DIV_URL" --state-dir "$STATE/host"
 run target/debug/div balance --private-key "$DIV_USER_KEY"

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DIV_STATE=target/web-e2e/state DIV_RPC_PORT=18545 DIV_HTTP_PORT=18080 DIV_CUSTODIAN_PORT_BASE=17100
+# the test settles by hand to watch the owner's earnings rise; no timer may settle first
+export DIV_SETTLE_INTERVAL_SECS=900
 out=web/e2e/artifacts
 rm -rf "$DIV_STATE" "$out"
 mkdir -p "$DIV_STATE" "$out"

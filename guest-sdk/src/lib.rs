@@ -36,6 +36,7 @@ pub mod bindings {
     });
 }
 
+pub mod llm;
 pub mod nn;
 
 pub use bindings::div::plugin::types::{
@@ -74,6 +75,12 @@ pub fn asset(name: &str) -> Option<Vec<u8>> {
 /// (special tokens added, each truncated to `max_len`).
 pub fn host_tokenize(texts: &[String], max_len: u32) -> Result<Vec<Vec<u32>>, String> {
     bindings::div::plugin::host::tokenize(texts, max_len)
+}
+
+/// Hands `delta` to the caller at once (see [`llm`] for the whole generation loop). `Err` means
+/// the caller has gone: stop and return; emitting again after that traps.
+pub fn emit(delta: &str) -> Result<(), String> {
+    bindings::div::plugin::streaming::emit(delta)
 }
 
 /// A log line through the host (tagged with the request id and model there).

@@ -89,3 +89,26 @@ impl Graph {
             .collect())
     }
 }
+
+impl Graph {
+    /// A stateful execution context: each `compute` continues where the last one left off (a
+    /// generation, one token per call).
+    pub fn context(&self) -> Result<Context, NnError> {
+        Ok(Context(self.0.init_execution_context()?))
+    }
+}
+
+/// An execution context that keeps its state across `compute` calls.
+pub struct Context(inference::GraphExecutionContext);
+
+impl Context {
+    /// One `compute` with `inputs` (often none after the first), returning every output.
+    pub fn compute(&self, inputs: Vec<(String, Tensor)>) -> Result<Vec<Output>, NnError> {
+        let inputs: Vec<inference::NamedTensor> = inputs.into_iter().map(|(n, t)| (n, t.0)).collect();
+        let outputs = self.0.compute(inputs)?;
+        Ok(outputs
+            .into_iter()
+            .map(|(name, t)| Output { name, dims: t.dimensions(), ty: t.ty(), data: t.data() })
+            .collect())
+    }
+}

@@ -12,6 +12,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+
 use div_models::LoadedModel;
 use div_nn::{NamedTensor, Tensor, TensorType};
 use div_runtime::Input;
@@ -63,7 +65,7 @@ fn direct(
     let t = |v: &[i64]| {
         Tensor::new(dims.clone(), TensorType::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
     };
-    let out = model.graph.run(vec![
+    let out = model.graph.onnx().context("MiniLM is an ONNX graph")?.run(vec![
         NamedTensor { name: "input_ids".into(), tensor: t(&ids) },
         NamedTensor { name: "attention_mask".into(), tensor: t(&mask) },
         NamedTensor { name: "token_type_ids".into(), tensor: t(&vec![0; batch * seq]) },

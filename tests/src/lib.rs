@@ -122,6 +122,30 @@ impl TestHost {
         Ok(())
     }
 
+    /// Loads Gemma 3 270M with the chat plugin.
+    pub async fn load_gemma(&self) -> anyhow::Result<()> {
+        let files = div_models::ModelFiles::read_dir(&gemma_dir())?;
+        self.store.load(files, &plugin_wasm("div_chat")?).await?;
+        Ok(())
+    }
+
+    /// The tiny test graph as a text-generation model `name` whose plugin (the misbehaving one)
+    /// acts out `mode` on the generation routes, within `deadline`.
+    pub async fn load_misbehaving_chat(
+        &self,
+        name: &str,
+        mode: &str,
+        deadline_ms: u64,
+    ) -> anyhow::Result<()> {
+        let mut files = div_models::ModelFiles::read_dir(&workspace_root().join("build/models/tiny-echo"))?;
+        files.manifest.name = name.to_string();
+        files.manifest.task = "chat".into();
+        files.manifest.limits.deadline_ms = Some(deadline_ms);
+        files.manifest.extra.insert("mode".into(), serde_json::Value::String(mode.to_string()));
+        self.store.load(files, &test_plugin_wasm("div_misbehave")?).await?;
+        Ok(())
+    }
+
     /// Loads the tiny test graph as `name` with the misbehaving plugin in `mode`.
     pub async fn load_misbehave(&self, name: &str, mode: &str) -> anyhow::Result<()> {
         self.load_misbehave_with(name, mode, None).await
@@ -141,6 +165,58 @@ impl TestHost {
         self.store.load(files, &test_plugin_wasm("div_misbehave")?).await?;
         Ok(())
     }
+}
+
+/// The Gemma 3 270M package (built by `scripts/make-gemma-model.py`).
+pub fn gemma_dir() -> PathBuf {
+    workspace_root().join("build/models/gemma-3-270m")
+}
+
+/// Gemma's turn format for one user message, as the chat plugin writes it.
+pub fn gemma_prompt(user: &str) -> String {
+    format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n")
+}
+
+/// What llama.cpp itself generates greedily for `prompt` (template applied), called directly
+/// through `llama-cpp-2` with the package's GGUF file: the reference the host must match.
+pub fn llama_greedy(prompt: &str, max_tokens: usize) -> anyhow::Result<String> {
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::model::LlamaModel;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use llama_cpp_2::sampling::LlamaSampler;
+    let backend = div_nn::llama_backend()?;
+    let model =
+        LlamaModel::load_from_file(backend, gemma_dir().join("model.gguf"), &LlamaModelParams::default())?;
+    // the threads the host uses (more than the cores would make ggml's workers spin each other out)
+    let threads = div_nn::GgmlConfig::default().threads;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(std::num::NonZeroU32::new(2048))
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(backend, params)?;
+    let vocab = model.vocab();
+    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+    let mut batch = LlamaBatch::new(512, 1);
+    for (i, t) in tokens.iter().enumerate() {
+        batch.add(*t, i as i32, &[0], i + 1 == tokens.len())?;
+    }
+    ctx.decode(&mut batch)?;
+    let mut sampler = LlamaSampler::greedy();
+    let mut out = Vec::new();
+    let start = tokens.len() as i32;
+    for pos in start..start + max_tokens as i32 {
+        let t = sampler.sample(&ctx, batch.n_tokens() - 1);
+        sampler.accept(t);
+        if vocab.is_eog(t) {
+            break;
+        }
+        vocab.token_to_piece_into(t, &mut out, false, None);
+        batch.clear();
+        batch.add(t, pos, &[0], true)?;
+        ctx.decode(&mut batch)?;
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// The anvil binary: `$DIV_ANVIL`, else the bootstrap's npm install in `contracts/`.

@@ -165,6 +165,15 @@ impl From<InvokeError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body this error answers with (also an SSE error event's data).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"error": {
+            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+        }})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Body {

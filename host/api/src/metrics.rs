@@ -30,6 +30,12 @@ struct ModelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CustodianLabel {
     custodian: String,
 }
@@ -51,6 +57,8 @@ pub struct Metrics {
     plugin: Family<ModelLabel, Histogram, fn() -> Histogram>,
     backend: Family<ModelLabel, Histogram, fn() -> Histogram>,
     in_flight: Gauge,
+    tokens: Family<TokenLabels, Counter>,
+    cancelled: Family<ModelLabel, Counter>,
     custodian_failures: Family<CustodianLabel, Counter>,
     unsettled: Gauge,
     last_settle: Gauge,
@@ -86,6 +94,18 @@ impl Default for Metrics {
             backend.clone(),
         );
         registry.register("requests_in_flight", "Inference requests being served", in_flight.clone());
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "generation_tokens",
+            "Tokens of text generation, by model and kind (prompt, completion)",
+            tokens.clone(),
+        );
+        let cancelled = Family::<ModelLabel, Counter>::default();
+        registry.register(
+            "generations_cancelled",
+            "Generations stopped because the caller went away",
+            cancelled.clone(),
+        );
         let custodian_failures = Family::<CustodianLabel, Counter>::default();
         registry.register(
             "custodian_failures",
@@ -118,6 +138,8 @@ impl Default for Metrics {
             plugin,
             backend,
             in_flight,
+            tokens,
+            cancelled,
             custodian_failures,
             unsettled,
             last_settle,
@@ -176,6 +198,16 @@ impl Metrics {
     /// Records one backend inference.
     pub fn backend(&self, model: &str, took: Duration) {
         self.backend.get_or_create(&ModelLabel { model: model.to_string() }).observe(took.as_secs_f64());
+    }
+
+    /// Records one generation's token counts (and whether the caller left before its end).
+    pub fn generation(&self, model: &str, prompt: u32, completion: u32, cancelled: bool) {
+        let t = |kind: &str| TokenLabels { model: model.to_string(), kind: kind.to_string() };
+        self.tokens.get_or_create(&t("prompt")).inc_by(u64::from(prompt));
+        self.tokens.get_or_create(&t("completion")).inc_by(u64::from(completion));
+        if cancelled {
+            self.cancelled.get_or_create(&ModelLabel { model: model.to_string() }).inc();
+        }
     }
 
     /// The in-flight gauge.

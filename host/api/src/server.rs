@@ -24,6 +24,7 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId
 use tower_http::trace::TraceLayer;
 
 use crate::body::read_json;
+use crate::chat::{GenerateRequest, HangUp, Kind, Outcome, Shaper, Waiting, done, event, sse_response};
 use crate::embeddings::{EmbeddingsRequest, EmbeddingsResponse};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -169,6 +170,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
         .route("/v1/keys", post(issue_key))
         .route("/v1/host", get(host_info))
         .route("/v1/siwe/nonce", get(siwe_nonce))
@@ -460,6 +463,213 @@ async fn embed(
         response.receipt = Some(meter.charge(ticket, &rid, mref).await?);
     }
     Ok(response)
+}
+
+async fn chat_completions(
+    State(s): State<AppState>,
+    request_id: Option<axum::Extension<RequestId>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_route(s, request_id, headers, body, Kind::Chat).await
+}
+
+async fn completions(
+    State(s): State<AppState>,
+    request_id: Option<axum::Extension<RequestId>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    generate_route(s, request_id, headers, body, Kind::Completion).await
+}
+
+async fn generate_route(
+    s: AppState,
+    request_id: Option<axum::Extension<RequestId>>,
+    headers: HeaderMap,
+    body: Body,
+    kind: Kind,
+) -> Response {
+    let started = Instant::now();
+    let rid: Arc<str> = request_id
+        .and_then(|r| r.0.header_value().to_str().ok().map(Arc::from))
+        .unwrap_or_else(|| Arc::from("-"));
+    let mut model_label = "unknown".to_string();
+    let response = match generate(&s, rid, &headers, body, kind, &mut model_label).await {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(model = %model_label, code = e.code, "{}", e.message);
+            }
+            e.into_response()
+        }
+    };
+    s.metrics.request(kind.route(), &model_label, response.status().as_u16(), started.elapsed());
+    response
+}
+
+fn with_receipt_header(mut resp: Response, receipt: Option<&div_meter::Receipt>) -> Response {
+    if let Some(json) = receipt.and_then(|rc| serde_json::to_vec(rc).ok())
+        && let Ok(v) = HeaderValue::from_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json))
+    {
+        resp.headers_mut().insert("x-div-receipt", v);
+    }
+    resp
+}
+
+/// Reads the plugin's answer, trusting its token counts only within the request's bounds.
+fn outcome_of(resp: div_runtime::Response, max_tokens: u32, context: u32) -> Result<Outcome, ApiError> {
+    if resp.status != 200 {
+        return Err(ApiError::internal(format!(
+            "the model's plugin answered {}: {}",
+            resp.status, resp.body
+        )));
+    }
+    let mut o: Outcome = serde_json::from_str(&resp.body).map_err(|e| {
+        ApiError::internal(format!("the model's plugin answered a body this host cannot read: {e}"))
+    })?;
+    o.usage.completion_tokens = o.usage.completion_tokens.min(max_tokens);
+    o.usage.prompt_tokens = o.usage.prompt_tokens.min(context);
+    Ok(o)
+}
+
+async fn generate(
+    s: &AppState,
+    rid: Arc<str>,
+    headers: &HeaderMap,
+    body: Body,
+    kind: Kind,
+    model_label: &mut String,
+) -> Result<Response, ApiError> {
+    let req: GenerateRequest = read_json(body, s.config.max_body_bytes).await?;
+    let model = s.store.get(&req.model).ok_or_else(|| s.missing(&req.model))?;
+    model_label.clone_from(&model.manifest.name);
+    if model.manifest.task != "chat" {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            ..ApiError::invalid(
+                "model",
+                "unsupported_task",
+                format!("the model '{}' serves {}, not text generation", req.model, model.manifest.task),
+            )
+        });
+    }
+    let context = model.manifest.max_seq_length;
+    let default_max =
+        model.manifest.extra.get("max_tokens").and_then(serde_json::Value::as_u64).unwrap_or(256);
+    let plugin_body = req.plugin_body(kind, context, u32::try_from(default_max).unwrap_or(256))?;
+    let max_tokens = plugin_body["max_tokens"].as_u64().and_then(|v| u32::try_from(v).ok()).unwrap_or(1);
+    // gate, and reserve the price of a full context; charged only for the tokens used
+    let paid = match (&s.meter, vault_ref(&model)) {
+        (Some(meter), Some(mref)) => Some((meter.clone(), mref)),
+        _ => None,
+    };
+    let ticket = match &paid {
+        Some((meter, mref)) => meter.admit_tokens(credential(headers)?, mref, 1, u64::from(context)).await?,
+        None => None,
+    };
+    let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
+    s.metrics.in_flight().inc();
+    let in_flight = InFlight(s.metrics.clone());
+    let shaper = Arc::new(Shaper::new(kind, &rid, &model.manifest.name));
+    let request = div_runtime::Request { route: kind.route().into(), body: plugin_body.to_string() };
+    let (delta_tx, mut delta_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let waiting = Waiting::new();
+    let sink: div_runtime::StreamSink = if req.stream {
+        Box::new(move |d: &str| delta_tx.send(d.to_string()).is_ok())
+    } else {
+        drop(delta_tx);
+        let w = waiting.clone();
+        Box::new(move |_: &str| w.still())
+    };
+    // the generation and its charge run to their end in a task of their own, caller or not
+    let (m, metrics, sandbox_rid) = (model.clone(), s.metrics.clone(), rid.clone());
+    let work = tokio::spawn(async move {
+        let name = m.manifest.name.clone();
+        let (result, timings) = tokio::task::spawn_blocking(move || {
+            let _held = (permit, in_flight);
+            m.plugin.handle_streaming(&request, sandbox_rid, sink)
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("the sandbox thread failed: {e}")))?;
+        metrics.sandbox(&name, timings.instantiate, timings.call);
+        let outcome = outcome_of(result?, max_tokens, context)?;
+        metrics.generation(
+            &name,
+            outcome.usage.prompt_tokens,
+            outcome.usage.completion_tokens,
+            outcome.finish_reason == "cancelled",
+        );
+        let tokens = u64::from(outcome.usage.prompt_tokens) + u64::from(outcome.usage.completion_tokens);
+        let receipt = match (ticket, &paid) {
+            // durable before the answer (or the stream's last chunk) leaves
+            (Some(t), Some((meter, mref))) => Some(meter.charge_tokens(t, &rid, mref, tokens).await?),
+            _ => None,
+        };
+        Ok::<_, ApiError>((outcome, receipt))
+    });
+    let joined = |r: Result<
+        Result<(Outcome, Option<div_meter::Receipt>), ApiError>,
+        tokio::task::JoinError,
+    >| { r.map_err(|e| ApiError::internal(format!("the generation task failed: {e}")))? };
+    if !req.stream {
+        let _hang_up = HangUp(waiting);
+        let (o, receipt) = joined(work.await)?;
+        return Ok(with_receipt_header(
+            axum::Json(shaper.answer(&o, receipt.as_ref())).into_response(),
+            receipt.as_ref(),
+        ));
+    }
+    // wait for the first piece before answering 200, so a request the plugin refuses at once
+    // gets its real status instead of an error event
+    let first = delta_rx.recv().await;
+    let work = match first {
+        Some(_) => Err(work),
+        None => Ok(joined(work.await)?),
+    };
+    let (ev_tx, ev_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(64);
+    let include_usage = req.include_usage();
+    tokio::spawn(async move {
+        let send = |b| ev_tx.send(b);
+        if let Some(open) = shaper.opening()
+            && send(event(&open)).await.is_err()
+        {
+            return;
+        }
+        let finished = match work {
+            Ok(done) => Ok(done),
+            Err(work) => {
+                let mut next = first;
+                while let Some(d) = next {
+                    // a caller who left is told to the plugin by dropping `delta_rx` on return
+                    if send(event(&shaper.delta(&d))).await.is_err() {
+                        return;
+                    }
+                    next = delta_rx.recv().await;
+                }
+                joined(work.await)
+            }
+        };
+        match finished {
+            Ok((o, receipt)) => {
+                if send(event(&shaper.closing(&o, receipt.as_ref()))).await.is_err() {
+                    return;
+                }
+                if include_usage {
+                    let mut u = shaper.usage(&o);
+                    if let Some(r) = &receipt {
+                        u["receipt"] = serde_json::to_value(r).unwrap_or_default();
+                    }
+                    let _ = send(event(&u)).await;
+                }
+                let _ = send(done()).await;
+            }
+            Err(e) => {
+                let _ = send(event(&e.to_json())).await;
+            }
+        }
+    });
+    Ok(sse_response(ev_rx))
 }
 
 /// `POST /v1/host/settle`: the operator settles now instead of waiting for the next round.

@@ -43,6 +43,10 @@ pub struct PublishArgs {
     /// Price per request, in whole units of the sale stablecoin (e.g. 0.001).
     #[arg(long, default_value = "0.001")]
     price: String,
+    /// Price per 1000 tokens (prompt and generated; text generation), in whole units of the sale
+    /// stablecoin, charged on top of `--price`.
+    #[arg(long, default_value = "0")]
+    price_per_1k_tokens: String,
     /// Price of one access token, in whole units of the sale stablecoin.
     #[arg(long, default_value = "1")]
     token_price: String,
@@ -205,7 +209,7 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
                 cid: cid.clone(),
                 plugin_cid: plugin_cid.clone(),
                 price_per_request: units(&args.price, "--price")?,
-                price_per_1k_tokens: U256::ZERO,
+                price_per_1k_tokens: units(&args.price_per_1k_tokens, "--price-per-1k-tokens")?,
                 payout: None,
                 custodians: state.custodians.clone(),
                 threshold: state.threshold,

@@ -108,6 +108,12 @@ pub struct ServeArgs {
     /// The chain RPC URL browsers should use (default: the address book's).
     #[arg(long, env = "DIV_PUBLIC_RPC_URL")]
     public_rpc_url: Option<String>,
+    /// Context length (tokens) of each text-generation request on `ggml` models.
+    #[arg(long, env = "DIV_LLM_CONTEXT", default_value_t = 2048)]
+    llm_context: u32,
+    /// Threads each text-generation request decodes with (default: one per core).
+    #[arg(long, env = "DIV_LLM_THREADS")]
+    llm_threads: Option<i32>,
     /// Run `initialize` in every request instead of snapshotting it once (for comparison).
     #[arg(long, env = "DIV_NO_SNAPSHOT")]
     no_snapshot: bool,
@@ -131,6 +137,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             sessions: args.onnx_sessions.unwrap_or(defaults.sessions),
             intra_threads: args.onnx_threads.unwrap_or(defaults.intra_threads),
             ..defaults
+        },
+        ggml: div_nn::GgmlConfig {
+            n_ctx: args.llm_context.max(16),
+            threads: args.llm_threads.unwrap_or(div_nn::GgmlConfig::default().threads).max(1),
+            ..div_nn::GgmlConfig::default()
         },
         snapshot: !args.no_snapshot,
         default_limits: Limits {

@@ -164,9 +164,12 @@ pub struct PermitArgs {
     /// Days until the permit expires.
     #[arg(long, default_value_t = 30)]
     days: u64,
-    /// Also write `DIV_API_KEY=…` into this env file.
+    /// Also write the key into this env file.
     #[arg(long)]
     env_file: Option<PathBuf>,
+    /// The variable the key is printed and written as.
+    #[arg(long, default_value = "DIV_API_KEY")]
+    env_var: String,
 }
 
 /// Runs `div permit`: signs a spending permit for the host and gets its API key.
@@ -214,9 +217,9 @@ pub async fn permit(args: PermitArgs) -> anyhow::Result<()> {
     }
     let key = answer["key"].as_str().context("no key in the answer")?;
     println!("permit {} for up to {} {} on {}", answer["permit_hash"], args.max, coin.symbol, args.model);
-    println!("DIV_API_KEY={key}");
+    println!("{}={key}", args.env_var);
     if let Some(env) = &args.env_file {
-        demo_env::merge(env, &[("DIV_API_KEY", key.to_string())])?;
+        demo_env::merge(env, &[(args.env_var.as_str(), key.to_string())])?;
     }
     Ok(())
 }

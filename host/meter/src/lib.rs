@@ -183,6 +183,7 @@ struct ModelInfo {
     owner: Address,
     access_token: Address,
     price: U256,
+    price_per_1k: U256,
 }
 
 #[derive(Clone, Copy)]
@@ -269,8 +270,25 @@ pub struct Ticket {
     permit_hash: B256,
     user: Address,
     token: Address,
+    /// What is reserved: the most this request may be charged.
     amount: U256,
+    /// The model's price per request and per 1000 tokens, as read at admission.
+    price: U256,
+    price_per_1k: U256,
     done: bool,
+}
+
+impl Ticket {
+    /// What `tokens` cost on top of the request price: `ceil(price_per_1k × tokens / 1000)`.
+    pub fn price_of(&self, tokens: u64) -> U256 {
+        price_with_tokens(self.price, self.price_per_1k, tokens)
+    }
+}
+
+/// A request's price: per request plus per 1000 tokens, rounded up to the base unit.
+pub fn price_with_tokens(price: U256, price_per_1k: U256, tokens: u64) -> U256 {
+    let per_tokens = (price_per_1k * U256::from(tokens)).div_ceil(U256::from(1000u64));
+    price + per_tokens
 }
 
 impl Drop for Ticket {
@@ -484,6 +502,19 @@ impl Meter {
         model: &ModelRef,
         inputs: usize,
     ) -> Result<Option<Ticket>, MeterError> {
+        self.admit_tokens(credential, model, inputs, 0).await
+    }
+
+    /// [`Meter::admit`] for a request priced per token too: it reserves the price of up to
+    /// `max_tokens` tokens (prompt and generated), and [`Meter::charge_tokens`] charges what was
+    /// used.
+    pub async fn admit_tokens(
+        self: &Arc<Self>,
+        credential: Credential<'_>,
+        model: &ModelRef,
+        inputs: usize,
+        max_tokens: u64,
+    ) -> Result<Option<Ticket>, MeterError> {
         if let Credential::Session(token) = &credential
             && let Some(who) = self.sessions.address(token)
             && self.model_info(model.model_id).await?.owner == who
@@ -513,7 +544,7 @@ impl Meter {
         }
         self.take_rate(hash, premium)?;
         let funds = self.funds_info(permit.user, permit.token).await?;
-        let price = info.price;
+        let price = price_with_tokens(info.price, info.price_per_1k, max_tokens);
         let (user, token) = (permit.user, permit.token);
         let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let in_flight_permit = r.by_permit.get(&hash).copied().unwrap_or_default();
@@ -535,7 +566,16 @@ impl Meter {
         *r.by_permit.entry(hash).or_default() += price;
         *r.by_user.entry((user, token)).or_default() += price;
         drop(r);
-        Ok(Some(Ticket { meter: self.clone(), permit_hash: hash, user, token, amount: price, done: false }))
+        Ok(Some(Ticket {
+            meter: self.clone(),
+            permit_hash: hash,
+            user,
+            token,
+            amount: price,
+            price: info.price,
+            price_per_1k: info.price_per_1k,
+            done: false,
+        }))
     }
 
     fn release(&self, hash: B256, user: Address, token: Address, amount: U256) {
@@ -551,11 +591,35 @@ impl Meter {
     /// Charges an admitted request that succeeded: durable before this returns; then the receipt.
     pub async fn charge(
         &self,
-        mut ticket: Ticket,
+        ticket: Ticket,
         request_id: &str,
         model: &ModelRef,
     ) -> Result<Receipt, MeterError> {
-        let charge = self.ledger.charge(ticket.permit_hash, ticket.amount, request_id).await;
+        let amount = ticket.amount;
+        self.charge_amount(ticket, request_id, model, amount).await
+    }
+
+    /// Charges a request admitted with [`Meter::admit_tokens`] for the `tokens` it used (never
+    /// more than was reserved).
+    pub async fn charge_tokens(
+        &self,
+        ticket: Ticket,
+        request_id: &str,
+        model: &ModelRef,
+        tokens: u64,
+    ) -> Result<Receipt, MeterError> {
+        let amount = ticket.price_of(tokens).min(ticket.amount);
+        self.charge_amount(ticket, request_id, model, amount).await
+    }
+
+    async fn charge_amount(
+        &self,
+        mut ticket: Ticket,
+        request_id: &str,
+        model: &ModelRef,
+        amount: U256,
+    ) -> Result<Receipt, MeterError> {
+        let charge = self.ledger.charge(ticket.permit_hash, amount, request_id).await;
         // charged or not, the reservation ends here
         ticket.done = true;
         self.release(ticket.permit_hash, ticket.user, ticket.token, ticket.amount);
@@ -638,7 +702,12 @@ impl Meter {
         let vault = ModelVault::new(self.config.model_vault, self.config.provider.clone());
         self.cached(|c| &mut c.models, id, async move {
             let m = vault.getModel(id).call().await.map_err(chain_err)?;
-            Ok(ModelInfo { owner: m.owner, access_token: m.accessToken, price: m.pricePerRequest })
+            Ok(ModelInfo {
+                owner: m.owner,
+                access_token: m.accessToken,
+                price: m.pricePerRequest,
+                price_per_1k: m.pricePer1kTokens,
+            })
         })
         .await
     }

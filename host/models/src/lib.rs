@@ -11,4 +11,6 @@ mod manifest;
 mod store;
 
 pub use manifest::{FileEntry, Manifest, ManifestLimits};
-pub use store::{BackendObserver, LoadOptions, LoadedModel, ModelError, ModelFiles, ModelStore, Origin};
+pub use store::{
+    BackendObserver, LoadOptions, LoadedModel, ModelError, ModelFiles, ModelGraph, ModelStore, Origin,
+};

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use div_nn::{ModelGraphs, OnnxConfig, OnnxGraph};
+use div_nn::{GgmlConfig, GgmlGraph, ModelGraphs, OnnxConfig, OnnxGraph};
 use div_runtime::{Limits, ModelConfig, ModelContext, Plugin, Runtime};
 use sha2::{Digest, Sha256};
 
@@ -144,6 +144,8 @@ pub struct LoadOptions {
     pub backend_observer: Option<BackendObserver>,
     /// Sessions and threads for ONNX graphs.
     pub onnx: OnnxConfig,
+    /// How `ggml` (llama.cpp) graphs make their generation contexts.
+    pub ggml: GgmlConfig,
     /// Pre-initialise plugins and snapshot them (wizer).
     pub snapshot: bool,
     /// Limits where a manifest sets none.
@@ -160,6 +162,7 @@ impl Default for LoadOptions {
         Self {
             backend_observer: None,
             onnx: OnnxConfig::default(),
+            ggml: GgmlConfig::default(),
             snapshot: true,
             default_limits: Limits::default(),
             max_limits: Limits {
@@ -173,14 +176,48 @@ impl Default for LoadOptions {
     }
 }
 
+/// A model's graph in the backend its encoding names.
+#[derive(Clone)]
+pub enum ModelGraph {
+    /// ONNX on ONNX Runtime (embeddings and other tensor models).
+    Onnx(OnnxGraph),
+    /// GGUF on llama.cpp (text generation).
+    Ggml(GgmlGraph),
+}
+
+impl ModelGraph {
+    /// The ONNX graph, if that is the encoding.
+    pub fn onnx(&self) -> Option<&OnnxGraph> {
+        match self {
+            Self::Onnx(g) => Some(g),
+            Self::Ggml(_) => None,
+        }
+    }
+
+    /// The llama.cpp model, if that is the encoding.
+    pub fn ggml(&self) -> Option<&GgmlGraph> {
+        match self {
+            Self::Ggml(g) => Some(g),
+            Self::Onnx(_) => None,
+        }
+    }
+
+    fn to_wasi_nn(&self) -> div_nn::Graph {
+        match self {
+            Self::Onnx(g) => g.clone().into_wasi_nn(),
+            Self::Ggml(g) => g.clone().into_wasi_nn(),
+        }
+    }
+}
+
 /// A model a host serves: its manifest, its plugin, and its graph (for direct use by benchmarks).
 pub struct LoadedModel {
     /// The manifest it was loaded from.
     pub manifest: Manifest,
     /// The prepared plugin.
     pub plugin: Plugin,
-    /// The graph in the backend.
-    pub graph: OnnxGraph,
+    /// The graph in its backend.
+    pub graph: ModelGraph,
     /// Unix time it was loaded (OpenAI's `created`).
     pub created: u64,
     /// Plaintext bytes of its package (what the LRU bound counts).
@@ -228,19 +265,29 @@ impl ModelStore {
     ) -> Result<Arc<LoadedModel>, ModelError> {
         files.verify()?;
         let ModelFiles { manifest, mut files } = files;
-        if manifest.encoding != "onnx" {
+        if !matches!(manifest.encoding.as_str(), "onnx" | "ggml") {
             return Err(ModelError::Encoding(manifest.encoding.clone()));
         }
         let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
         let weights = zeroize::Zeroizing::new(files.remove(&manifest.graph).unwrap_or_default());
-        let onnx = self.options.onnx;
-        let mut graph = tokio::task::spawn_blocking(move || OnnxGraph::load(&weights, onnx))
-            .await
-            .map_err(|e| ModelError::Task(e.to_string()))??;
-        if let Some(observe) = self.options.backend_observer.clone() {
-            let name = manifest.name.clone();
-            graph = graph.with_observer(Arc::new(move |d| observe(&name, d)));
-        }
+        let graph = if manifest.encoding == "ggml" {
+            let ggml = self.options.ggml;
+            ModelGraph::Ggml(
+                tokio::task::spawn_blocking(move || GgmlGraph::load(&weights, ggml))
+                    .await
+                    .map_err(|e| ModelError::Task(e.to_string()))??,
+            )
+        } else {
+            let onnx = self.options.onnx;
+            let mut graph = tokio::task::spawn_blocking(move || OnnxGraph::load(&weights, onnx))
+                .await
+                .map_err(|e| ModelError::Task(e.to_string()))??;
+            if let Some(observe) = self.options.backend_observer.clone() {
+                let name = manifest.name.clone();
+                graph = graph.with_observer(Arc::new(move |d| observe(&name, d)));
+            }
+            ModelGraph::Onnx(graph)
+        };
         let limits = self.limits_for(&manifest);
         let tokenizer = match files.get("tokenizer.json") {
             Some(bytes) => {
@@ -273,7 +320,7 @@ impl ModelStore {
                 extra: serde_json::Value::Object(manifest.extra.clone()).to_string(),
             },
             assets: files.into_iter().map(|(k, v)| (k, Arc::<[u8]>::from(v))).collect(),
-            graphs: ModelGraphs::single(manifest.name.clone(), graph.clone().into_wasi_nn()),
+            graphs: ModelGraphs::single(manifest.name.clone(), graph.to_wasi_nn()),
             tokenizer,
         });
         let persist = matches!(origin, Origin::Folder(_));

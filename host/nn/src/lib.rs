@@ -8,12 +8,17 @@
 //! name with a precise error instead of a panic, and runs concurrent requests on one loaded graph
 //! through a pool of sessions rather than a global lock.
 //!
+//! [`ggml`] runs GGUF models on llama.cpp for text generation, one token per `compute`, each
+//! request in a context of its own.
+//!
 //! Graphs are loaded by the host (never by a guest) and handed to plugins by name through a
 //! [`registry::ModelGraphs`] registry that shows each plugin only its own model.
 
+pub mod ggml;
 pub mod onnx;
 pub mod registry;
 
+pub use ggml::{GenOptions, Generation, GgmlBackend, GgmlConfig, GgmlGraph, Step, llama_backend};
 pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime, locate_onnx_runtime};
 pub use registry::ModelGraphs;
 pub use wasmtime_wasi_nn::backend::NamedTensor;

@@ -7,6 +7,8 @@
 wasmtime::component::bindgen!({
     world: "div:plugin/plugin-world",
     path: "../../wit",
+    // emitting after the caller has gone traps the plugin (see `state.rs`)
+    imports: { "div:plugin/streaming.emit": trappable },
 });
 
 pub use div::plugin::types::{Embeddings, Input, Level, ModelConfig, PluginError, Request, Response};

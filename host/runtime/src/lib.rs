@@ -16,4 +16,4 @@ pub mod state;
 pub use bindings::{Embeddings, Input, Level, ModelConfig, PluginError, Request, Response};
 pub use error::{InvokeError, LoadError};
 pub use runtime::{Plugin, Runtime, RuntimeConfig, Timings};
-pub use state::{Limits, ModelContext};
+pub use state::{Limits, ModelContext, StreamSink};

@@ -23,7 +23,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::bindings::{Embeddings, Input, PluginError, PluginWorld, PluginWorldPre, Request, Response};
 use crate::error::{InvokeError, LoadError};
-use crate::state::{Limits, ModelContext, RequestState};
+use crate::state::{Limits, ModelContext, RequestState, StreamSink};
 
 /// How the engine is set up. Defaults fit one machine.
 #[derive(Debug, Clone)]
@@ -309,6 +309,8 @@ fn link_div(linker: &mut Linker<RequestState>) -> Result<(), LoadError> {
         .map_err(err)?;
     crate::bindings::div::plugin::types::add_to_linker::<_, HasSelf<RequestState>>(linker, |s| s)
         .map_err(err)?;
+    crate::bindings::div::plugin::streaming::add_to_linker::<_, HasSelf<RequestState>>(linker, |s| s)
+        .map_err(err)?;
     wasmtime_wasi_nn::wit::add_to_linker(linker, RequestState::nn_view).map_err(err)?;
     Ok(())
 }
@@ -396,7 +398,7 @@ impl Plugin {
         inputs: &[Input],
         request_id: Arc<str>,
     ) -> (Result<Embeddings, InvokeError>, Timings) {
-        self.call(request_id, |store, world| world.div_plugin_plugin().call_embed(store, inputs))
+        self.call(request_id, None, |store, world| world.div_plugin_plugin().call_embed(store, inputs))
     }
 
     /// The general entry point in a fresh sandbox.
@@ -405,20 +407,36 @@ impl Plugin {
         request: &Request,
         request_id: Arc<str>,
     ) -> (Result<Response, InvokeError>, Timings) {
-        self.call(request_id, |store, world| world.div_plugin_plugin().call_handle(store, request))
+        self.call(request_id, None, |store, world| world.div_plugin_plugin().call_handle(store, request))
+    }
+
+    /// The general entry point in a fresh sandbox, with what the plugin emits (`streaming.emit`)
+    /// passed to `sink` as it comes.
+    pub fn handle_streaming(
+        &self,
+        request: &Request,
+        request_id: Arc<str>,
+        sink: StreamSink,
+    ) -> (Result<Response, InvokeError>, Timings) {
+        self.call(request_id, Some(sink), |store, world| {
+            world.div_plugin_plugin().call_handle(store, request)
+        })
     }
 
     /// Creates a sandbox and drops it: the per-request fixed cost, for benchmarks.
     pub fn instantiate_only(&self, request_id: Arc<str>) -> Result<Duration, InvokeError> {
         let started = Instant::now();
-        let mut store = self.store(request_id);
+        let mut store = self.store(request_id, None);
         self.pre.instantiate(&mut store).map_err(|e| InvokeError::Instantiate(format!("{e:#}")))?;
         Ok(started.elapsed())
     }
 
-    fn store(&self, request_id: Arc<str>) -> Store<RequestState> {
-        let mut store =
-            Store::new(&self.engine, RequestState::new(self.model.clone(), self.limits, request_id));
+    fn store(&self, request_id: Arc<str>, sink: Option<StreamSink>) -> Store<RequestState> {
+        let mut state = RequestState::new(self.model.clone(), self.limits, request_id);
+        if let Some(sink) = sink {
+            state = state.with_stream(sink);
+        }
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(ticks(self.limits.deadline, self.tick));
         store.epoch_deadline_trap();
@@ -437,6 +455,7 @@ impl Plugin {
     fn call<R>(
         &self,
         request_id: Arc<str>,
+        sink: Option<StreamSink>,
         f: impl FnOnce(&mut Store<RequestState>, &PluginWorld) -> wasmtime::Result<Result<R, PluginError>>,
     ) -> (Result<R, InvokeError>, Timings) {
         let started = Instant::now();
@@ -444,7 +463,7 @@ impl Plugin {
             Ok(s) => s,
             Err(e) => return (Err(e), Timings::default()),
         };
-        let mut store = self.store(request_id);
+        let mut store = self.store(request_id, sink);
         let world = match self.pre.instantiate(&mut store) {
             Ok(w) => w,
             Err(e) => {

@@ -13,7 +13,11 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_nn::Registry;
 use wasmtime_wasi_nn::wit::{WasiNnCtx, WasiNnView};
 
-use crate::bindings::{Level, ModelConfig, div::plugin::host};
+use crate::bindings::{Level, ModelConfig, div::plugin::host, div::plugin::streaming};
+
+/// Where a request's streamed text goes: called with each piece a plugin emits; returns false
+/// once the caller has gone.
+pub type StreamSink = Box<dyn FnMut(&str) -> bool + Send>;
 
 /// Most log lines one request may write through `host.log`; the rest are counted, not logged.
 const MAX_LOG_LINES: u32 = 64;
@@ -105,6 +109,9 @@ pub struct RequestState {
     pub(crate) limiter: Limiter,
     request_id: Arc<str>,
     log_lines: u32,
+    stream: Option<StreamSink>,
+    /// The sink said the caller has gone; the next emit traps.
+    stream_gone: bool,
 }
 
 /// A wall clock stopped at the epoch: plugins get no real time (monotonic time stays available).
@@ -138,7 +145,15 @@ impl RequestState {
             },
             request_id,
             log_lines: 0,
+            stream: None,
+            stream_gone: false,
         }
+    }
+
+    /// Sends what the plugin emits to `sink`.
+    pub fn with_stream(mut self, sink: StreamSink) -> Self {
+        self.stream = Some(sink);
+        self
     }
 
     pub(crate) fn nn_view(&mut self) -> WasiNnView<'_> {
@@ -153,6 +168,23 @@ impl WasiView for RequestState {
 }
 
 impl crate::bindings::div::plugin::types::Host for RequestState {}
+
+impl streaming::Host for RequestState {
+    fn emit(&mut self, delta: String) -> wasmtime::Result<Result<(), String>> {
+        if self.stream_gone {
+            // the plugin was told the caller left and went on generating: stop it here
+            return Err(wasmtime::Error::msg("the plugin kept emitting after the caller had gone"));
+        }
+        // without a sink (a request that is not streamed) the text arrives in the result
+        let delivered = self.stream.as_mut().is_none_or(|sink| sink(&delta));
+        if delivered {
+            Ok(Ok(()))
+        } else {
+            self.stream_gone = true;
+            Ok(Err("the caller has gone".to_string()))
+        }
+    }
+}
 
 impl host::Host for RequestState {
     fn log(&mut self, level: Level, message: String) {

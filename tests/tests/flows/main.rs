@@ -2,4 +2,5 @@
 
 mod api;
 mod chain;
+mod chat;
 mod runtime;

@@ -8,6 +8,9 @@
 //! - `count`: returns how many calls this instance has seen (a fresh instance per request: 1),
 //! - `echo` (anything else): embeds correctly through the graph (the host's control case).
 //!
+//! On the text-generation routes (`handle`), `stream-trap` and `stream-loop` emit three pieces
+//! and then trap or spin; anything else emits "echo" and answers a well-formed generation.
+//!
 //! The host must answer each with a JSON error within the deadline and keep serving.
 
 use div_plugin::nn::{Graph, Tensor};
@@ -24,6 +27,30 @@ fn mode() -> String {
 }
 
 impl Plugin for Misbehave {
+    fn handle(request: div_plugin::Request) -> Result<div_plugin::Response, PluginError> {
+        let mode = mode();
+        if mode.starts_with("stream-") {
+            for piece in ["one ", "two ", "three "] {
+                let _ = div_plugin::emit(piece);
+            }
+            if mode == "stream-trap" {
+                panic!("the plugin gave up mid-stream");
+            }
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        let _ = div_plugin::emit("echo");
+        Ok(div_plugin::Response {
+            status: 200,
+            body: format!(
+                r#"{{"text":"echo","finish_reason":"stop","usage":{{"prompt_tokens":{},"completion_tokens":1}}}}"#,
+                request.body.len().min(1000)
+            ),
+        })
+    }
+
     fn embed(inputs: Vec<Input>) -> Result<Embeddings, PluginError> {
         match mode().as_str() {
             "trap" => panic!("the plugin gave up"),

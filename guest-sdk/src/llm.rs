@@ -1,0 +1,105 @@
+//! Text generation over the host's `ggml` backend: a prompt in, text out one piece per step.
+//!
+//! The host's backend runs llama.cpp; each [`Generation::next`] is one `wasi:nn` `compute` and
+//! returns the next piece of text (whole UTF-8 characters), so the plugin can check stop
+//! sequences and post-process before it [`crate::emit`]s anything to the caller.
+//!
+//! ```ignore
+//! let mut g = Generation::start(&model_config().name, &prompt, &Options { max_tokens: 64, ..Default::default() })?;
+//! while let Some(piece) = g.next()? {
+//!     if div_plugin::emit(&piece).is_err() { break; } // the caller went away
+//! }
+//! let (prompt_tokens, completion_tokens) = g.usage();
+//! ```
+
+use crate::nn::{Context, Graph, NnError, Tensor, TensorType};
+
+/// Sampling settings, as the backend takes them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// 0 is greedy decoding.
+    pub temperature: f32,
+    /// Nucleus sampling mass (1 = off).
+    pub top_p: f32,
+    /// The sampler's seed.
+    pub seed: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+impl Options {
+    fn to_json(self) -> String {
+        format!(
+            r#"{{"max_tokens":{},"temperature":{},"top_p":{},"seed":{}}}"#,
+            self.max_tokens,
+            finite(self.temperature),
+            finite(self.top_p),
+            self.seed
+        )
+    }
+}
+
+fn finite(v: f32) -> f32 {
+    if v.is_finite() { v } else { 0.0 }
+}
+
+/// One generation in progress.
+pub struct Generation {
+    ctx: Context,
+    first: Option<Vec<(String, Tensor)>>,
+    done: bool,
+    usage: (u32, u32),
+}
+
+impl Generation {
+    /// Starts generating from `prompt` (chat template already applied) on the graph `name`.
+    pub fn start(name: &str, prompt: &str, options: &Options) -> Result<Self, NnError> {
+        let ctx = Graph::by_name(name)?.context()?;
+        let p = prompt.as_bytes().to_vec();
+        let o = options.to_json().into_bytes();
+        let first = vec![
+            ("prompt".to_string(), Tensor::raw(&[p.len() as u32], TensorType::U8, p)),
+            ("options".to_string(), Tensor::raw(&[o.len() as u32], TensorType::U8, o)),
+        ];
+        Ok(Self { ctx, first: Some(first), done: false, usage: (0, 0) })
+    }
+
+    /// The next piece of text, or `None` once the model has finished.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Result<Option<String>, NnError> {
+        if self.done {
+            return Ok(None);
+        }
+        let outputs = self.ctx.compute(self.first.take().unwrap_or_default())?;
+        let mut text = String::new();
+        for o in outputs {
+            match o.name.as_str() {
+                "token" => text = String::from_utf8_lossy(&o.data).into_owned(),
+                "done" => self.done = o.data.first() == Some(&1),
+                "usage" if o.data.len() >= 8 => {
+                    let p = i32::from_le_bytes([o.data[0], o.data[1], o.data[2], o.data[3]]);
+                    let g = i32::from_le_bytes([o.data[4], o.data[5], o.data[6], o.data[7]]);
+                    self.usage = (p.max(0) as u32, g.max(0) as u32);
+                }
+                _ => {}
+            }
+        }
+        Ok(Some(text))
+    }
+
+    /// Whether the model has finished (end of text, `max_tokens`, or a full context).
+    pub fn finished(&self) -> bool {
+        self.done
+    }
+
+    /// (prompt tokens, generated tokens) so far.
+    pub fn usage(&self) -> (u32, u32) {
+        self.usage
+    }
+}

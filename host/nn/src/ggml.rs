@@ -1,0 +1,547 @@
+//! GGUF models on llama.cpp (through `llama-cpp-2`), as a wasmtime-wasi-nn backend for the `ggml`
+//! encoding: text generation, one token per `compute`.
+//!
+//! wasi-nn has no streaming, so a generation is a run of `compute` calls on one execution
+//! context. The first call carries the inputs: `prompt` (U8, the UTF-8 text with the chat
+//! template already applied by the plugin) and optionally `options` (U8, JSON:
+//! `{"max_tokens", "temperature", "top_p", "seed"}`). Every call answers with the next piece of
+//! text: `token` (U8, whole UTF-8 characters only; a character split across tokens waits for its
+//! end), `done` (U8 `[1]` once the model ended, `max_tokens` was reached or the context is full)
+//! and `usage` (I32 `[prompt tokens, generated tokens]`). The plugin sees every token, so stop
+//! sequences and post-processing stay the owner's, inside the sandbox.
+//!
+//! Each execution context owns a llama.cpp context (its own KV cache) on a worker thread of its
+//! own, so concurrent requests on one loaded model decode side by side over the shared read-only
+//! weights; no global lock is held while decoding (creating a context takes a short per-model
+//! lock, as llama.cpp mutates the model while doing so). The worker decodes one token ahead of the
+//! plugin: while the plugin handles token n, token n+1 is being computed, so the sandbox costs
+//! almost nothing in tokens/s. Dropping the context (the request ended, or the caller went away)
+//! stops the worker after at most that one token. Decode steps draw on a process-wide pool of
+//! cores, so concurrent generations take turns instead of oversubscribing ggml's spinning
+//! workers.
+//!
+//! Plaintext weights never touch a filesystem: llama.cpp loads GGUF only from a path, so the host
+//! writes the decrypted bytes into an anonymous memory file (`memfd_create`, sealed against
+//! writes), and llama.cpp maps it from `/proc/self/fd/N`; the caller's buffer is zeroised after.
+
+use std::io::Write as _;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd as _, OwnedFd};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use wasmtime_wasi_nn::backend::{
+    BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id, NamedTensor,
+};
+use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
+use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor};
+
+use crate::NnError;
+
+static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+
+/// llama.cpp's process-wide state (for code that calls llama.cpp directly in the same process,
+/// such as the benchmarks' baseline), initialised on first use.
+pub fn llama_backend() -> Result<&'static LlamaBackend, NnError> {
+    backend()
+}
+
+/// llama.cpp's process-wide state, initialised once. Its own chatter (a hundred lines per model
+/// load) is dropped unless `DIV_LLAMA_LOG` is set, then it goes to `tracing`.
+fn backend() -> Result<&'static LlamaBackend, NnError> {
+    BACKEND
+        .get_or_init(|| {
+            let enabled = std::env::var_os("DIV_LLAMA_LOG").is_some();
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(enabled));
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| NnError::Runtime(format!("llama.cpp: {e}")))
+}
+
+/// Decodes running at once across every model: ggml's workers spin while they wait for each
+/// other, so more compute threads than cores turns a slowdown into a collapse (measured here: 4
+/// threads on 2 cores ran a 48-token generation 50× slower). Each decode step takes
+/// `threads` of the machine's cores from this pool, so concurrent requests take turns token by
+/// token instead of fighting over the cores.
+struct DecodeSlots {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+static SLOTS: OnceLock<DecodeSlots> = OnceLock::new();
+
+fn slots() -> &'static DecodeSlots {
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        DecodeSlots { free: Mutex::new(cores), freed: std::sync::Condvar::new() }
+    })
+}
+
+/// Cores held for one decode step; given back on drop.
+struct CoresHeld(usize);
+
+impl CoresHeld {
+    fn take(n: usize) -> Self {
+        let s = slots();
+        let mut free = s.free.lock().unwrap_or_else(|p| p.into_inner());
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // a request never waits for more cores than the machine has
+        let n = n.clamp(1, cores);
+        while *free < n {
+            free = s.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= n;
+        Self(n)
+    }
+}
+
+impl Drop for CoresHeld {
+    fn drop(&mut self) {
+        let s = slots();
+        *s.free.lock().unwrap_or_else(|p| p.into_inner()) += self.0;
+        s.freed.notify_all();
+    }
+}
+
+/// How generation contexts are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GgmlConfig {
+    /// Context length in tokens (prompt + generation) of each request.
+    pub n_ctx: u32,
+    /// Prompt tokens decoded per batch.
+    pub n_batch: u32,
+    /// Threads each request's decoding uses.
+    pub threads: i32,
+}
+
+impl Default for GgmlConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self { n_ctx: 2048, n_batch: 512, threads: i32::try_from(cores).unwrap_or(1) }
+    }
+}
+
+/// Loads `ggml` graphs with a [`GgmlConfig`].
+pub struct GgmlBackend {
+    config: GgmlConfig,
+}
+
+impl GgmlBackend {
+    /// A backend that loads graphs with `config`.
+    pub fn new(config: GgmlConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl BackendInner for GgmlBackend {
+    fn encoding(&self) -> GraphEncoding {
+        GraphEncoding::Ggml
+    }
+
+    fn load(&mut self, builders: &[&[u8]], _target: ExecutionTarget) -> Result<Graph, BackendError> {
+        let [bytes] = builders else {
+            return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
+        };
+        Ok(GgmlGraph::load(bytes, self.config)?.into_wasi_nn())
+    }
+
+    fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
+        None
+    }
+}
+
+struct Inner {
+    model: LlamaModel,
+    /// llama.cpp mutates the model while creating a context: one at a time.
+    create: Mutex<()>,
+    config: GgmlConfig,
+}
+
+/// A loaded GGUF model, shared by every request on it.
+#[derive(Clone)]
+pub struct GgmlGraph(Arc<Inner>);
+
+/// What one generation is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenOptions {
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+    /// 0 (or less) is greedy decoding.
+    pub temperature: f32,
+    /// Nucleus sampling mass (1 = off).
+    pub top_p: f32,
+    /// The sampler's seed (fixed seed + same prompt = same text).
+    pub seed: u32,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// One generated piece of text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Whole UTF-8 characters (possibly empty when a character is still incomplete).
+    pub text: Vec<u8>,
+    /// No more tokens will come.
+    pub done: bool,
+    /// Tokens of the prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated so far.
+    pub generated: u32,
+}
+
+impl GgmlGraph {
+    /// Loads GGUF `bytes` through an anonymous memory file (never a path on disk).
+    pub fn load(bytes: &[u8], config: GgmlConfig) -> Result<Self, NnError> {
+        let backend = backend()?;
+        if bytes.len() < 4 || &bytes[..4] != b"GGUF" {
+            return Err(NnError::Load("not a GGUF file (no GGUF magic)".into()));
+        }
+        let fd = memfd_with(bytes)?;
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let params = LlamaModelParams::default();
+        let model = LlamaModel::load_from_file(backend, &path, &params)
+            .map_err(|e| NnError::Load(format!("llama.cpp could not load the GGUF: {e}")))?;
+        // the mapping llama.cpp made keeps the pages; the descriptor is no longer needed
+        drop(fd);
+        Ok(Self(Arc::new(Inner { model, create: Mutex::new(()), config })))
+    }
+
+    /// This graph as a wasi-nn [`Graph`] for a registry.
+    pub fn into_wasi_nn(self) -> Graph {
+        Graph::from(Box::new(self) as Box<dyn BackendGraph>)
+    }
+
+    /// The model's context length in training (an upper bound for `n_ctx`).
+    pub fn n_ctx_train(&self) -> u32 {
+        self.0.model.n_ctx_train()
+    }
+
+    /// Tokens of `text` as this model's tokenizer reads a prompt (special tokens parsed).
+    pub fn count_tokens(&self, text: &str) -> usize {
+        self.0.model.vocab().tokenize(text.as_bytes(), true, true).len()
+    }
+
+    /// Starts generating from `prompt` on a worker of its own; the steps arrive in order.
+    pub fn generate(&self, prompt: Vec<u8>, options: GenOptions) -> Generation {
+        let (tx, rx) = sync_channel(1);
+        let inner = self.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("div-llm".into())
+            .spawn(move || run_generation(&inner, &prompt, options, &tx));
+        match spawned {
+            Ok(handle) => Generation { rx: Mutex::new(Some(rx)), worker: Some(handle), finished: false },
+            Err(e) => {
+                let (tx, rx) = sync_channel(1);
+                let _ = tx.send(Err(NnError::Inference(format!("starting a generation thread: {e}"))));
+                Generation { rx: Mutex::new(Some(rx)), worker: None, finished: false }
+            }
+        }
+    }
+}
+
+/// The steps of one generation, in order. Dropping it stops the worker and waits for it (at
+/// most the one decode step in flight), so no llama.cpp work outlives the request.
+pub struct Generation {
+    /// In a mutex only to be `Sync` (wasi-nn's contexts must be); never contended.
+    rx: Mutex<Option<Receiver<Result<Step, NnError>>>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    finished: bool,
+}
+
+impl Generation {
+    /// The next step; after the one marked `done`, an error.
+    pub fn next_step(&mut self) -> Result<Step, NnError> {
+        if self.finished {
+            return Err(NnError::InvalidInput(
+                "the generation has ended; compute again with a new prompt".into(),
+            ));
+        }
+        let rx = self.rx.get_mut().unwrap_or_else(|p| p.into_inner());
+        let rx = rx.as_ref().ok_or_else(|| NnError::Inference("the generation was stopped".into()))?;
+        let step = rx.recv().map_err(|_| NnError::Inference("the generation thread stopped".into()))??;
+        self.finished = step.done;
+        Ok(step)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        // closing the channel first makes the worker's next send fail, and so end
+        drop(self.rx.get_mut().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Writes `bytes` into a sealed anonymous memory file.
+fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, NnError> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let fd = rustix::fs::memfd_create(c"div-weights", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
+        .map_err(|e| NnError::Load(format!("memfd_create: {e}")))?;
+    let mut file = std::fs::File::from(fd);
+    file.write_all(bytes).map_err(|e| NnError::Load(format!("filling the memory file: {e}")))?;
+    let fd = OwnedFd::from(file);
+    rustix::fs::fcntl_add_seals(
+        &fd,
+        SealFlags::WRITE | SealFlags::GROW | SealFlags::SHRINK | SealFlags::SEAL,
+    )
+    .map_err(|e| NnError::Load(format!("sealing the memory file: {e}")))?;
+    Ok(fd)
+}
+
+fn run_generation(inner: &Inner, prompt: &[u8], o: GenOptions, tx: &SyncSender<Result<Step, NnError>>) {
+    if let Err(e) = generate_steps(inner, prompt, o, tx) {
+        let _ = tx.send(Err(e));
+    }
+}
+
+fn generate_steps(
+    inner: &Inner,
+    prompt: &[u8],
+    o: GenOptions,
+    tx: &SyncSender<Result<Step, NnError>>,
+) -> Result<(), NnError> {
+    let backend = backend()?;
+    let model = &inner.model;
+    let vocab = model.vocab();
+    let tokens = vocab.tokenize(prompt, true, true);
+    let n_ctx = inner.config.n_ctx.min(model.n_ctx_train().max(1));
+    if tokens.is_empty() {
+        return Err(NnError::InvalidInput("the prompt is empty".into()));
+    }
+    if tokens.len() >= n_ctx as usize {
+        return Err(NnError::InvalidInput(format!(
+            "the prompt has {} tokens; this model's context holds {n_ctx}",
+            tokens.len()
+        )));
+    }
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(n_ctx))
+        .with_n_batch(inner.config.n_batch)
+        .with_n_threads(inner.config.threads)
+        .with_n_threads_batch(inner.config.threads);
+    let mut ctx = {
+        let _one_at_a_time = inner.create.lock().unwrap_or_else(|p| p.into_inner());
+        model
+            .new_context(backend, params)
+            .map_err(|e| NnError::Inference(format!("llama.cpp context: {e}")))?
+    };
+    let decode_err = |e: llama_cpp_2::DecodeError| NnError::Inference(format!("llama.cpp decode: {e}"));
+    // the prompt, in batches; logits only for its last token
+    let n_batch = inner.config.n_batch.max(1) as usize;
+    let mut batch = LlamaBatch::new(n_batch, 1);
+    let last = tokens.len() - 1;
+    for (c, chunk) in tokens.chunks(n_batch).enumerate() {
+        batch.clear();
+        for (j, t) in chunk.iter().enumerate() {
+            let pos = c * n_batch + j;
+            batch.add(*t, pos as i32, &[0], pos == last).map_err(|e| NnError::Inference(e.to_string()))?;
+        }
+        let _cores = CoresHeld::take(inner.config.threads.max(1) as usize);
+        ctx.decode(&mut batch).map_err(decode_err)?;
+    }
+    let mut sampler = if o.temperature <= 0.0 {
+        LlamaSampler::greedy()
+    } else {
+        LlamaSampler::chain_simple([
+            LlamaSampler::top_p(o.top_p.clamp(0.0, 1.0), 1),
+            LlamaSampler::temp(o.temperature),
+            LlamaSampler::dist(o.seed),
+        ])
+    };
+    let prompt_tokens = tokens.len() as u32;
+    let mut n_past = tokens.len() as i32;
+    let mut generated = 0u32;
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let token: LlamaToken = sampler.sample(&ctx, batch.n_tokens() - 1);
+        sampler.accept(token);
+        generated += 1;
+        let eog = vocab.is_eog(token);
+        if !eog {
+            vocab.token_to_piece_into(token, &mut pending, false, None);
+        }
+        let full = n_past as u32 + 1 >= n_ctx;
+        let done = eog || generated >= o.max_tokens.max(1) || full;
+        let text = if done { std::mem::take(&mut pending) } else { take_whole_chars(&mut pending) };
+        // an end token is not text the caller receives, nor one they pay for
+        let counted = if eog { generated - 1 } else { generated };
+        if tx.send(Ok(Step { text, done, prompt_tokens, generated: counted })).is_err() || done {
+            // the request went away, or the generation is over: the context and its KV cache go
+            return Ok(());
+        }
+        batch.clear();
+        batch.add(token, n_past, &[0], true).map_err(|e| NnError::Inference(e.to_string()))?;
+        let cores = CoresHeld::take(inner.config.threads.max(1) as usize);
+        ctx.decode(&mut batch).map_err(decode_err)?;
+        drop(cores);
+        n_past += 1;
+    }
+}
+
+/// Takes the longest prefix of `buf` that is whole UTF-8 characters, leaving an incomplete tail.
+fn take_whole_chars(buf: &mut Vec<u8>) -> Vec<u8> {
+    let valid = match std::str::from_utf8(buf) {
+        Ok(_) => buf.len(),
+        // an incomplete sequence at the end waits; invalid bytes in the middle pass as they are
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => buf.len(),
+    };
+    let rest = buf.split_off(valid);
+    std::mem::replace(buf, rest)
+}
+
+impl BackendGraph for GgmlGraph {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        Ok(ExecutionContext::from(Box::new(GgmlContext {
+            graph: self.clone(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            generation: None,
+        }) as Box<dyn BackendExecutionContext>))
+    }
+}
+
+/// One request's generation, seen through wasi-nn.
+struct GgmlContext {
+    graph: GgmlGraph,
+    inputs: Vec<NamedTensor>,
+    outputs: Vec<NamedTensor>,
+    generation: Option<Generation>,
+}
+
+impl GgmlContext {
+    fn step(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, NnError> {
+        let mut prompt = None;
+        let mut options = GenOptions::default();
+        for t in inputs {
+            if t.tensor.ty != TensorType::U8 {
+                return Err(NnError::InvalidInput(format!("input {:?} must be U8 (UTF-8 bytes)", t.name)));
+            }
+            match t.name.as_str() {
+                "prompt" => prompt = Some(t.tensor.data),
+                "options" => {
+                    options = serde_json::from_slice(&t.tensor.data)
+                        .map_err(|e| NnError::InvalidInput(format!("options: {e}")))?;
+                }
+                other => {
+                    return Err(NnError::InvalidInput(format!("unknown input {other:?} (prompt, options)")));
+                }
+            }
+        }
+        if let Some(p) = prompt {
+            // a new prompt starts a new generation (the old one, if any, stops)
+            self.generation = Some(self.graph.generate(p, options));
+        }
+        let generation = self.generation.as_mut().ok_or_else(|| {
+            NnError::InvalidInput("no prompt: the first compute needs a `prompt` input".into())
+        })?;
+        let s = generation.next_step()?;
+        let len = u32::try_from(s.text.len()).unwrap_or(u32::MAX);
+        let usage = [s.prompt_tokens as i32, s.generated as i32];
+        Ok(vec![
+            NamedTensor {
+                name: "token".into(),
+                tensor: Tensor { dimensions: vec![len], ty: TensorType::U8, data: s.text },
+            },
+            NamedTensor {
+                name: "done".into(),
+                tensor: Tensor { dimensions: vec![1], ty: TensorType::U8, data: vec![u8::from(s.done)] },
+            },
+            NamedTensor {
+                name: "usage".into(),
+                tensor: Tensor {
+                    dimensions: vec![2],
+                    ty: TensorType::I32,
+                    data: usage.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                },
+            },
+        ])
+    }
+}
+
+impl BackendExecutionContext for GgmlContext {
+    fn set_input(&mut self, id: Id, tensor: &Tensor) -> Result<(), BackendError> {
+        let name = match id {
+            Id::Name(n) => n,
+            Id::Index(0) => "prompt".into(),
+            Id::Index(1) => "options".into(),
+            Id::Index(i) => {
+                return Err(NnError::InvalidInput(format!("no input #{i} (0 prompt, 1 options)")).into());
+            }
+        };
+        self.inputs.retain(|t| t.name != name);
+        self.inputs.push(NamedTensor { name, tensor: tensor.clone() });
+        Ok(())
+    }
+
+    fn get_output(&mut self, id: Id) -> Result<Tensor, BackendError> {
+        let found = match &id {
+            Id::Name(n) => self.outputs.iter().find(|t| &t.name == n),
+            Id::Index(i) => self.outputs.get(*i as usize),
+        };
+        found
+            .map(|t| t.tensor.clone())
+            .ok_or_else(|| NnError::InvalidInput(format!("no output {id:?}; run compute first")).into())
+    }
+
+    fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+    ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
+        match inputs {
+            Some(inputs) => Ok(Some(self.step(inputs)?)),
+            None => {
+                let inputs = std::mem::take(&mut self.inputs);
+                self.outputs = self.step(inputs)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_hold_back_only_an_incomplete_character() {
+        let mut buf = "héllo".as_bytes().to_vec();
+        assert_eq!(take_whole_chars(&mut buf), "héllo".as_bytes());
+        assert!(buf.is_empty());
+        let euro = "€".as_bytes(); // three bytes
+        let mut buf = b"a".to_vec();
+        buf.extend_from_slice(&euro[..2]);
+        assert_eq!(take_whole_chars(&mut buf), b"a");
+        assert_eq!(buf, &euro[..2]);
+        buf.extend_from_slice(&euro[2..]);
+        assert_eq!(take_whole_chars(&mut buf), euro);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let o: GenOptions = serde_json::from_str(r#"{"max_tokens": 5, "seed": 7}"#).unwrap_or_default();
+        assert_eq!((o.max_tokens, o.seed, o.temperature), (5, 7, 0.0));
+        assert!(serde_json::from_str::<GenOptions>(r#"{"max_token": 5}"#).is_err(), "a typo is refused");
+    }
+
+    #[test]
+    fn bytes_that_are_not_gguf_are_refused_before_llama_cpp_sees_them() {
+        let Err(e) = GgmlGraph::load(b"not a model", GgmlConfig::default()) else { panic!("loaded garbage") };
+        assert!(e.to_string().contains("GGUF"), "{e}");
+    }
+}

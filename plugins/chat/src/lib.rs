@@ -1,0 +1,243 @@
+//! Chat and text completion for instruction-tuned GGUF models on the host's `ggml` backend.
+//!
+//! The host validates the OpenAI request and hands this plugin a normalised body (route
+//! `/v1/chat/completions` or `/v1/completions`):
+//! `{"messages": [{"role", "content"}] | "prompt": "…", "max_tokens", "temperature", "top_p",
+//! "seed", "stop": ["…"]}`. The plugin
+//! 1. applies the model's chat template (the owner picks it in the manifest's `extra.template`;
+//!    `gemma` is built in, `plain` passes the prompt through),
+//! 2. generates token by token through `wasi:nn` (one `compute` per token),
+//! 3. holds back any text that could still become a stop sequence, cuts at the first stop, and
+//!    emits everything else to the caller at once (`streaming.emit`),
+//! 4. answers `{"text", "finish_reason": "stop" | "length", "usage": {"prompt_tokens",
+//!    "completion_tokens"}}`.
+//!
+//! If the caller goes away mid-stream (`emit` fails) it stops at once and reports what was
+//! generated, which is what the host charges.
+
+use div_plugin::llm::{Generation, Options};
+use div_plugin::{Plugin, PluginError, Request, Response};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    seed: Option<u32>,
+    #[serde(default)]
+    stop: Vec<String>,
+}
+
+/// Gemma's turn format. The tokenizer adds `<bos>`; a system message joins the first user turn,
+/// as Gemma has no system role.
+fn gemma(messages: &[Message]) -> Result<String, PluginError> {
+    let mut out = String::new();
+    let mut system = String::new();
+    for m in messages {
+        match m.role.as_str() {
+            "system" | "developer" => {
+                system.push_str(&m.content);
+                system.push_str("\n\n");
+            }
+            "user" => {
+                out.push_str("<start_of_turn>user\n");
+                out.push_str(&std::mem::take(&mut system));
+                out.push_str(&m.content);
+                out.push_str("<end_of_turn>\n");
+            }
+            "assistant" => {
+                out.push_str("<start_of_turn>model\n");
+                out.push_str(&m.content);
+                out.push_str("<end_of_turn>\n");
+            }
+            other => return Err(PluginError::InvalidInput(format!("messages: unknown role {other:?}"))),
+        }
+    }
+    if !system.is_empty() {
+        out.push_str("<start_of_turn>user\n");
+        out.push_str(system.trim_end());
+        out.push_str("<end_of_turn>\n");
+    }
+    out.push_str("<start_of_turn>model\n");
+    Ok(out)
+}
+
+fn template() -> String {
+    let extra = div_plugin::model_config().extra;
+    serde_json::from_str::<serde_json::Value>(&extra)
+        .ok()
+        .and_then(|v| v.get("template").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "gemma".to_string())
+}
+
+/// The end of `text` that could still grow into a stop sequence: held back until it cannot.
+fn holdback(text: &str, stops: &[String]) -> usize {
+    let mut keep = 0;
+    for s in stops {
+        for k in (1..s.len()).rev() {
+            if k <= text.len()
+                && s.is_char_boundary(k)
+                && text.is_char_boundary(text.len() - k)
+                && text.ends_with(&s[..k])
+            {
+                keep = keep.max(k);
+                break;
+            }
+        }
+    }
+    keep
+}
+
+/// Where the earliest stop sequence starts in `text`, looking only where one could end after
+/// byte `sent` (what was emitted never contains one).
+fn find_stop(text: &str, sent: usize, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter_map(|s| {
+            let mut from = sent.saturating_sub(s.len());
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            text[from..].find(s.as_str()).map(|i| from + i)
+        })
+        .min()
+}
+
+struct Chat;
+
+impl Chat {
+    fn run(body: Body) -> Result<serde_json::Value, PluginError> {
+        let prompt = match (&body.messages, &body.prompt) {
+            (Some(m), None) => match template().as_str() {
+                "gemma" => gemma(m)?,
+                "plain" => m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
+                other => {
+                    return Err(PluginError::Internal(format!(
+                        "unknown chat template {other:?} in the manifest"
+                    )));
+                }
+            },
+            (None, Some(p)) => p.clone(),
+            _ => return Err(PluginError::InvalidInput("give either messages or prompt".into())),
+        };
+        let options = Options {
+            max_tokens: body.max_tokens.unwrap_or(256).max(1),
+            temperature: body.temperature.unwrap_or(0.0),
+            top_p: body.top_p.unwrap_or(1.0),
+            seed: body.seed.unwrap_or(0),
+        };
+        let stops: Vec<String> = body.stop.into_iter().filter(|s| !s.is_empty()).collect();
+        let name = div_plugin::model_config().name;
+        let mut g = Generation::start(&name, &prompt, &options)?;
+        let mut text = String::new(); // everything generated (after the stop cut)
+        let mut sent = 0; // bytes of `text` already emitted
+        let mut finish = "length";
+        let mut gone = false;
+        while let Some(piece) = g.next()? {
+            text.push_str(&piece);
+            if let Some(i) = find_stop(&text, sent, &stops) {
+                text.truncate(i);
+                finish = "stop";
+            }
+            let safe = if finish == "stop" { text.len() } else { text.len() - holdback(&text, &stops) };
+            if safe > sent {
+                if div_plugin::emit(&text[sent..safe]).is_err() {
+                    gone = true;
+                    break;
+                }
+                sent = safe;
+            }
+            if finish == "stop" {
+                break;
+            }
+            if g.finished() {
+                let (_, generated) = g.usage();
+                finish = if generated < options.max_tokens { "stop" } else { "length" };
+            }
+        }
+        if !gone && sent < text.len() {
+            // the held-back tail never became a stop sequence
+            let _ = div_plugin::emit(&text[sent..]);
+        }
+        let (prompt_tokens, completion_tokens) = g.usage();
+        Ok(serde_json::json!({
+            "text": text,
+            "finish_reason": if gone { "cancelled" } else { finish },
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+        }))
+    }
+}
+
+impl Plugin for Chat {
+    fn handle(request: Request) -> Result<Response, PluginError> {
+        match request.route.as_str() {
+            "/v1/chat/completions" | "/v1/completions" => {}
+            other => return Err(PluginError::Unsupported(format!("no route {other}"))),
+        }
+        let body: Body = serde_json::from_str(&request.body)
+            .map_err(|e| PluginError::InvalidInput(format!("body: {e}")))?;
+        let out = Self::run(body)?;
+        Ok(Response { status: 200, body: out.to_string() })
+    }
+}
+
+div_plugin::export!(Chat);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn gemma_turns_fold_the_system_message_into_the_first_user_turn() {
+        let p = gemma(&[
+            msg("system", "Be brief."),
+            msg("user", "Hi"),
+            msg("assistant", "Hello"),
+            msg("user", "Why?"),
+        ])
+        .unwrap_or_default();
+        assert_eq!(
+            p,
+            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n\
+             <start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
+        );
+        assert!(gemma(&[msg("tool", "x")]).is_err());
+    }
+
+    #[test]
+    fn the_earliest_stop_wins_and_is_found_across_pieces() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(find_stop("abc END x\n\n", 0, &stops), Some(4));
+        assert_eq!(find_stop("é€ abc\n", 6, &stops), None);
+        assert_eq!(find_stop("é€ abc\n\n", 9, &stops), Some(9));
+    }
+
+    #[test]
+    fn only_a_possible_stop_prefix_is_held_back() {
+        let stops = vec!["\n\nUser:".to_string(), "END".to_string()];
+        assert_eq!(holdback("hello", &stops), 0);
+        assert_eq!(holdback("hello\n", &stops), 1);
+        assert_eq!(holdback("hello\n\nUse", &stops), 5);
+        assert_eq!(holdback("the EN", &stops), 2);
+    }
+}

@@ -1,0 +1,180 @@
+//! Text generation through HTTP + the chat plugin against llama.cpp called directly, in one run.
+//!
+//! - direct: `llama-cpp-2` on the same GGUF, greedy, the prompt the plugin builds, in this
+//!   process (no sandbox, no HTTP);
+//! - served: `POST /v1/chat/completions` with `stream: true` to an in-process host on loopback,
+//!   reading the SSE chunks as they arrive.
+//!
+//! Both count from the request (or the first decode) to each token: time to first token, and
+//! tokens/s over the whole generation. Runs alternate between the two so drift hits both; medians
+//! are compared. Then four streams at once (aggregate tokens/s). Writes `bench/out/llm.json`
+//! (`llm_tokens_ratio`, `llm_ttft_ms`, `llm_direct_ttft_ms`, `llm_tokens_per_s`,
+//! `llm_direct_tokens_per_s`, `llm_tokens_per_s_4streams`) and `llm.md`.
+
+use std::time::{Duration, Instant};
+
+use div_api::ApiConfig;
+use div_tests::{TestHost, gemma_dir, gemma_prompt, workspace_root};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use serde_json::json;
+
+const QUESTION: &str = "Explain in a few sentences why model owners want their weights encrypted.";
+const MAX_TOKENS: usize = 96;
+const ROUNDS: usize = 5;
+
+/// One generation's timing: time to first token, tokens, total time.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    ttft: Duration,
+    tokens: usize,
+    total: Duration,
+}
+
+impl Run {
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.total.as_secs_f64().max(1e-9)
+    }
+}
+
+fn direct(model: &LlamaModel, prompt: &str, threads: i32) -> anyhow::Result<Run> {
+    let backend = div_nn::llama_backend()?;
+    let started = Instant::now();
+    let params = LlamaContextParams::default()
+        .with_n_ctx(std::num::NonZeroU32::new(2048))
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(backend, params)?;
+    let vocab = model.vocab();
+    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
+    let mut batch = LlamaBatch::new(512, 1);
+    for (i, t) in tokens.iter().enumerate() {
+        batch.add(*t, i as i32, &[0], i + 1 == tokens.len())?;
+    }
+    ctx.decode(&mut batch)?;
+    let mut sampler = LlamaSampler::greedy();
+    let start = tokens.len() as i32;
+    let (mut ttft, mut n) = (Duration::ZERO, 0);
+    let mut piece = Vec::new();
+    for pos in start..start + MAX_TOKENS as i32 {
+        let t = sampler.sample(&ctx, batch.n_tokens() - 1);
+        sampler.accept(t);
+        if vocab.is_eog(t) {
+            break;
+        }
+        vocab.token_to_piece_into(t, &mut piece, false, None);
+        n += 1;
+        if n == 1 {
+            ttft = started.elapsed();
+        }
+        batch.clear();
+        batch.add(t, pos, &[0], true)?;
+        ctx.decode(&mut batch)?;
+    }
+    Ok(Run { ttft, tokens: n, total: started.elapsed() })
+}
+
+async fn served(url: &str) -> anyhow::Result<Run> {
+    let started = Instant::now();
+    let mut r = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({
+            "model": "gemma-3-270m", "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": MAX_TOKENS, "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "status {}", r.status());
+    let (mut ttft, mut last, mut tokens) = (None, started.elapsed(), 0usize);
+    let mut buf = String::new();
+    while let Some(chunk) = r.chunk().await? {
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let ev: String = buf.drain(..end + 2).collect();
+            let Some(data) = ev.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(data)?;
+            if v["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty()) {
+                last = started.elapsed();
+                ttft.get_or_insert(last);
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n as usize;
+            }
+        }
+    }
+    Ok(Run { ttft: ttft.unwrap_or(last), tokens, total: last })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let host = TestHost::start(ApiConfig::default()).await?;
+    host.load_gemma().await?;
+    let backend = div_nn::llama_backend()?;
+    let model =
+        LlamaModel::load_from_file(backend, gemma_dir().join("model.gguf"), &LlamaModelParams::default())?;
+    let threads = div_nn::GgmlConfig::default().threads;
+    let prompt = gemma_prompt(QUESTION);
+    // warm both paths once
+    direct(&model, &prompt, threads)?;
+    served(&host.url).await?;
+    let (mut d, mut s) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        d.push(tokio::task::block_in_place(|| direct(&model, &prompt, threads))?);
+        s.push(served(&host.url).await?);
+    }
+    anyhow::ensure!(
+        d[0].tokens == s[0].tokens,
+        "direct generated {} tokens, served {}",
+        d[0].tokens,
+        s[0].tokens
+    );
+    let d_tps = median(d.iter().map(Run::tokens_per_s).collect());
+    let s_tps = median(s.iter().map(Run::tokens_per_s).collect());
+    let d_ttft = median(d.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
+    let s_ttft = median(s.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
+    // four streams at once: aggregate tokens per second over the wall time
+    let started = Instant::now();
+    let runs = futures_join4(&host.url).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let four = runs.iter().map(|r| r.tokens).sum::<usize>() as f64 / wall;
+    let out = json!({
+        "llm_tokens_ratio": s_tps / d_tps,
+        "llm_ttft_ms": s_ttft,
+        "llm_direct_ttft_ms": d_ttft,
+        "llm_tokens_per_s": s_tps,
+        "llm_direct_tokens_per_s": d_tps,
+        "llm_tokens_per_s_4streams": four,
+    });
+    let md = format!(
+        "## Text generation (Gemma 3 270M Q4_K_M, llama.cpp, {} tokens greedy, {threads} threads, median of {ROUNDS})\n\n\
+         | path | tokens/s | time to first token |\n|---|---:|---:|\n\
+         | llama-cpp-2 directly | {d_tps:.1} | {d_ttft:.1} ms |\n\
+         | HTTP + chat plugin (SSE) | {s_tps:.1} | {s_ttft:.1} ms |\n\n\
+         Ratio served ÷ direct: **{:.3}** (goal ≥ 0.95). Four concurrent streams: {four:.1} tokens/s in all.\n",
+        d[0].tokens,
+        s_tps / d_tps
+    );
+    println!("{md}");
+    let dir = workspace_root().join("bench/out");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("llm.json"), serde_json::to_string_pretty(&out)?)?;
+    std::fs::write(dir.join("llm.md"), md)?;
+    Ok(())
+}
+
+async fn futures_join4(url: &str) -> anyhow::Result<Vec<Run>> {
+    let (a, b, c, d) = tokio::join!(served(url), served(url), served(url), served(url));
+    Ok(vec![a?, b?, c?, d?])
+}
