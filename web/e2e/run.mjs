@@ -165,6 +165,37 @@ try {
     await shot(page, 'playground');
   });
 
+  await check('the user streams a chat completion token by token, priced per token', async () => {
+    await page.goto(url);
+    await page.getByRole('link', { name: 'gemma-3-270m' }).click();
+    await page.getByTestId('tier').waitFor();
+    await page.getByLabel('tokens to buy').fill('1');
+    await page.getByTestId('buy').click();
+    await confirmed(page, 'Buy 1 DIVA');
+    await page.getByTestId('sign-permit').click();
+    await page.getByTestId('api-key').waitFor();
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      await page.getByTestId('send').click();
+      await page.waitForFunction(() => document.querySelector('[data-testid="receipt"]') || document.querySelector('[data-testid="playground-error"]'), null, { timeout: 60_000 });
+      await page.waitForFunction(() => !document.querySelector('[data-testid="send"]').disabled, null, { timeout: 60_000 });
+      if (await page.getByTestId('receipt').count()) break;
+      assert.ok(Date.now() < deadline, `still refused: ${await page.getByTestId('playground-error').textContent()}`);
+      await page.waitForTimeout(500);
+    }
+    const text = await page.getByTestId('chat-output').textContent();
+    assert.ok(text.trim().length > 10, `generated ${JSON.stringify(text)}`);
+    const stats = await page.getByTestId('chat-stats').textContent();
+    const chunks = Number(stats.match(/(\d+) chunks streamed/)[1]);
+    assert.ok(chunks >= 3, `streamed in pieces: ${stats}`);
+    const tokens = stats.match(/(\d+) prompt \+ (\d+) completion tokens/).slice(1).map(Number);
+    // 0.0005 per request + 0.002 per 1000 tokens, rounded up to the base unit (6 decimals)
+    const expected = 500 + Math.ceil((2000 * (tokens[0] + tokens[1])) / 1000);
+    assert.match(await page.getByTestId('cost').textContent(), new RegExp(`^${(expected / 1e6).toFixed(6).replace(/0+$/, '')}`));
+    await page.getByTestId('receipt-verified').waitFor();
+    await shot(page, 'chat-stream');
+  });
+
   await check('a rejected transaction shows the decoded custom error', async () => {
     await timed(page, 'account_page_ms', () => page.goto(`${url}#/account`), () => page.getByTestId('deposit-balance').waitFor());
     await page.getByLabel('withdraw amount').fill('1000');
@@ -190,22 +221,29 @@ try {
   await check('the owner sees earnings rise after settlement', async () => {
     await page.goto(`${url}#/owner`);
     await connect(page, 1);
-    await timed(page, 'owner_page_ms', () => page.reload(), () => page.getByTestId('earned').filter({ hasText: 'USDC' }).waitFor());
-    const before = Number((await page.getByTestId('earned').textContent()).split(' ')[0]);
-    await page.getByTestId('unsettled').filter({ hasText: '0.002' }).waitFor();
+    const card = page.getByTestId('owner-model').filter({ hasText: 'all-minilm-l6-v2' });
+    const earned = card.getByTestId('earned');
+    await timed(page, 'owner_page_ms', () => page.reload(), () => earned.filter({ hasText: 'USDC' }).waitFor());
+    const before = Number((await earned.textContent()).split(' ')[0]);
+    await card.getByTestId('unsettled').filter({ hasText: '0.002' }).waitFor();
     execFileSync(process.env.DIV_BIN, ['settle', '--now', '--url', process.env.DIV_URL, '--state-dir', process.env.DIV_HOST_STATE], { stdio: 'inherit' });
     await page.waitForFunction(
-      (b) => Number(document.querySelector('[data-testid="earned"]').textContent.split(' ')[0]) >= b + 0.002 - 1e-9,
+      (b) => {
+        const cards = [...document.querySelectorAll('[data-testid="owner-model"]')].filter((c) => c.textContent.includes('all-minilm-l6-v2'));
+        const e = cards[0]?.querySelector('[data-testid="earned"]');
+        return e && Number(e.textContent.split(' ')[0]) >= b + 0.002 - 1e-9;
+      },
       before,
       { timeout: 20_000 },
     );
-    await page.getByTestId('earnings-chart').waitFor();
+    await card.getByTestId('earnings-chart').waitFor();
     await shot(page, 'owner-earnings');
   });
 
   await check('the owner authorising a host twice is refused with the decoded error', async () => {
-    await page.getByLabel('host to authorise').fill(process.env.DIV_HOST);
-    await page.getByTestId('authorize').click();
+    const card = page.getByTestId('owner-model').filter({ hasText: 'all-minilm-l6-v2' });
+    await card.getByLabel('host to authorise').fill(process.env.DIV_HOST);
+    await card.getByTestId('authorize').click();
     const t = await lastTx(page, 'Authorise host');
     assert.equal(t.status, 'failed');
     assert.match(t.error, /That host already has that authorisation: HostAlreadyInState\(/);

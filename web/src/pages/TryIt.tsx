@@ -110,7 +110,7 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
       <div className="panel">
         <h2>Try it</h2>
         <p className="empty">This host serves {model.name} without metering.</p>
-        <Playground model={served} />
+        {served.task === 'chat' ? <ChatPlayground model={served} /> : <Playground model={served} />}
       </div>
     );
   }
@@ -196,7 +196,19 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
           <Snippets apiKey={freshKey} model={served.id} />
         </div>
       )}
-      {current && (
+      {current && served.task === 'chat' && (
+        <ChatPlayground
+          model={served}
+          apiKey={current.key}
+          cap={BigInt(current.cap)}
+          onForget={() => {
+            localStorage.removeItem(k);
+            setSaved(undefined);
+            setFreshKey(undefined);
+          }}
+        />
+      )}
+      {current && served.task !== 'chat' && (
         <Playground
           model={served}
           apiKey={current.key}
@@ -223,7 +235,7 @@ function Playground({
   cap?: bigint;
   onForget?: () => void;
 }) {
-  const { stablecoin, info } = useApp();
+  const { info } = useApp();
   const [text, setText] = useState('The vault keeps the weights encrypted.\nModel weights stay sealed in storage.\nI had pasta for dinner.');
   const [running, setRunning] = useState(false);
   const [answer, setAnswer] = useState<{ inputs: string[]; vectors: number[][]; receipt?: Receipt; ms: number }>();
@@ -243,10 +255,7 @@ function Playground({
       const vectors = body.data.sort((a, b) => a.index - b.index).map((d) => d.embedding);
       setAnswer({ inputs, vectors, receipt: body.receipt, ms: performance.now() - t0 });
       setVerified(undefined);
-      if (body.receipt) {
-        const signer = await recoverMessageAddress({ message: receiptMessage(body.receipt), signature: body.receipt.signature });
-        setVerified(signer.toLowerCase() === (info.host ?? '').toLowerCase());
-      }
+      if (body.receipt) setVerified(await verifyReceipt(body.receipt, info.host));
     } catch (e) {
       setError(e instanceof HostError ? `${e.status}: ${e.message}` : describeError(e));
     } finally {
@@ -254,7 +263,6 @@ function Playground({
     }
   };
   const sims = useMemo(() => answer?.vectors.map((a) => answer.vectors.map((b) => cosine(a, b))), [answer]);
-  const spent = answer?.receipt ? BigInt(answer.receipt.cumulative_amount) : undefined;
   return (
     <div className="playground" data-testid="playground">
       <h3>Playground — {model.id}</h3>
@@ -288,28 +296,158 @@ function Playground({
           </table>
         </>
       )}
-      {answer?.receipt && (
-        <div className="receipt" data-testid="receipt">
-          <strong>Receipt</strong> {verified === true && <span className="ok" data-testid="receipt-verified">signed by host {short(answer.receipt.host)} ✓</span>}
-          {verified === false && <span className="error">signature does not match this host</span>}
-          <dl className="facts">
-            <dt>This call</dt>
-            <dd data-testid="cost">{amount(answer.receipt.amount, stablecoin.decimals, stablecoin.symbol)}</dd>
-            <dt>Total on this permit</dt>
-            <dd data-testid="spent">
-              {amount(answer.receipt.cumulative_amount, stablecoin.decimals, stablecoin.symbol)} of{' '}
-              {cap !== undefined ? amount(cap, stablecoin.decimals, stablecoin.symbol) : '—'} ({answer.receipt.cumulative_requests} requests)
-            </dd>
-            <dt>Request</dt>
-            <dd>{answer.receipt.request_id}</dd>
-            <dt>Permit</dt>
-            <dd>{short(answer.receipt.permit_hash)}</dd>
-          </dl>
-          {cap !== undefined && spent !== undefined && cap > 0n && (
-            <progress max={1000} value={Number((spent * 1000n) / cap)} aria-label="spent of cap" />
-          )}
-        </div>
+      {answer?.receipt && <ReceiptView receipt={answer.receipt} verified={verified} cap={cap} />}
+    </div>
+  );
+}
+
+function ReceiptView({ receipt, verified, cap }: { receipt: Receipt; verified?: boolean; cap?: bigint }) {
+  const { stablecoin } = useApp();
+  const spent = BigInt(receipt.cumulative_amount);
+  return (
+    <div className="receipt" data-testid="receipt">
+      <strong>Receipt</strong>{' '}
+      {verified === true && <span className="ok" data-testid="receipt-verified">signed by host {short(receipt.host)} ✓</span>}
+      {verified === false && <span className="error">signature does not match this host</span>}
+      <dl className="facts">
+        <dt>This call</dt>
+        <dd data-testid="cost">{amount(receipt.amount, stablecoin.decimals, stablecoin.symbol)}</dd>
+        <dt>Total on this permit</dt>
+        <dd data-testid="spent">
+          {amount(receipt.cumulative_amount, stablecoin.decimals, stablecoin.symbol)} of{' '}
+          {cap !== undefined ? amount(cap, stablecoin.decimals, stablecoin.symbol) : '—'} ({receipt.cumulative_requests} requests)
+        </dd>
+        <dt>Request</dt>
+        <dd>{receipt.request_id}</dd>
+        <dt>Permit</dt>
+        <dd>{short(receipt.permit_hash)}</dd>
+      </dl>
+      {cap !== undefined && cap > 0n && <progress max={1000} value={Number((spent * 1000n) / cap)} aria-label="spent of cap" />}
+    </div>
+  );
+}
+
+/** Checks the host's EIP-191 signature on a receipt against the host's address. */
+async function verifyReceipt(r: Receipt, host?: string): Promise<boolean> {
+  const signer = await recoverMessageAddress({ message: receiptMessage(r), signature: r.signature });
+  return signer.toLowerCase() === (host ?? '').toLowerCase();
+}
+
+/** Reads a server-sent-events body, calling `onData` with each event's data. */
+async function readEvents(body: ReadableStream<Uint8Array>, onData: (data: string) => void) {
+  const reader = body.getReader();
+  const decoder = new TextDecoder();
+  let buf = '';
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buf += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buf.indexOf('\n\n')) >= 0) {
+      const event = buf.slice(0, end);
+      buf = buf.slice(end + 2);
+      for (const line of event.split('\n')) if (line.startsWith('data: ')) onData(line.slice(6));
+    }
+  }
+}
+
+function ChatPlayground({ model, apiKey, cap, onForget }: { model: HostModel; apiKey?: string; cap?: bigint; onForget?: () => void }) {
+  const { info } = useApp();
+  const [message, setMessage] = useState('Write a haiku about vaults.');
+  const [maxTokens, setMaxTokens] = useState('64');
+  const [output, setOutput] = useState('');
+  const [chunks, setChunks] = useState(0);
+  const [running, setRunning] = useState(false);
+  const [abort, setAbort] = useState<AbortController>();
+  const [receipt, setReceipt] = useState<Receipt>();
+  const [verified, setVerified] = useState<boolean>();
+  const [usage, setUsage] = useState<{ prompt_tokens: number; completion_tokens: number }>();
+  const [finish, setFinish] = useState<string>();
+  const [ttft, setTtft] = useState<number>();
+  const [error, setError] = useState<string>();
+  const send = async () => {
+    setError(undefined);
+    setOutput('');
+    setChunks(0);
+    setReceipt(undefined);
+    setVerified(undefined);
+    setUsage(undefined);
+    setFinish(undefined);
+    setTtft(undefined);
+    setRunning(true);
+    const ctl = new AbortController();
+    setAbort(ctl);
+    const t0 = performance.now();
+    try {
+      const res = await fetch('/v1/chat/completions', {
+        method: 'POST',
+        signal: ctl.signal,
+        headers: { 'content-type': 'application/json', ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}) },
+        body: JSON.stringify({
+          model: model.id,
+          messages: [{ role: 'user', content: message }],
+          max_tokens: Number(maxTokens) || 64,
+          temperature: 0,
+          stream: true,
+          stream_options: { include_usage: true },
+        }),
+      });
+      if (!res.ok || !res.body) {
+        const body = await res.json().catch(() => undefined);
+        throw new HostError(res.status, body?.error?.message ?? `the host answered ${res.status}`);
+      }
+      let first = true;
+      await readEvents(res.body, (data) => {
+        if (data === '[DONE]') return;
+        const v = JSON.parse(data);
+        if (v.error) throw new HostError(500, v.error.message);
+        const piece: string | undefined = v.choices?.[0]?.delta?.content;
+        if (piece) {
+          if (first) setTtft(performance.now() - t0);
+          first = false;
+          setOutput((o) => o + piece);
+          setChunks((n) => n + 1);
+        }
+        if (v.choices?.[0]?.finish_reason) setFinish(v.choices[0].finish_reason);
+        if (v.usage) setUsage(v.usage);
+        if (v.receipt) {
+          setReceipt(v.receipt);
+          void verifyReceipt(v.receipt, info.host).then(setVerified);
+        }
+      });
+    } catch (e) {
+      if (!(e instanceof DOMException && e.name === 'AbortError')) {
+        setError(e instanceof HostError ? `${e.status}: ${e.message}` : describeError(e));
+      }
+    } finally {
+      setRunning(false);
+      setAbort(undefined);
+    }
+  };
+  return (
+    <div className="playground" data-testid="playground">
+      <h3>Chat — {model.id}</h3>
+      <textarea rows={3} value={message} onChange={(e) => setMessage(e.target.value)} aria-label="message" />
+      <div className="form-row">
+        <label>
+          max tokens <input value={maxTokens} onChange={(e) => setMaxTokens(e.target.value)} aria-label="max tokens" size={5} />
+        </label>
+        <button onClick={send} disabled={running} data-testid="send">{running ? 'Generating…' : 'Send'}</button>
+        {running && <button onClick={() => abort?.abort()}>Stop</button>}
+        {onForget && <button onClick={onForget}>Forget this key</button>}
+      </div>
+      {error && <p className="error" role="alert" data-testid="playground-error">{error}</p>}
+      {(output || running) && (
+        <pre className="chat-output" data-testid="chat-output">{output}{running ? '▍' : ''}</pre>
       )}
+      {(chunks > 0 || finish) && (
+        <p className="muted" data-testid="chat-stats">
+          {chunks} chunks streamed{ttft !== undefined ? `, first after ${ttft.toFixed(0)} ms` : ''}
+          {usage ? `; ${usage.prompt_tokens} prompt + ${usage.completion_tokens} completion tokens` : ''}
+          {finish ? ` (${finish})` : ''}
+        </p>
+      )}
+      {receipt && <ReceiptView receipt={receipt} verified={verified} cap={cap} />}
     </div>
   );
 }
