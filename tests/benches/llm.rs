@@ -14,12 +14,9 @@
 use std::time::{Duration, Instant};
 
 use div_api::ApiConfig;
-use div_tests::{TestHost, gemma_dir, gemma_prompt, workspace_root};
-use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::llama_batch::LlamaBatch;
+use div_tests::{TestHost, gemma_dir, gemma_prompt, llama_generate, workspace_root};
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::sampling::LlamaSampler;
 use serde_json::json;
 
 const QUESTION: &str = "Explain in a few sentences why model owners want their weights encrypted.";
@@ -40,41 +37,13 @@ impl Run {
     }
 }
 
-fn direct(model: &LlamaModel, prompt: &str, threads: i32) -> anyhow::Result<Run> {
-    let backend = div_nn::llama_backend()?;
+fn direct(model: &LlamaModel, prompt: &str) -> anyhow::Result<Run> {
     let started = Instant::now();
-    let params = LlamaContextParams::default()
-        .with_n_ctx(std::num::NonZeroU32::new(2048))
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    let mut ctx = model.new_context(backend, params)?;
-    let vocab = model.vocab();
-    let tokens = vocab.tokenize(prompt.as_bytes(), true, true);
-    let mut batch = LlamaBatch::new(512, 1);
-    for (i, t) in tokens.iter().enumerate() {
-        batch.add(*t, i as i32, &[0], i + 1 == tokens.len())?;
-    }
-    ctx.decode(&mut batch)?;
-    let mut sampler = LlamaSampler::greedy();
-    let start = tokens.len() as i32;
-    let (mut ttft, mut n) = (Duration::ZERO, 0);
-    let mut piece = Vec::new();
-    for pos in start..start + MAX_TOKENS as i32 {
-        let t = sampler.sample(&ctx, batch.n_tokens() - 1);
-        sampler.accept(t);
-        if vocab.is_eog(t) {
-            break;
-        }
-        vocab.token_to_piece_into(t, &mut piece, false, None);
-        n += 1;
-        if n == 1 {
-            ttft = started.elapsed();
-        }
-        batch.clear();
-        batch.add(t, pos, &[0], true)?;
-        ctx.decode(&mut batch)?;
-    }
-    Ok(Run { ttft, tokens: n, total: started.elapsed() })
+    let mut ttft = None;
+    let tokens = llama_generate(model, prompt, MAX_TOKENS, |_| {
+        ttft.get_or_insert(started.elapsed());
+    })?;
+    Ok(Run { ttft: ttft.unwrap_or_default(), tokens, total: started.elapsed() })
 }
 
 async fn served(url: &str) -> anyhow::Result<Run> {
@@ -127,11 +96,11 @@ async fn main() -> anyhow::Result<()> {
     let threads = div_nn::GgmlConfig::default().threads;
     let prompt = gemma_prompt(QUESTION);
     // warm both paths once
-    direct(&model, &prompt, threads)?;
+    direct(&model, &prompt)?;
     served(&host.url).await?;
     let (mut d, mut s) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        d.push(tokio::task::block_in_place(|| direct(&model, &prompt, threads))?);
+        d.push(tokio::task::block_in_place(|| direct(&model, &prompt))?);
         s.push(served(&host.url).await?);
     }
     anyhow::ensure!(

@@ -180,15 +180,29 @@ pub fn gemma_prompt(user: &str) -> String {
 /// What llama.cpp itself generates greedily for `prompt` (template applied), called directly
 /// through `llama-cpp-2` with the package's GGUF file: the reference the host must match.
 pub fn llama_greedy(prompt: &str, max_tokens: usize) -> anyhow::Result<String> {
-    use llama_cpp_2::context::params::LlamaContextParams;
-    use llama_cpp_2::llama_batch::LlamaBatch;
     use llama_cpp_2::model::LlamaModel;
     use llama_cpp_2::model::params::LlamaModelParams;
-    use llama_cpp_2::sampling::LlamaSampler;
     let backend = div_nn::llama_backend()?;
     let model =
         LlamaModel::load_from_file(backend, gemma_dir().join("model.gguf"), &LlamaModelParams::default())?;
-    // the threads the host uses (more than the cores would make ggml's workers spin each other out)
+    let mut out = Vec::new();
+    llama_generate(&model, prompt, max_tokens, |piece| out.extend_from_slice(piece))?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Greedy generation on `model` with `llama-cpp-2` alone (a context of 2048 tokens and the
+/// host's threads; more than the cores would make ggml's workers spin each other out), calling
+/// `on_token` with each token's bytes; returns the tokens generated.
+pub fn llama_generate(
+    model: &llama_cpp_2::model::LlamaModel,
+    prompt: &str,
+    max_tokens: usize,
+    mut on_token: impl FnMut(&[u8]),
+) -> anyhow::Result<usize> {
+    use llama_cpp_2::context::params::LlamaContextParams;
+    use llama_cpp_2::llama_batch::LlamaBatch;
+    use llama_cpp_2::sampling::LlamaSampler;
+    let backend = div_nn::llama_backend()?;
     let threads = div_nn::GgmlConfig::default().threads;
     let params = LlamaContextParams::default()
         .with_n_ctx(std::num::NonZeroU32::new(2048))
@@ -203,20 +217,24 @@ pub fn llama_greedy(prompt: &str, max_tokens: usize) -> anyhow::Result<String> {
     }
     ctx.decode(&mut batch)?;
     let mut sampler = LlamaSampler::greedy();
-    let mut out = Vec::new();
+    let mut piece = Vec::new();
     let start = tokens.len() as i32;
+    let mut n = 0;
     for pos in start..start + max_tokens as i32 {
         let t = sampler.sample(&ctx, batch.n_tokens() - 1);
         sampler.accept(t);
         if vocab.is_eog(t) {
             break;
         }
-        vocab.token_to_piece_into(t, &mut out, false, None);
+        piece.clear();
+        vocab.token_to_piece_into(t, &mut piece, false, None);
+        n += 1;
+        on_token(&piece);
         batch.clear();
         batch.add(t, pos, &[0], true)?;
         ctx.decode(&mut batch)?;
     }
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    Ok(n)
 }
 
 /// The anvil binary: `$DIV_ANVIL`, else the bootstrap's npm install in `contracts/`.

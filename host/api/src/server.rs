@@ -108,6 +108,37 @@ impl AppState {
         self
     }
 
+    /// The model `name` if it serves `task` (`what`, in words, for the error).
+    fn model_for(
+        &self,
+        name: &str,
+        task: &str,
+        what: &str,
+        label: &mut String,
+    ) -> Result<Arc<div_models::LoadedModel>, ApiError> {
+        let model = self.store.get(name).ok_or_else(|| self.missing(name))?;
+        label.clone_from(&model.manifest.name);
+        if model.manifest.task != task {
+            return Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                ..ApiError::invalid(
+                    "model",
+                    "unsupported_task",
+                    format!("the model '{name}' serves {}, not {what}", model.manifest.task),
+                )
+            });
+        }
+        Ok(model)
+    }
+
+    /// The meter and the model's vault id, when requests on it are paid.
+    fn paid(&self, model: &div_models::LoadedModel) -> Option<(Arc<Meter>, ModelRef)> {
+        match (&self.meter, vault_ref(model)) {
+            (Some(meter), Some(mref)) => Some((meter.clone(), mref)),
+            _ => None,
+        }
+    }
+
     fn missing(&self, model: &str) -> ApiError {
         match &self.loader {
             Some(load) if load(model) => ApiError::model_loading(model),
@@ -131,6 +162,11 @@ fn vault_ref(m: &div_models::LoadedModel) -> Option<ModelRef> {
         }
         div_models::Origin::Folder(_) => None,
     }
+}
+
+/// The request's id (from `x-request-id`), or "-".
+fn request_id_of(request_id: Option<axum::Extension<RequestId>>) -> Arc<str> {
+    request_id.and_then(|r| r.0.header_value().to_str().ok().map(Arc::from)).unwrap_or_else(|| Arc::from("-"))
 }
 
 /// The caller's credential: a bearer key, else a permit in `X-DIV-Permit`.
@@ -379,22 +415,13 @@ async fn embeddings(
     body: Body,
 ) -> Response {
     let started = Instant::now();
-    let rid: Arc<str> = request_id
-        .and_then(|r| r.0.header_value().to_str().ok().map(Arc::from))
-        .unwrap_or_else(|| Arc::from("-"));
+    let rid = request_id_of(request_id);
     let mut model_label = "unknown".to_string();
     let result = embed(&s, rid, &headers, body, &mut model_label).await;
     let response = match result {
         Ok(r) => {
-            let receipt = r.receipt.as_ref().and_then(|rc| serde_json::to_vec(rc).ok());
-            let mut resp = axum::Json(r).into_response();
-            if let Some(json) = receipt
-                && let Ok(v) =
-                    HeaderValue::from_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json))
-            {
-                resp.headers_mut().insert("x-div-receipt", v);
-            }
-            resp
+            let receipt = r.receipt.clone();
+            with_receipt_header(axum::Json(r).into_response(), receipt.as_ref())
         }
         Err(e) => {
             if e.status.is_server_error() {
@@ -415,26 +442,12 @@ async fn embed(
     model_label: &mut String,
 ) -> Result<EmbeddingsResponse, ApiError> {
     let req: EmbeddingsRequest = read_json(body, s.config.max_body_bytes).await?;
-    let model = s.store.get(&req.model).ok_or_else(|| s.missing(&req.model))?;
-    model_label.clone_from(&model.manifest.name);
-    if model.manifest.task != "embeddings" {
-        return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            ..ApiError::invalid(
-                "model",
-                "unsupported_task",
-                format!("the model '{}' serves {}, not embeddings", req.model, model.manifest.task),
-            )
-        });
-    }
+    let model = s.model_for(&req.model, "embeddings", "embeddings", model_label)?;
     let encoding = req.encoding()?;
     req.check_dimensions(model.manifest.dimensions)?;
     let inputs = req.inputs()?;
     // gate and reserve the price before any work; charged only if the plugin succeeds
-    let paid = match (&s.meter, vault_ref(&model)) {
-        (Some(meter), Some(mref)) => Some((meter.clone(), mref)),
-        _ => None,
-    };
+    let paid = s.paid(&model);
     let ticket = match &paid {
         Some((meter, mref)) => meter.admit(credential(headers)?, mref, inputs.len()).await?,
         None => None,
@@ -491,9 +504,7 @@ async fn generate_route(
     kind: Kind,
 ) -> Response {
     let started = Instant::now();
-    let rid: Arc<str> = request_id
-        .and_then(|r| r.0.header_value().to_str().ok().map(Arc::from))
-        .unwrap_or_else(|| Arc::from("-"));
+    let rid = request_id_of(request_id);
     let mut model_label = "unknown".to_string();
     let response = match generate(&s, rid, &headers, body, kind, &mut model_label).await {
         Ok(r) => r,
@@ -542,28 +553,14 @@ async fn generate(
     model_label: &mut String,
 ) -> Result<Response, ApiError> {
     let req: GenerateRequest = read_json(body, s.config.max_body_bytes).await?;
-    let model = s.store.get(&req.model).ok_or_else(|| s.missing(&req.model))?;
-    model_label.clone_from(&model.manifest.name);
-    if model.manifest.task != "chat" {
-        return Err(ApiError {
-            status: StatusCode::BAD_REQUEST,
-            ..ApiError::invalid(
-                "model",
-                "unsupported_task",
-                format!("the model '{}' serves {}, not text generation", req.model, model.manifest.task),
-            )
-        });
-    }
+    let model = s.model_for(&req.model, "chat", "text generation", model_label)?;
     let context = model.manifest.max_seq_length;
     let default_max =
         model.manifest.extra.get("max_tokens").and_then(serde_json::Value::as_u64).unwrap_or(256);
     let plugin_body = req.plugin_body(kind, context, u32::try_from(default_max).unwrap_or(256))?;
     let max_tokens = plugin_body["max_tokens"].as_u64().and_then(|v| u32::try_from(v).ok()).unwrap_or(1);
     // gate, and reserve the price of a full context; charged only for the tokens used
-    let paid = match (&s.meter, vault_ref(&model)) {
-        (Some(meter), Some(mref)) => Some((meter.clone(), mref)),
-        _ => None,
-    };
+    let paid = s.paid(&model);
     let ticket = match &paid {
         Some((meter, mref)) => meter.admit_tokens(credential(headers)?, mref, 1, u64::from(context)).await?,
         None => None,

@@ -409,8 +409,7 @@ impl BackendGraph for GgmlGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
         Ok(ExecutionContext::from(Box::new(GgmlContext {
             graph: self.clone(),
-            inputs: Vec::new(),
-            outputs: Vec::new(),
+            staged: crate::Staged::new(),
             generation: None,
         }) as Box<dyn BackendExecutionContext>))
     }
@@ -419,13 +418,16 @@ impl BackendGraph for GgmlGraph {
 /// One request's generation, seen through wasi-nn.
 struct GgmlContext {
     graph: GgmlGraph,
-    inputs: Vec<NamedTensor>,
-    outputs: Vec<NamedTensor>,
+    staged: crate::Staged,
     generation: Option<Generation>,
 }
 
 impl GgmlContext {
-    fn step(&mut self, inputs: Vec<NamedTensor>) -> Result<Vec<NamedTensor>, NnError> {
+    fn step(
+        graph: &GgmlGraph,
+        generation: &mut Option<Generation>,
+        inputs: Vec<NamedTensor>,
+    ) -> Result<Vec<NamedTensor>, NnError> {
         let mut prompt = None;
         let mut options = GenOptions::default();
         for t in inputs {
@@ -445,9 +447,9 @@ impl GgmlContext {
         }
         if let Some(p) = prompt {
             // a new prompt starts a new generation (the old one, if any, stops)
-            self.generation = Some(self.graph.generate(p, options));
+            *generation = Some(graph.generate(p, options));
         }
-        let generation = self.generation.as_mut().ok_or_else(|| {
+        let generation = generation.as_mut().ok_or_else(|| {
             NnError::InvalidInput("no prompt: the first compute needs a `prompt` input".into())
         })?;
         let s = generation.next_step()?;
@@ -484,33 +486,20 @@ impl BackendExecutionContext for GgmlContext {
                 return Err(NnError::InvalidInput(format!("no input #{i} (0 prompt, 1 options)")).into());
             }
         };
-        self.inputs.retain(|t| t.name != name);
-        self.inputs.push(NamedTensor { name, tensor: tensor.clone() });
+        self.staged.set(name, tensor);
         Ok(())
     }
 
     fn get_output(&mut self, id: Id) -> Result<Tensor, BackendError> {
-        let found = match &id {
-            Id::Name(n) => self.outputs.iter().find(|t| &t.name == n),
-            Id::Index(i) => self.outputs.get(*i as usize),
-        };
-        found
-            .map(|t| t.tensor.clone())
-            .ok_or_else(|| NnError::InvalidInput(format!("no output {id:?}; run compute first")).into())
+        Ok(self.staged.output(&id)?)
     }
 
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
-        match inputs {
-            Some(inputs) => Ok(Some(self.step(inputs)?)),
-            None => {
-                let inputs = std::mem::take(&mut self.inputs);
-                self.outputs = self.step(inputs)?;
-                Ok(None)
-            }
-        }
+        let (graph, generation) = (&self.graph, &mut self.generation);
+        Ok(self.staged.compute(inputs, |i| Self::step(graph, generation, i))?)
     }
 }
 

@@ -58,3 +58,51 @@ impl From<NnError> for wasmtime_wasi_nn::backend::BackendError {
         }
     }
 }
+
+/// The WITX-style half of a wasi-nn context (inputs set one by one, `compute` without arguments,
+/// outputs read by name or index) on top of a backend's one-shot `run`, shared by the backends.
+pub(crate) struct Staged {
+    pub(crate) inputs: Vec<NamedTensor>,
+    pub(crate) outputs: Vec<NamedTensor>,
+}
+
+impl Staged {
+    pub(crate) fn new() -> Self {
+        Self { inputs: Vec::new(), outputs: Vec::new() }
+    }
+
+    /// Keeps `tensor` as the input `name` (replacing an earlier one).
+    pub(crate) fn set(&mut self, name: String, tensor: &Tensor) {
+        self.inputs.retain(|t| t.name != name);
+        self.inputs.push(NamedTensor { name, tensor: tensor.clone() });
+    }
+
+    /// The output `id` of the last `compute`.
+    pub(crate) fn output(&self, id: &wasmtime_wasi_nn::backend::Id) -> Result<Tensor, NnError> {
+        use wasmtime_wasi_nn::backend::Id;
+        let found = match id {
+            Id::Name(n) => self.outputs.iter().find(|t| &t.name == n),
+            Id::Index(i) => self.outputs.get(*i as usize),
+        };
+        found
+            .map(|t| t.tensor.clone())
+            .ok_or_else(|| NnError::InvalidInput(format!("no output {id:?}; run compute first")))
+    }
+
+    /// `compute` either way: with `inputs` (answering the outputs) or with the staged inputs
+    /// (keeping the outputs for `get_output`).
+    pub(crate) fn compute(
+        &mut self,
+        inputs: Option<Vec<NamedTensor>>,
+        run: impl FnOnce(Vec<NamedTensor>) -> Result<Vec<NamedTensor>, NnError>,
+    ) -> Result<Option<Vec<NamedTensor>>, NnError> {
+        match inputs {
+            Some(inputs) => Ok(Some(run(inputs)?)),
+            None => {
+                let inputs = std::mem::take(&mut self.inputs);
+                self.outputs = run(inputs)?;
+                Ok(None)
+            }
+        }
+    }
+}

@@ -264,19 +264,17 @@ impl OnnxGraph {
 
 impl BackendGraph for OnnxGraph {
     fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
-        Ok(ExecutionContext::from(Box::new(OnnxContext {
-            graph: self.clone(),
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-        }) as Box<dyn BackendExecutionContext>))
+        Ok(ExecutionContext::from(
+            Box::new(OnnxContext { graph: self.clone(), staged: crate::Staged::new() })
+                as Box<dyn BackendExecutionContext>,
+        ))
     }
 }
 
 /// One guest's execution context: inputs set one by one (WITX style) or passed to `compute`.
 struct OnnxContext {
     graph: OnnxGraph,
-    inputs: Vec<NamedTensor>,
-    outputs: Vec<NamedTensor>,
+    staged: crate::Staged,
 }
 
 impl OnnxContext {
@@ -296,33 +294,20 @@ impl OnnxContext {
 impl BackendExecutionContext for OnnxContext {
     fn set_input(&mut self, id: Id, tensor: &Tensor) -> Result<(), BackendError> {
         let name = self.input_name(id)?;
-        self.inputs.retain(|t| t.name != name);
-        self.inputs.push(NamedTensor { name, tensor: tensor.clone() });
+        self.staged.set(name, tensor);
         Ok(())
     }
 
     fn get_output(&mut self, id: Id) -> Result<Tensor, BackendError> {
-        let found = match &id {
-            Id::Name(n) => self.outputs.iter().find(|t| &t.name == n),
-            Id::Index(i) => self.outputs.get(*i as usize),
-        };
-        found
-            .map(|t| t.tensor.clone())
-            .ok_or_else(|| NnError::InvalidInput(format!("no output {id:?}; run compute first")).into())
+        Ok(self.staged.output(&id)?)
     }
 
     fn compute(
         &mut self,
         inputs: Option<Vec<NamedTensor>>,
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
-        match inputs {
-            Some(inputs) => Ok(Some(self.graph.run(inputs)?)),
-            None => {
-                let inputs = std::mem::take(&mut self.inputs);
-                self.outputs = self.graph.run(inputs)?;
-                Ok(None)
-            }
-        }
+        let graph = &self.graph;
+        Ok(self.staged.compute(inputs, |i| graph.run(i))?)
     }
 }
 

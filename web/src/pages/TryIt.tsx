@@ -116,6 +116,12 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
   }
   if (!address || !wallet) return <div className="panel"><h2>Try it</h2><p className="empty">Connect a wallet to sign a spending permit.</p></div>;
 
+  const forget = () => {
+    localStorage.removeItem(k);
+    setSaved(undefined);
+    setFreshKey(undefined);
+  };
+
   const signPermit = async () => {
     setError(undefined);
     setSigning(true);
@@ -201,11 +207,7 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
           model={served}
           apiKey={current.key}
           cap={BigInt(current.cap)}
-          onForget={() => {
-            localStorage.removeItem(k);
-            setSaved(undefined);
-            setFreshKey(undefined);
-          }}
+          onForget={forget}
         />
       )}
       {current && served.task !== 'chat' && (
@@ -213,11 +215,7 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
           model={served}
           apiKey={current.key}
           cap={BigInt(current.cap)}
-          onForget={() => {
-            localStorage.removeItem(k);
-            setSaved(undefined);
-            setFreshKey(undefined);
-          }}
+          onForget={forget}
         />
       )}
     </div>
