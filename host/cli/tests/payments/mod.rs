@@ -14,7 +14,7 @@ use div_meter::{Ledger, Receipt};
 use serde_json::{Value, json};
 
 use super::div;
-use super::rig::{HOST, OWNER, Proc, Rig, free_port, hex_key, misbehave_wasm};
+use super::rig::{HOST, OWNER, Proc, Rig, chat_wasm, free_port, hex_key, misbehave_wasm};
 
 /// The price `div publish` sets by default: 0.001 USDC.
 const PRICE: u64 = 1000;
@@ -34,6 +34,22 @@ impl Paid {
         let rig = Rig::start(name).await?;
         let pkg = rig.tiny_package("tiny-paid")?;
         let id = rig.publish_ok(&pkg, &misbehave_wasm(), &[rig.chain.keys[HOST].address()])?;
+        Self::serve(rig, id, extra).await
+    }
+
+    /// Gemma 3 270M with the chat plugin, priced per request and per 1000 tokens.
+    async fn start_chat(name: &str) -> anyhow::Result<Self> {
+        let rig = Rig::start(name).await?;
+        let id = rig.publish_ok_with(
+            &div_tests::gemma_dir(),
+            &chat_wasm(),
+            &[rig.chain.keys[HOST].address()],
+            &["--price", "0.0005", "--price-per-1k-tokens", "0.002"],
+        )?;
+        Self::serve(rig, id, &[]).await
+    }
+
+    async fn serve(rig: Rig, id: B256, extra: &[&str]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let state = rig.dir.join("host-state");
         let mut paid = Self { url: format!("http://127.0.0.1:{port}"), rig, id, port, state, host: None };
@@ -197,6 +213,33 @@ impl Paid {
         let ps = PaymentStream::new(self.rig.chain.deployment.payment_stream, self.rig.provider()?);
         Ok(ps.getBalance(who, self.rig.chain.usdc()?).call().await?)
     }
+}
+
+/// Reads an SSE stream to its end: the text, the last `usage` and the `receipt`.
+async fn read_stream(r: reqwest::Response) -> anyhow::Result<(String, Value, Receipt)> {
+    let body = r.text().await?;
+    let (mut text, mut usage, mut receipt) = (String::new(), Value::Null, None);
+    for data in body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(data)?;
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+        if !v["receipt"].is_null() {
+            receipt = Some(serde_json::from_value(v["receipt"].clone())?);
+        }
+    }
+    Ok((text, usage, receipt.with_context(|| format!("no receipt in the stream: {body}"))?))
+}
+
+/// USDC base units of a request: 0.0005 + 0.002 per 1000 tokens, rounded up.
+fn chat_price(tokens: u64) -> u64 {
+    500 + (2000 * tokens).div_ceil(1000)
 }
 
 fn now() -> u64 {
@@ -601,5 +644,70 @@ async fn siwe_sessions_permit_headers_and_reload_on_demand() -> anyhow::Result<(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(back, "the unloaded model did not come back");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_was_generated()
+-> anyhow::Result<()> {
+    let p = Paid::start_chat("pay-chat").await?;
+    let u = 2usize;
+    p.fund(u, 10_000_000, true).await?;
+    let out = p.cli(u, &["permit", "--url", &p.url, "--model", "gemma-3-270m", "--max", "1"])?;
+    let key = out.lines().find_map(|l| l.strip_prefix("DIV_API_KEY=")).context("no key printed")?.to_string();
+    let http = reqwest::Client::new();
+    let chat = |body: Value| {
+        http.post(format!("{}/v1/chat/completions", p.url)).bearer_auth(&key).json(&body).send()
+    };
+
+    // a whole stream: the receipt in it charges exactly the tokens the usage reports
+    let r = chat(
+        json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Name three colours."}],
+        "max_tokens": 24, "stream": true, "stream_options": {"include_usage": true}}),
+    )
+    .await?;
+    assert_eq!(r.status(), 200);
+    let (text, usage, receipt) = read_stream(r).await?;
+    assert!(!text.is_empty());
+    let tokens = usage["total_tokens"].as_u64().context("usage")?;
+    assert!(receipt.verify(), "the receipt is signed by the host");
+    assert_eq!(receipt.amount, U256::from(chat_price(tokens)), "price + per-token price of {tokens} tokens");
+    assert_eq!(receipt.cumulative_requests, 1);
+
+    // a caller who hangs up after three chunks pays for what was generated, no more
+    let mut r = chat(
+        json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 1500, "stream": true}),
+    )
+    .await?;
+    for _ in 0..3 {
+        r.chunk().await?.context("the stream ended early")?;
+    }
+    drop(r);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let usage_now = loop {
+        let v: Value = http.get(format!("{}/v1/models/gemma-3-270m", p.url)).send().await?.json().await?;
+        if v["usage"]["charged_requests"] == json!(2) {
+            break v["usage"].clone();
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the hang-up was never charged: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let metrics = http.get(format!("{}/metrics", p.url)).send().await?.text().await?;
+    let generated: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("div_generation_tokens_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    let second = generated - tokens;
+    assert!(second < 200, "{second} tokens for a caller who left after three chunks");
+    let charged: u64 = usage_now["charged_amount"].as_str().context("charged")?.parse()?;
+    assert_eq!(charged, chat_price(tokens) + chat_price(second), "charged for exactly the tokens generated");
+
+    // settlement pays the owner exactly that
+    let owner = p.key(OWNER).address();
+    let before = p.usdc_of(owner).await?;
+    assert!(p.settle().await?.contains("settled 2 requests"));
+    assert_eq!(p.usdc_of(owner).await? - before, U256::from(charged));
     Ok(())
 }

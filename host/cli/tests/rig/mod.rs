@@ -124,8 +124,19 @@ impl Rig {
         plugin: &Path,
         hosts: &[Address],
     ) -> anyhow::Result<std::process::Output> {
+        self.publish_with(pkg, plugin, hosts, &[])
+    }
+
+    /// [`Rig::publish`] with more `div publish` arguments (prices, say).
+    pub fn publish_with(
+        &self,
+        pkg: &Path,
+        plugin: &Path,
+        hosts: &[Address],
+        extra: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
         let mut cmd = div();
-        cmd.arg("publish").arg(pkg).arg("--plugin").arg(plugin).arg("--quiet");
+        cmd.arg("publish").arg(pkg).arg("--plugin").arg(plugin).arg("--quiet").args(extra);
         for u in &self.urls {
             cmd.args(["--custodian", u]);
         }
@@ -147,7 +158,18 @@ impl Rig {
     }
 
     pub fn publish_ok(&self, pkg: &Path, plugin: &Path, hosts: &[Address]) -> anyhow::Result<B256> {
-        let out = self.publish(pkg, plugin, hosts)?;
+        self.publish_ok_with(pkg, plugin, hosts, &[])
+    }
+
+    /// [`Rig::publish_ok`] with more `div publish` arguments.
+    pub fn publish_ok_with(
+        &self,
+        pkg: &Path,
+        plugin: &Path,
+        hosts: &[Address],
+        extra: &[&str],
+    ) -> anyhow::Result<B256> {
+        let out = self.publish_with(pkg, plugin, hosts, extra)?;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         anyhow::ensure!(
             out.status.success(),
@@ -201,6 +223,10 @@ impl Drop for Rig {
 
 pub fn misbehave_wasm() -> PathBuf {
     workspace_root().join("tests/plugins/target/wasm32-wasip2/release/div_misbehave.wasm")
+}
+
+pub fn chat_wasm() -> PathBuf {
+    workspace_root().join("plugins/target/wasm32-wasip2/release/div_chat.wasm")
 }
 
 pub fn embeddings_wasm() -> PathBuf {
