@@ -417,20 +417,29 @@ async fn embeddings(
     let started = Instant::now();
     let rid = request_id_of(request_id);
     let mut model_label = "unknown".to_string();
-    let result = embed(&s, rid, &headers, body, &mut model_label).await;
-    let response = match result {
-        Ok(r) => {
-            let receipt = r.receipt.clone();
-            with_receipt_header(axum::Json(r).into_response(), receipt.as_ref())
+    let result = embed(&s, rid, &headers, body, &mut model_label).await.map(|r| {
+        let receipt = r.receipt.clone();
+        with_receipt_header(axum::Json(r).into_response(), receipt.as_ref())
+    });
+    answered(&s, "/v1/embeddings", &model_label, started, result)
+}
+
+/// An inference route's answer: the error (logged when it is the host's fault) or the response,
+/// counted in the metrics either way.
+fn answered(
+    s: &AppState,
+    route: &str,
+    model_label: &str,
+    started: Instant,
+    result: Result<Response, ApiError>,
+) -> Response {
+    let response = result.unwrap_or_else(|e| {
+        if e.status.is_server_error() {
+            tracing::warn!(model = %model_label, code = e.code, "{}", e.message);
         }
-        Err(e) => {
-            if e.status.is_server_error() {
-                tracing::warn!(model = %model_label, code = e.code, "{}", e.message);
-            }
-            e.into_response()
-        }
-    };
-    s.metrics.request("/v1/embeddings", &model_label, response.status().as_u16(), started.elapsed());
+        e.into_response()
+    });
+    s.metrics.request(route, model_label, response.status().as_u16(), started.elapsed());
     response
 }
 
@@ -506,17 +515,8 @@ async fn generate_route(
     let started = Instant::now();
     let rid = request_id_of(request_id);
     let mut model_label = "unknown".to_string();
-    let response = match generate(&s, rid, &headers, body, kind, &mut model_label).await {
-        Ok(r) => r,
-        Err(e) => {
-            if e.status.is_server_error() {
-                tracing::warn!(model = %model_label, code = e.code, "{}", e.message);
-            }
-            e.into_response()
-        }
-    };
-    s.metrics.request(kind.route(), &model_label, response.status().as_u16(), started.elapsed());
-    response
+    let result = generate(&s, rid, &headers, body, kind, &mut model_label).await;
+    answered(&s, kind.route(), &model_label, started, result)
 }
 
 fn with_receipt_header(mut resp: Response, receipt: Option<&div_meter::Receipt>) -> Response {
