@@ -72,6 +72,8 @@ fn backend() -> Result<&'static LlamaBackend, NnError> {
 /// `threads` of the machine's cores from this pool, so concurrent requests take turns token by
 /// token instead of fighting over the cores.
 struct DecodeSlots {
+    /// The machine's cores, read once (it reads cgroup files: not for every token).
+    cores: usize,
     free: Mutex<usize>,
     freed: std::sync::Condvar,
 }
@@ -81,7 +83,7 @@ static SLOTS: OnceLock<DecodeSlots> = OnceLock::new();
 fn slots() -> &'static DecodeSlots {
     SLOTS.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        DecodeSlots { free: Mutex::new(cores), freed: std::sync::Condvar::new() }
+        DecodeSlots { cores, free: Mutex::new(cores), freed: std::sync::Condvar::new() }
     })
 }
 
@@ -91,10 +93,9 @@ struct CoresHeld(usize);
 impl CoresHeld {
     fn take(n: usize) -> Self {
         let s = slots();
-        let mut free = s.free.lock().unwrap_or_else(|p| p.into_inner());
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         // a request never waits for more cores than the machine has
-        let n = n.clamp(1, cores);
+        let n = n.clamp(1, s.cores);
+        let mut free = s.free.lock().unwrap_or_else(|p| p.into_inner());
         while *free < n {
             free = s.freed.wait(free).unwrap_or_else(|p| p.into_inner());
         }
