@@ -5,7 +5,7 @@ export PATH := $(CURDIR)/contracts/node_modules/.bin:$(PATH)
 export DIV_ANVIL := $(CURDIR)/contracts/node_modules/.bin/anvil
 FORGE := cd contracts && forge
 
-.PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins web
+.PHONY: demo test check bench stop bootstrap build contracts artifacts fmt snapshot plugins web clippy-wasm
 
 ## demo: start a local chain with DIV deployed and walk through it (leaves it running; `make stop`)
 demo: bootstrap contracts plugins web
@@ -24,6 +24,7 @@ test: bootstrap
 	cargo fmt --manifest-path tests/plugins/Cargo.toml --all --check
 	cargo fmt --manifest-path guest-sdk/Cargo.toml --check
 	cargo clippy --workspace --all-targets --locked -- -D warnings
+	$(MAKE) --no-print-directory clippy-wasm
 	$(MAKE) --no-print-directory plugins
 	cargo test --workspace --locked
 	cd web && npm run --silent lint && npm run --silent typecheck
@@ -35,6 +36,7 @@ test: bootstrap
 check:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	$(MAKE) --no-print-directory clippy-wasm
 	cargo test --workspace --lib --bins
 	$(FORGE) fmt --check
 
@@ -70,6 +72,12 @@ fmt:
 
 snapshot:
 	$(FORGE) snapshot
+
+## clippy-wasm: lint the guest SDK and the plugins for their own target (outside the workspace)
+clippy-wasm:
+	cargo clippy --manifest-path guest-sdk/Cargo.toml --target wasm32-wasip2 --target-dir plugins/target --locked -- -D warnings
+	cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --all --locked -- -D warnings
+	cargo clippy --manifest-path tests/plugins/Cargo.toml --target wasm32-wasip2 --all --locked -- -D warnings
 
 ## plugins: the WebAssembly components (wasm32-wasip2), outside the host's build graph
 plugins:

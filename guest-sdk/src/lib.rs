@@ -23,6 +23,9 @@
 //!
 //! What an instance may carry between requests: nothing. What it may carry from `initialize`:
 //! anything it computed from the model's assets (the snapshot is shared by every request).
+//!
+//! Since each instance lives for one request, a plugin may opt into [`request_arena!`], a bump
+//! allocator for request-time allocations (see [`arena`]).
 
 #[doc(hidden)]
 pub mod bindings {
@@ -36,6 +39,7 @@ pub mod bindings {
     });
 }
 
+pub mod arena;
 pub mod llm;
 pub mod nn;
 
@@ -114,7 +118,8 @@ macro_rules! export {
             }
             impl $crate::bindings::Guest for __DivExport {
                 fn initialize() {
-                    <$t as $crate::Plugin>::initialize()
+                    <$t as $crate::Plugin>::initialize();
+                    $crate::arena::start_serving();
                 }
             }
     $crate::bindings::__export_world!(__DivExport with_types_in $crate::bindings);

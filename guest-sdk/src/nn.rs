@@ -42,7 +42,7 @@ impl Tensor {
 
     /// A tensor from little-endian bytes of any type.
     pub fn raw(dims: &[u32], ty: TensorType, data: Vec<u8>) -> Self {
-        Tensor(tensor::Tensor::new(&dims.to_vec(), ty, &data))
+        Tensor(tensor::Tensor::new(dims, ty, &data))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Embeddings through the sandbox and through HTTP, against the same backend called directly in
 //! Rust, measured in one run on this machine.
 //!
-//! - direct: native `tokenizers` on the model's tokenizer.json → [`OnnxGraph::run`] → mean-pool +
+//! - direct: native `tokenizers` (`encode_fast`, one text after another) on the model's tokenizer.json → [`OnnxGraph::run`] → mean-pool +
 //!   L2 in Rust (exactly the plugin's algorithm, no sandbox);
 //! - sandbox: the embeddings plugin in a fresh instance per call (wizer snapshot), same graph;
 //! - HTTP: `POST /v1/embeddings` to an in-process host on loopback.
@@ -22,6 +22,8 @@ use serde_json::json;
 
 const MODEL: &str = "all-minilm-l6-v2";
 
+const HEADER: &str = "| batch | direct ms | sandbox ms | sandbox, host tokenizer ms | direct, blocking thread ms | sandbox, blocking thread ms | HTTP ms | sandbox ÷ direct | host-tokenizer sandbox ÷ direct | ÷, both on a blocking thread | HTTP ÷ direct | sentences/s (HTTP) |";
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v.get(v.len() / 2).copied().unwrap_or_default()
@@ -33,15 +35,28 @@ fn pct(mut v: Vec<Duration>, p: f64) -> Duration {
     v.get(i).copied().unwrap_or_default()
 }
 
+/// One embed call through `model`'s plugin, on this thread (as `direct` runs), timed.
+fn sandboxed(model: &LoadedModel, inputs: &[Input]) -> anyhow::Result<(Duration, div_runtime::Embeddings)> {
+    let t = Instant::now();
+    let (r, _) = model.plugin.embed(inputs, Arc::from("bench"));
+    Ok((t.elapsed(), r?))
+}
+
 /// One embed call through `model`'s plugin on a blocking thread, as the API makes it, timed.
-async fn sandboxed(
-    model: &Arc<LoadedModel>,
-    inputs: &[Input],
-) -> anyhow::Result<(Duration, div_runtime::Embeddings)> {
+async fn sandboxed_blocking(model: &Arc<LoadedModel>, inputs: &[Input]) -> anyhow::Result<Duration> {
     let (m, inp) = (model.clone(), inputs.to_vec());
     let t = Instant::now();
     let (r, _) = tokio::task::spawn_blocking(move || m.plugin.embed(&inp, Arc::from("bench"))).await?;
-    Ok((t.elapsed(), r?))
+    r?;
+    Ok(t.elapsed())
+}
+
+/// The median of `num[i] / den[i]`: each pair was measured back to back, so drift in the
+/// machine's speed (this is a shared VM) cancels within a pair.
+fn paired_ratio(num: &[Duration], den: &[Duration]) -> f64 {
+    let mut r: Vec<f64> = num.iter().zip(den).map(|(n, d)| n.as_secs_f64() / d.as_secs_f64()).collect();
+    r.sort_by(f64::total_cmp);
+    r.get(r.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// The plugin's algorithm, natively.
@@ -50,7 +65,13 @@ fn direct(
     tok: &tokenizers::Tokenizer,
     texts: &[String],
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let enc = tok.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // one by one with `encode_fast` (no offsets), as the host's tokenizer and the plugin do:
+    // `encode_batch` hands even one text to rayon's pool, which costs a thread wake-up
+    let enc = texts
+        .iter()
+        .map(|t| tok.encode_fast(t.as_str(), true))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let batch = enc.len();
     let seq = enc.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
     let mut ids = vec![0i64; batch * seq];
@@ -118,60 +139,77 @@ async fn main() -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     let mut rows = Vec::new();
     let mut per_sentence = Vec::new();
-    for (b, iters) in [(1usize, 300usize), (8, 80), (32, 40)] {
+    for (b, iters) in [(1usize, 400usize), (8, 100), (32, 60)] {
         let texts = batch_of(b);
         let inputs: Vec<Input> = texts.iter().cloned().map(Input::Text).collect();
         let body = json!({"model": MODEL, "input": texts}).to_string();
-        let (mut d, mut s, mut h, mut ht) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut db = Vec::new();
+        // d: direct; s: sandbox; t: sandbox with the host's tokenizer; sb and db: sandbox and
+        // direct on a blocking thread (the API's hop); h: HTTP
+        let mut m: [Vec<Duration>; 6] = Default::default();
         for i in 0..iters + 5 {
-            let t = Instant::now();
-            let v = direct(&model, &tok, &texts)?;
-            let td = t.elapsed();
-            let (ts, r) = sandboxed(&model, &inputs).await?;
-            anyhow::ensure!(r.vectors.len() == v.len(), "sandbox and direct disagree on the batch");
-            let (tht, _) = sandboxed(&hosttok, &inputs).await?;
-            // the direct call on a blocking thread too, as the sandbox runs (the API's thread hop)
-            let (m2, tk, tx) = (model.clone(), tok_arc.clone(), texts.clone());
-            let t = Instant::now();
-            tokio::task::spawn_blocking(move || direct(&m2, &tk, &tx)).await??;
-            let tdb = t.elapsed();
-            let t = Instant::now();
-            let resp = client.post(&url).body(body.clone()).send().await?;
-            anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
-            let _ = resp.bytes().await?;
-            let th = t.elapsed();
+            let mut took = [Duration::ZERO; 6];
+            // rotate the order, so no variant always runs right after the same other one
+            for k in 0..6 {
+                let v = (k + i) % 6;
+                took[v] = match v {
+                    0 => {
+                        let t = Instant::now();
+                        direct(&model, &tok, &texts)?;
+                        t.elapsed()
+                    }
+                    1 => {
+                        let (ts, r) = sandboxed(&model, &inputs)?;
+                        anyhow::ensure!(r.vectors.len() == b, "the sandbox lost inputs");
+                        ts
+                    }
+                    2 => sandboxed(&hosttok, &inputs)?.0,
+                    3 => sandboxed_blocking(&model, &inputs).await?,
+                    4 => {
+                        let (m2, tk, tx) = (model.clone(), tok_arc.clone(), texts.clone());
+                        let t = Instant::now();
+                        tokio::task::spawn_blocking(move || direct(&m2, &tk, &tx)).await??;
+                        t.elapsed()
+                    }
+                    _ => {
+                        let t = Instant::now();
+                        let resp = client.post(&url).body(body.clone()).send().await?;
+                        anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+                        let _ = resp.bytes().await?;
+                        t.elapsed()
+                    }
+                };
+            }
             if i >= 5 {
-                d.push(td);
-                s.push(ts);
-                h.push(th);
-                ht.push(tht);
-                db.push(tdb);
+                for (v, t) in m.iter_mut().zip(took) {
+                    v.push(t);
+                }
             }
         }
-        let (md, ms, mh, mht) = (median(d), median(s), median(h), median(ht));
-        let mdb = median(db);
-        let sandbox_ratio = ms.as_secs_f64() / md.as_secs_f64();
-        let host_tok_ratio = mht.as_secs_f64() / md.as_secs_f64();
-        let http_ratio = mh.as_secs_f64() / md.as_secs_f64();
+        let [d, s, t, sb, db, h] = &m;
+        let sandbox_ratio = paired_ratio(s, d);
+        let host_tok_ratio = paired_ratio(t, d);
+        let blocking_ratio = paired_ratio(sb, db);
+        let http_ratio = paired_ratio(h, d);
         if b == 1 || b == 32 {
             out.insert(format!("sandbox_ratio_b{b}"), json!(sandbox_ratio));
             out.insert(format!("http_ratio_b{b}"), json!(http_ratio));
             out.insert(format!("sandbox_ratio_b{b}_host_tokenizer"), json!(host_tok_ratio));
-            // the sandbox alone: native tokenization on both sides, both on a blocking thread
-            out.insert(format!("sandbox_only_ratio_b{b}"), json!(mht.as_secs_f64() / mdb.as_secs_f64()));
+            // as the API runs it: both on a blocking thread
+            out.insert(format!("sandbox_blocking_ratio_b{b}"), json!(blocking_ratio));
+            out.insert(format!("thread_hop_ratio_b{b}"), json!(paired_ratio(db, d)));
         }
-        let sps = b as f64 / mh.as_secs_f64();
+        let ms = |v: &Vec<Duration>| median(v.clone()).as_secs_f64() * 1e3;
+        let sps = b as f64 / median(h.clone()).as_secs_f64();
         out.insert(format!("sentences_per_s_b{b}"), json!(sps));
         per_sentence.push((b, sps));
         rows.push(format!(
-            "| {b} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {sandbox_ratio:.3} | {host_tok_ratio:.3} | {:.3} | {http_ratio:.3} | {sps:.1} |",
-            md.as_secs_f64() * 1e3,
-            mdb.as_secs_f64() * 1e3,
-            ms.as_secs_f64() * 1e3,
-            mht.as_secs_f64() * 1e3,
-            mh.as_secs_f64() * 1e3,
-            mht.as_secs_f64() / mdb.as_secs_f64()
+            "| {b} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {sandbox_ratio:.3} | {host_tok_ratio:.3} | {blocking_ratio:.3} | {http_ratio:.3} | {sps:.1} |",
+            ms(d),
+            ms(s),
+            ms(t),
+            ms(db),
+            ms(sb),
+            ms(h),
         ));
     }
 
@@ -233,9 +271,7 @@ async fn main() -> anyhow::Result<()> {
 
     let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("embeddings bench (all-MiniLM-L6-v2 F32 ONNX, {nproc} cores; medians)");
-    println!(
-        "| batch | direct ms | sandbox ms | sandbox, host tokenizer ms | HTTP ms | sandbox ÷ direct | host-tokenizer sandbox ÷ direct | HTTP ÷ direct | sentences/s (HTTP) |"
-    );
+    println!("{HEADER}");
     for r in &rows {
         println!("{r}");
     }
@@ -255,7 +291,8 @@ async fn main() -> anyhow::Result<()> {
     md.push_str(&format!(
         "all-MiniLM-L6-v2 (F32 ONNX, ONNX Runtime 1.32 via `ort`), {nproc} cores, medians of interleaved calls.\n\n"
     ));
-    md.push_str("| batch | direct ms | direct, blocking thread ms | sandbox ms | sandbox, host tokenizer ms | HTTP ms | sandbox ÷ direct | host-tokenizer sandbox ÷ direct | host-tokenizer sandbox ÷ direct on a blocking thread | HTTP ÷ direct | sentences/s (HTTP) |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    md.push_str(HEADER);
+    md.push_str("\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in &rows {
         md.push_str(r);
         md.push('\n');
@@ -264,7 +301,7 @@ async fn main() -> anyhow::Result<()> {
         "\n- 32 concurrent single-sentence callers: {c32:.1} sentences/s ({:.2} × batch 32).\n\
          - Sandbox instantiate (store + WASI ctx + instance from the snapshot): p50 {:.1} µs, p99 {:.1} µs (goal ≤ 10 µs p50).\n\
          - A batch-1 request from the wizer snapshot: {:.2} ms; without it (tokenizer.json parsed per request): {:.2} ms.\n\
-         - Where batch 1's gap goes: the plugin's `tokenizers` compiled to Wasm (sandbox vs host-tokenizer sandbox), the hop to a blocking thread the API makes (direct vs direct on a blocking thread), and the sandbox itself (the last ratio: instantiate, wasi-nn copies, pooling in Wasm).\n\
+         - Ratios are medians of per-round ratios (each round runs every path once, in rotating order, so the machine's drift cancels within a round). \"Sandbox\" runs the plugin on the calling thread, as \"direct\" runs; the API also hops to a blocking thread, measured on both sides in the \"both on a blocking thread\" column, and HTTP adds that hop, hyper and JSON.\n\
          - Goal sandbox ÷ direct ≤ 1.02. PyTorch peer ratio: not measured (PyTorch is not installed here: its PyPI wheel pulls ~6 GB of CUDA).\n",
         c32 / b32,
         p50.as_secs_f64() * 1e6,

@@ -66,8 +66,9 @@ impl Plugin for Embedder {
                 Input::Text(_) if host_tokens => host_ids
                     .next()
                     .ok_or_else(|| PluginError::Internal("host tokenizer lost an input".into()))?,
+                // ids only: `encode_fast` skips the character offsets `encode` would track
                 Input::Text(text) => tokenizer()?
-                    .encode(text, true)
+                    .encode_fast(text, true)
                     .map_err(|e| PluginError::Internal(format!("tokenize: {e}")))?
                     .get_ids()
                     .to_vec(),
@@ -163,3 +164,4 @@ fn pool(hidden: &[f32], mask: &[i64], dim: usize) -> Vec<f32> {
 }
 
 div_plugin::export!(Embedder);
+div_plugin::request_arena!(8 << 20);

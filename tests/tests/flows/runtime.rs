@@ -67,6 +67,35 @@ async fn store_plain_tokens(inputs: &[Input]) -> anyhow::Result<u32> {
     Ok(out?.prompt_tokens)
 }
 
+/// The embeddings plugin allocates from an 8 MiB request arena (`div_plugin::request_arena!`); a
+/// request past it spills into the system allocator. Its answers stay right, and so do the
+/// requests after it, in sandboxes reset from the snapshot.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_past_the_plugins_request_arena_stay_correct() -> anyhow::Result<()> {
+    let (_store, model) = store(true).await?;
+    let reference = minilm_reference()?;
+    // past 256 tokens: truncated to the model's length
+    let long = reference.items.iter().map(|i| i.input.as_str()).collect::<Vec<_>>().join(" ").repeat(3);
+    let (alone, _) = model.plugin.embed(&[Input::Text(long.clone())], Arc::from("one"));
+    let alone = alone?;
+    assert_eq!(alone.prompt_tokens, 256);
+    // 40 inputs: a first inference of 32 × 256 tokens, whose output alone is 12.6 MB
+    let inputs: Vec<Input> = (0..40).map(|_| Input::Text(long.clone())).collect();
+    let (big, _) = model.plugin.embed(&inputs, Arc::from("big"));
+    let big = big?;
+    assert_eq!((big.vectors.len(), big.prompt_tokens), (40, 40 * 256));
+    for v in &big.vectors {
+        let c = cosine(v, &alone.vectors[0]);
+        assert!(c >= 0.9999, "cosine {c} between a batched and a lone embedding");
+    }
+    for item in &reference.items {
+        let (out, _) = model.plugin.embed(&[Input::Text(item.input.clone())], Arc::from("after"));
+        let c = cosine(&out?.vectors[0], &item.embedding);
+        assert!(c >= 0.9999, "cosine {c} for {:?} after a big request", item.input);
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_damaged_snapshot_cache_is_retaken_not_fatal() -> anyhow::Result<()> {
     div_nn::init_onnx_runtime(&ort_dylib()?)?;
