@@ -289,7 +289,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut md = String::from("## Embeddings: sandbox and HTTP vs the backend called directly\n\n");
     md.push_str(&format!(
-        "all-MiniLM-L6-v2 (F32 ONNX, ONNX Runtime 1.32 via `ort`), {nproc} cores, medians of interleaved calls.\n\n"
+        "all-MiniLM-L6-v2 (F32 ONNX, ONNX Runtime 1.32 via `ort`), {nproc} cores; medians, and ratios as medians of per-round ratios.\n\n"
     ));
     md.push_str(HEADER);
     md.push_str("\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
