@@ -118,11 +118,6 @@ impl<const N: usize> RequestArena<N> {
         base != NOT_RESERVED && base != UNAVAILABLE && p >= base && p < base + N
     }
 
-    /// Bytes handed out so far in this request (for tests and logs).
-    pub fn used(&self) -> usize {
-        self.next.get()
-    }
-
     fn advance(&self, next: usize) {
         self.next.set(next);
         self.high.set(self.high.get().max(next));

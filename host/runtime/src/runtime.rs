@@ -36,8 +36,8 @@ pub struct RuntimeConfig {
     /// `PAGEMAP_SCAN` (Linux 6.7+), wasmtime resets a slot by copying back just the pages the
     /// last request wrote, if they fit in this budget; otherwise it drops them with `madvise`,
     /// which flushes the TLB of every core (an interrupt to each) and makes the next request
-    /// fault every page in again. Measured (`make bench`): with 16 MiB a MiniLM request takes no
-    /// page faults (75 without), and 32 concurrent callers get ~10 % more throughput. The cost:
+    /// fault every page in again. Measured here: with 16 MiB a MiniLM request takes no page
+    /// faults (75 without) and no `madvise`. The cost:
     /// each slot in use may hold up to this much resident (slots are reused per plugin, so it
     /// scales with concurrency, not with requests). Without `PAGEMAP_SCAN` the first this-many
     /// bytes of a slot are reset by `memset` on every reuse, so the default then keeps none.
