@@ -9,23 +9,73 @@ cd "$(dirname "$0")/.."
 say() { printf '[bootstrap] %s\n' "$*"; }
 
 # --- Debian packages --------------------------------------------------------------------------
-need_apt=()
-command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
-command -v npm >/dev/null 2>&1 || need_apt+=(npm)
-command -v curl >/dev/null 2>&1 || need_apt+=(curl)
-# an independent implementation of `ipfs add`'s content ids, to cross-check ours in the tests
-command -v ipfs_cid >/dev/null 2>&1 || need_apt+=(ipfs-cid)
-# llama.cpp (the text-generation backend) is built from source by llama-cpp-sys-2: cmake, and
-# libclang for its bindgen
-command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
-# the browser the dApp's end-to-end test drives (playwright-core launches it; no downloads)
-[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+# Each check tests the exact file or command the build loads, not something that merely looks
+# like it: a machine with `libclang-cpp14` (the C++ interface) but no `libclang.so` once passed a
+# loose `libclang*.so*` glob and then failed 8 minutes into the build. `--needs` prints what would
+# be installed and exits; DIV_BOOTSTRAP_ROOT points the file checks at another root (tests use a
+# fake one: tests/bootstrap/detect.sh).
+ROOT=${DIV_BOOTSTRAP_ROOT:-}
+
+# a command on PATH (under a fake root: in its usr/bin or usr/local/bin)
+have_cmd() {
+  if [ -n "$ROOT" ]; then
+    [ -x "$ROOT/usr/bin/$1" ] || [ -x "$ROOT/usr/local/bin/$1" ]
+  else
+    command -v "$1" >/dev/null 2>&1
+  fi
+}
+
+# the C library bindgen (clang-sys) dlopens: libclang.so, libclang-N.so, or their versioned
+# names, in the directories clang-sys searches. Never libclang-cpp (the C++ API, another package).
+have_libclang() {
+  local dirs=("$ROOT"/usr/lib/llvm-*/lib "$ROOT"/usr/lib "$ROOT"/usr/lib/*-linux-gnu "$ROOT"/usr/lib64 "$ROOT"/usr/local/lib)
+  [ -z "$ROOT" ] && [ -n "${LIBCLANG_PATH:-}" ] && dirs+=("$LIBCLANG_PATH")
+  local d f
+  for d in "${dirs[@]}"; do
+    [ -d "$d" ] || continue
+    for f in "$d"/libclang*.so*; do
+      [ -e "$f" ] || continue
+      if [[ "$(basename "$f")" =~ ^libclang(-[0-9][0-9.]*)?\.so(\.[0-9][0-9.]*)?$ ]]; then
+        return 0
+      fi
+    done
+  done
+  return 1
+}
+
+apt_needs() {
+  have_cmd node || echo nodejs
+  have_cmd npm || echo npm
+  have_cmd curl || echo curl
+  # an independent implementation of `ipfs add`'s content ids, to cross-check ours in the tests
+  have_cmd ipfs_cid || echo ipfs-cid
+  # llama.cpp (the text-generation backend) is built from source by llama-cpp-sys-2: cmake, a C++
+  # compiler, and libclang for its bindgen
+  have_cmd cmake || echo cmake
+  have_cmd c++ || echo g++
+  have_libclang || echo libclang-dev
+  # the browser the dApp's end-to-end test drives (playwright-core launches this exact path)
+  [ -x "$ROOT/usr/bin/chromium" ] || echo chromium
+  # `python3 -m venv` needs ensurepip, which Debian ships apart from python3
+  if [ -z "$ROOT" ]; then
+    python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+  fi
+  return 0
+}
+
+if [ "${1:-}" = --needs ]; then
+  apt_needs
+  exit 0
+fi
+
+mapfile -t need_apt < <(apt_needs)
 if [ ${#need_apt[@]} -gt 0 ]; then
   say "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  still=$(apt_needs | tr '\n' ' ')
+  [ -z "$still" ] || { echo "[bootstrap] still missing after apt-get: $still" >&2; exit 1; }
 fi
 
 # --- Rust targets -----------------------------------------------------------------------------
@@ -67,6 +117,9 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$venv_stamp" 2>/dev/null)" != "$want" 
   .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -r scripts/requirements-nodeps.txt
   echo "$want" >"$venv_stamp"
 fi
+# the exact library the host loads (div_nn::locate_onnx_runtime looks for this file)
+compgen -G '.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*' >/dev/null \
+  || { echo "[bootstrap] the venv has no onnxruntime/capi/libonnxruntime.so*; remove .venv and re-run" >&2; exit 1; }
 
 # --- the sample model package: MiniLM F32 ONNX built from the registry's safetensors --------------
 .venv/bin/python scripts/make-minilm-model.py --out build/models/all-minilm-l6-v2 >/dev/null

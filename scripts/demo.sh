@@ -3,6 +3,8 @@
 # and a short walk-through whose every command is run here. `make stop` ends it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the tools the bootstrap installs (cast, anvil, forge); the script runs on its own, not only under make
+export PATH="$PWD/contracts/node_modules/.bin:$PATH"
 # DIV_STATE and the ports let a test run a second stack beside a running demo
 STATE=${DIV_STATE:-.div}
 PORT=${DIV_RPC_PORT:-8545}

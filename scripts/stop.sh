@@ -2,6 +2,8 @@
 # Stops what `make demo` started (the pids in $DIV_STATE/pids, default .div), politely first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# the tools the bootstrap installs (cast, anvil, forge); the script runs on its own, not only under make
+export PATH="$PWD/contracts/node_modules/.bin:$PATH"
 quiet=${1:-}
 STATE=${DIV_STATE:-.div}
 shopt -s nullglob

@@ -4,6 +4,8 @@
 # own beside any running demo, drives it with Playwright on Debian's chromium, then stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# the tools the bootstrap installs (cast, anvil, forge); the script runs on its own, not only under make
+export PATH="$PWD/contracts/node_modules/.bin:$PATH"
 export DIV_STATE=target/web-e2e/state DIV_RPC_PORT=18545 DIV_HTTP_PORT=18080 DIV_CUSTODIAN_PORT_BASE=17100
 # the test settles by hand to watch the owner's earnings rise; no timer may settle first
 export DIV_SETTLE_INTERVAL_SECS=900
