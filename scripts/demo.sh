@@ -2,6 +2,8 @@
 # The main job on one machine: a local anvil chain with the DIV contracts deployed, left running,
 # and a short walk-through whose every command is run here. `make stop` ends it.
 set -euo pipefail
+# everything the demo writes (keys, env file, ledger, logs) is readable by this user only
+umask 077
 cd "$(dirname "$0")/.."
 # the tools the bootstrap installs (cast, anvil, forge); the script runs on its own, not only under make
 export PATH="$PWD/contracts/node_modules/.bin:$PATH"
@@ -35,7 +37,7 @@ env_set() { # KEY VALUE: replace or add a line of the env file
   mv "$STATE/demo.env.tmp" "$STATE/demo.env"
 }
 wait_up() { # NAME PIDFILE LOG URL: wait until URL answers, or show the log if the process died
-  for _ in $(seq 1 360); do
+  for _ in $(seq 1 1200); do
     curl -sf "$4" >/dev/null && return 0
     if ! kill -0 "$(cat "$2")" 2>/dev/null; then
       echo "$1 stopped; its log:" >&2; cat "$3" >&2; exit 1
@@ -45,13 +47,20 @@ wait_up() { # NAME PIDFILE LOG URL: wait until URL answers, or show the log if t
   echo "$1 did not come up" >&2; exit 1
 }
 
+# long-running processes take their keys from 0600 files, never from the command line (ps shows it)
+key_file() { # NAME VALUE: write a key file readable by this user only
+  mkdir -p "$STATE/keys"
+  (umask 077; printf '%s\n' "$2" >"$STATE/keys/$1.key")
+  echo "$STATE/keys/$1.key"
+}
+
 # three independent key custodians (t = 2 of n = 3), each with its own key and data folder
 rm -rf "$STATE/custodians" "$STATE/store" "$STATE/publish"
 CUSTODIAN_URLS=()
 for i in 1 2 3; do
   port=$((CUSTODIAN_PORT_BASE + i))
   key_var="DIV_CUSTODIAN${i}_KEY"
-  nohup target/debug/div custodian --listen "127.0.0.1:$port" --private-key "${!key_var}" \
+  nohup target/debug/div custodian --listen "127.0.0.1:$port" --key-file "$(key_file "custodian$i" "${!key_var}")" \
     --data-dir "$STATE/custodians/$i" >"$STATE/logs/custodian$i.log" 2>&1 &
   echo $! >"$STATE/pids/custodian$i.pid"
   wait_up "custodian $i" "$STATE/pids/custodian$i.pid" "$STATE/logs/custodian$i.log" "http://127.0.0.1:$port/healthz"
@@ -82,11 +91,13 @@ target/debug/div publish "$CHAT_DIR" --plugin plugins/target/wasm32-wasip2/relea
 # the host: serves what ModelVault authorises it for, decrypted in memory only
 HTTP_PORT=${DIV_HTTP_PORT:-8080}
 rm -rf "$STATE/host"
-nohup target/debug/div serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key "$DIV_HOST_KEY" \
-  --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" --state-dir "$STATE/host" \
+# the host serves only what its operator allows: here, the demo owner's models
+nohup target/debug/div serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key-file "$(key_file host "$DIV_HOST_KEY")" \
+  --allow-owner "$DIV_OWNER" --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" --state-dir "$STATE/host" \
   --settle-interval-secs "${DIV_SETTLE_INTERVAL_SECS:-60}" --cache-dir "$STATE/cache" --web-dir web/dist >"$STATE/logs/serve.log" 2>&1 &
 echo $! >"$STATE/pids/serve.pid"
-wait_up "div serve" "$STATE/pids/serve.pid" "$STATE/logs/serve.log" "http://127.0.0.1:$HTTP_PORT/healthz"
+# it listens at once; /readyz answers 200 once every model it serves is loaded
+wait_up "div serve" "$STATE/pids/serve.pid" "$STATE/logs/serve.log" "http://127.0.0.1:$HTTP_PORT/readyz"
 env_set DIV_URL "http://127.0.0.1:$HTTP_PORT"
 env_set DIV_MODEL all-minilm-l6-v2
 env_set DIV_CHAT_MODEL gemma-3-270m

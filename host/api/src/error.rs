@@ -78,11 +78,12 @@ impl ApiError {
         }
     }
 
-    /// 503: the model is known but being (re)loaded.
-    pub fn model_loading(model: &str) -> Self {
+    /// 503: the model is one this host serves, but it is being (re)loaded or its last load
+    /// failed and is being retried.
+    pub fn model_loading(model: &str, retry_after: u32) -> Self {
         Self {
             param: Some("model"),
-            retry_after: Some(5),
+            retry_after: Some(retry_after.max(1)),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -124,29 +125,69 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
     }
+
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout(secs: u64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "request_timeout",
+            format!("the request body stalled: nothing arrived for {secs} s"),
+        )
+    }
+
+    /// 431: the headers are larger than this host takes.
+    pub fn headers_too_large(size: usize, limit: usize) -> Self {
+        Self::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            "headers_too_large",
+            format!("the request headers are {size} bytes; this host takes at most {limit}"),
+        )
+    }
+
+    /// 502: the plugin's answer is not one the host passes on (too large, malformed).
+    pub fn plugin_answer(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "server_error", "plugin_error", message)
+    }
+
+    /// 400 for an input the backend refused as the caller's own fault.
+    pub fn refused(r: &div_nn::Refusal) -> Self {
+        let param = match r.param {
+            "messages" => "messages",
+            "prompt" => "prompt",
+            _ => "input",
+        };
+        Self::invalid(param, "invalid_input", clip(&r.message, 1024))
+    }
+}
+
+/// What a plugin says, as it may appear in an answer: at most 1 KiB.
+fn clip(s: &str, max: usize) -> String {
+    div_runtime::clip(s, max)
 }
 
 impl From<InvokeError> for ApiError {
     fn from(e: InvokeError) -> Self {
-        let msg = e.to_string();
+        let msg = clip(&e.to_string(), 1024);
         match e {
             InvokeError::Plugin(PluginError::InvalidInput(m)) => {
-                ApiError::invalid("input", "invalid_input", m)
+                ApiError::invalid("input", "invalid_input", clip(&m, 1024))
             }
             InvokeError::Plugin(PluginError::Unsupported(m)) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "unsupported", m)
+                ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "unsupported", clip(&m, 1024))
             }
             InvokeError::Plugin(PluginError::Backend(m)) => ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "server_error",
                 "backend_error",
-                format!("the model backend refused the plugin's request: {m}"),
+                format!("the model backend refused the plugin's request: {}", clip(&m, 1024)),
             ),
             InvokeError::Plugin(PluginError::Internal(m)) => ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 "plugin_error",
-                format!("the model's plugin failed: {m}"),
+                format!("the model's plugin failed: {}", clip(&m, 1024)),
             ),
             InvokeError::Timeout(_) => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "server_error", "plugin_timeout", msg)
@@ -196,7 +237,11 @@ impl From<div_meter::MeterError> for ApiError {
             M::MissingCredential => (StatusCode::UNAUTHORIZED, "invalid_request_error", "missing_api_key"),
             M::InvalidKey => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key"),
             M::PermitRequired(_) => (StatusCode::UNAUTHORIZED, "invalid_request_error", "permit_required"),
-            M::BadSignature => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_signature"),
+            M::BadSignature(_) => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_signature"),
+            M::ProofRequired(_) => (StatusCode::UNAUTHORIZED, "invalid_request_error", "key_proof_required"),
+            M::BadProof(_) => (StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_key_proof"),
+            M::Rejected(_) => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_rejected"),
+            M::TooManyKeys { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "too_many_keys"),
             M::WrongChain { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_chain"),
             M::WrongHost { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_host"),
             M::WrongModel { .. } => (StatusCode::FORBIDDEN, "invalid_request_error", "permit_wrong_model"),

@@ -65,6 +65,9 @@ pub struct Metrics {
     settled_requests: Counter,
     settle_gas: Counter,
     settle_failures: Counter,
+    chain_up: Gauge,
+    model_ready: Family<ModelLabel, Gauge>,
+    parked: Family<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -130,6 +133,20 @@ impl Default for Metrics {
         registry.register("settled_requests", "Requests settled on-chain", settled_requests.clone());
         registry.register("settle_gas", "Gas used by settlement transactions", settle_gas.clone());
         registry.register("settle_failures", "Settlement rounds that failed", settle_failures.clone());
+        let chain_up = Gauge::default();
+        registry.register("chain_up", "1 while the chain RPC answers, 0 while it does not", chain_up.clone());
+        let model_ready = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "model_ready",
+            "1 for a model this host serves and has loaded, 0 while it loads or failed to",
+            model_ready.clone(),
+        );
+        let parked = Family::<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "sandbox_parked_seconds",
+            "Time sandboxes spent parked to give other models their fair share of cores",
+            parked.clone(),
+        );
         Self {
             registry,
             requests,
@@ -146,11 +163,39 @@ impl Default for Metrics {
             settled_requests,
             settle_gas,
             settle_failures,
+            chain_up,
+            model_ready,
+            parked,
         }
     }
 }
 
 impl Metrics {
+    /// Records a settlement round or its failure.
+    pub fn settle_round(&self, round: Result<&div_meter::settle::SettleReport, &div_meter::MeterError>) {
+        match round {
+            Ok(r) => self.settlement(r),
+            Err(_) => self.settlement_failed(),
+        }
+    }
+
+    /// Whether the chain answers.
+    pub fn set_chain_up(&self, up: bool) {
+        self.chain_up.set(i64::from(up));
+    }
+
+    /// Whether `model` is loaded and serving.
+    pub fn set_model_ready(&self, model: &str, ready: bool) {
+        self.model_ready.get_or_create(&ModelLabel { model: model.to_string() }).set(i64::from(ready));
+    }
+
+    /// Time a request of `model` spent parked for fairness.
+    pub fn parked(&self, model: &str, took: Duration) {
+        if !took.is_zero() {
+            self.parked.get_or_create(&ModelLabel { model: model.to_string() }).inc_by(took.as_secs_f64());
+        }
+    }
+
     /// Records a settlement round.
     pub fn settlement(&self, report: &div_meter::settle::SettleReport) {
         if report.tx.is_some() {

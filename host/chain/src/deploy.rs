@@ -78,14 +78,30 @@ pub(crate) async fn confirm(
 }
 
 impl Client {
-    /// Connects to `rpc_url` with `signer` paying for transactions.
+    /// Connects to `rpc_url` with `signer` paying for transactions. Every call gives up after
+    /// [`RPC_TIMEOUT`](crate::rpc::RPC_TIMEOUT); each transaction's nonce is read from the chain
+    /// when it is sent (never from a local counter that a failed send would leave ahead of the
+    /// chain, stranding every later transaction behind a gap).
     pub async fn connect(rpc_url: &str, signer: PrivateKeySigner) -> Result<Self, ChainError> {
+        Self::connect_with_timeout(rpc_url, signer, crate::rpc::RPC_TIMEOUT).await
+    }
+
+    /// [`Client::connect`] with another deadline per call.
+    pub async fn connect_with_timeout(
+        rpc_url: &str,
+        signer: PrivateKeySigner,
+        timeout: std::time::Duration,
+    ) -> Result<Self, ChainError> {
         let from = signer.address();
-        let url = rpc_url.parse().map_err(|_| ChainError::Contract {
-            what: "parsing the RPC URL",
-            reason: format!("not a URL: {rpc_url}"),
-        })?;
-        let provider = ProviderBuilder::new().wallet(EthereumWallet::from(signer)).connect_http(url).erased();
+        let client = crate::rpc::rpc_client(rpc_url, timeout)?;
+        let provider = ProviderBuilder::new()
+            .disable_recommended_fillers()
+            .with_gas_estimation()
+            .with_simple_nonce_management()
+            .fetch_chain_id()
+            .wallet(EthereumWallet::from(signer))
+            .connect_client(client)
+            .erased();
         provider.get_chain_id().await.map_err(ChainError::rpc("reading the chain id"))?;
         Ok(Self { provider, from, rpc_url: rpc_url.to_string() })
     }

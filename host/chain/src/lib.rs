@@ -11,6 +11,7 @@ pub mod bindings;
 mod deploy;
 mod error;
 mod permit;
+pub mod rpc;
 
 pub use addresses::{Deployment, Stablecoin};
 pub use deploy::{Client, ModelRegistration, RegisteredModel};

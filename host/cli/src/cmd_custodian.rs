@@ -4,7 +4,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use alloy::providers::{Provider, ProviderBuilder};
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::Context;
 use div_chain::Deployment;
@@ -16,10 +15,11 @@ pub struct CustodianArgs {
     /// Address to listen on.
     #[arg(long, env = "DIV_CUSTODIAN_LISTEN", default_value = "127.0.0.1:7001")]
     listen: SocketAddr,
-    /// The custodian's hex private key: its identity on-chain, and the root of its at-rest and
-    /// sealing keys.
-    #[arg(long, env = "DIV_CUSTODIAN_KEY", hide_env_values = true)]
-    private_key: String,
+    /// A file holding the custodian's hex private key (mode 0600): its identity on-chain, and
+    /// the root of its at-rest and sealing keys. Or set `DIV_CUSTODIAN_KEY` in the environment.
+    /// Never on the command line.
+    #[arg(long, env = "DIV_CUSTODIAN_KEY_FILE")]
+    key_file: Option<PathBuf>,
     /// Where shares are kept (encrypted, mode 0600).
     #[arg(long, env = "DIV_CUSTODIAN_DIR")]
     data_dir: PathBuf,
@@ -34,12 +34,11 @@ pub struct CustodianArgs {
 /// Runs `div custodian`.
 pub async fn run(args: CustodianArgs) -> anyhow::Result<()> {
     let signer: PrivateKeySigner =
-        args.private_key.trim().parse().context("--private-key is not a hex private key")?;
+        crate::secrets::load_key(args.key_file.as_deref(), "DIV_CUSTODIAN_KEY", "custodian")?;
     let d = Deployment::load(&args.addresses)
         .with_context(|| format!("reading the address book {}", args.addresses.display()))?;
     let rpc = args.rpc_url.unwrap_or_else(|| d.rpc_url.clone());
-    let provider =
-        ProviderBuilder::new().connect_http(rpc.parse().context("--rpc-url is not a URL")?).erased();
+    let provider = div_chain::rpc::read_provider(&rpc, div_chain::rpc::RPC_TIMEOUT)?;
     let custodian = Arc::new(Custodian::new(signer, &args.data_dir, provider, d.model_vault)?);
     let address = custodian.address();
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1,15 +1,17 @@
 //! `div serve`: the host. Loads plaintext model packages from disk with their plugins and serves
 //! the OpenAI-compatible API until SIGTERM or Ctrl-C, then drains in-flight requests.
-//! With `--vault` it also serves every encrypted model `ModelVault` authorises it for: fetched
-//! by content id, decrypted in memory with keys from the custodians, and kept in step with the
-//! chain's events.
+//! With `--vault` it also serves the encrypted models its operator allows (`--allow-owner`,
+//! `--allow-model`) that `ModelVault` authorises it for: fetched by content id, decrypted in
+//! memory with keys from the custodians, and kept in step with the chain's events. It listens
+//! at once; each vault model is served as soon as it is ready (`503 model_loading` until then,
+//! `GET /readyz` says where each stands).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use alloy::providers::{Provider, ProviderBuilder};
+use alloy::primitives::{Address, B256};
 use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, bail};
 use div_api::{ApiConfig, AppState, Metrics, router};
@@ -19,7 +21,7 @@ use div_meter::{Ledger, Meter, MeterConfig};
 use div_models::{LoadOptions, ModelFiles, ModelStore, Origin};
 use div_nn::OnnxConfig;
 use div_runtime::{Limits, Runtime, RuntimeConfig};
-use div_sync::{CustodianObserver, SyncConfig, VaultSync};
+use div_sync::{Allow, CustodianObserver, SyncConfig, VaultSync};
 use div_vault::Store;
 
 /// Arguments of `div serve`; every flag can also be set by the environment variable named.
@@ -35,9 +37,24 @@ pub struct ServeArgs {
     /// Serve the encrypted models `ModelVault` authorises this host for, following its events.
     #[arg(long, env = "DIV_VAULT")]
     vault: bool,
-    /// The host's hex private key (its identity to custodians and on-chain).
-    #[arg(long, env = "DIV_HOST_KEY", hide_env_values = true, required_if_eq("vault", "true"))]
-    host_key: Option<String>,
+    /// A file holding the host's hex private key (its identity to custodians and on-chain),
+    /// mode 0600; or set `DIV_HOST_KEY` in the environment. Never on the command line.
+    #[arg(long, env = "DIV_HOST_KEY_FILE")]
+    host_key_file: Option<PathBuf>,
+    /// Serve the models of this owner (repeatable): the host serves only what its operator
+    /// allows, whoever authorised it on-chain.
+    #[arg(long = "allow-owner", env = "DIV_ALLOW_OWNERS", value_delimiter = ',')]
+    allow_owners: Vec<Address>,
+    /// Serve this model id, whoever owns it (repeatable).
+    #[arg(long = "allow-model", env = "DIV_ALLOW_MODELS", value_delimiter = ',')]
+    allow_models: Vec<B256>,
+    /// Serve every model any owner authorises for this host (trusting every owner).
+    #[arg(long, env = "DIV_ALLOW_ANY_OWNER")]
+    allow_any_owner: bool,
+    /// This host's public URL (default `http://<listen address>`): the domain Sign-In with
+    /// Ethereum messages must name.
+    #[arg(long, env = "DIV_PUBLIC_URL")]
+    public_url: Option<String>,
     /// A custodian's base URL (repeatable).
     #[arg(long = "custodian", env = "DIV_CUSTODIANS", value_delimiter = ',')]
     custodians: Vec<String>,
@@ -62,6 +79,9 @@ pub struct ServeArgs {
     /// Settle at once when this many charged requests wait.
     #[arg(long, env = "DIV_SETTLE_MAX_PENDING", default_value_t = 1000)]
     settle_max_pending: u64,
+    /// How long a settlement transaction may wait to be mined before it is replaced (seconds).
+    #[arg(long, env = "DIV_SETTLE_RECEIPT_TIMEOUT_SECS", default_value_t = 30)]
+    settle_receipt_timeout_secs: u64,
     /// Postpone settlement while the gas price is above this (gwei).
     #[arg(long, env = "DIV_MAX_GAS_PRICE_GWEI")]
     max_gas_price_gwei: Option<u64>,
@@ -74,6 +94,15 @@ pub struct ServeArgs {
     /// How long chain reads (balances, thresholds, revocations) are trusted, in ms.
     #[arg(long, env = "DIV_CHAIN_CACHE_MS", default_value_t = 5000)]
     chain_cache_ms: u64,
+    /// Longest any chain call may take (ms); past it the RPC counts as down.
+    #[arg(long, env = "DIV_RPC_TIMEOUT_MS", default_value_t = 5000)]
+    rpc_timeout_ms: u64,
+    /// Unexpired API keys one user may hold on this host.
+    #[arg(long, env = "DIV_MAX_KEYS_PER_USER", default_value_t = 32)]
+    max_keys_per_user: usize,
+    /// First wait before retrying a vault model that failed to load (ms; doubles up to 5 min).
+    #[arg(long, env = "DIV_LOAD_RETRY_MS", default_value_t = 2000)]
+    load_retry_ms: u64,
     /// Plaintext bytes of models kept loaded (MiB); past it the least recently used is unloaded.
     #[arg(long, env = "DIV_MODEL_CACHE_MIB")]
     model_cache_mib: Option<u64>,
@@ -84,9 +113,22 @@ pub struct ServeArgs {
     /// Where compiled plugins and snapshots are cached.
     #[arg(long, env = "DIV_CACHE_DIR", default_value = ".div/cache")]
     cache_dir: PathBuf,
-    /// Inference requests served at once; more get 503 with Retry-After.
-    #[arg(long, env = "DIV_MAX_CONCURRENCY", default_value_t = 64)]
+    /// Inference requests served at once across models; more get 503 with Retry-After. Each
+    /// model is also bounded by its own sandbox limit (manifest `limits.max_instances`).
+    #[arg(long, env = "DIV_MAX_CONCURRENCY", default_value_t = 256)]
     max_concurrency: usize,
+    /// Connections open at once; more are closed on accept.
+    #[arg(long, env = "DIV_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Longest a request's headers may take to arrive (seconds).
+    #[arg(long, env = "DIV_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Longest a connection may sit idle (seconds).
+    #[arg(long, env = "DIV_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Largest answer a plugin may give (bytes).
+    #[arg(long, env = "DIV_MAX_RESPONSE_BYTES", default_value_t = 16 << 20)]
+    max_response_bytes: usize,
     /// Largest request body in bytes.
     #[arg(long, env = "DIV_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -173,20 +215,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("loading {}", dir.display()))?;
         println!("serving {} ({}) with {}", model.manifest.name, model.manifest.task, plugin.display());
     }
-    let sync =
-        if args.vault { Some(start_vault(&args, store.clone(), metrics.clone()).await?) } else { None };
-    let loader = sync.as_ref().map(|(sync, _)| {
-        let sync = sync.clone();
-        let load: div_api::ModelLoader = Arc::new(move |name: &str| sync.request_load(name));
-        load
-    });
+    // listen before any vault model loads: each is served as soon as it is ready
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let public_url = args.public_url.clone().unwrap_or_else(|| format!("http://{local}"));
+    let host_key = if args.vault {
+        Some(crate::secrets::load_key(args.host_key_file.as_deref(), "DIV_HOST_KEY", "host")?)
+    } else {
+        None
+    };
+    let sync = match &host_key {
+        Some(key) => Some(start_vault(&args, key.clone(), store.clone(), metrics.clone())?),
+        None => None,
+    };
     let mut state = AppState::new(
         store,
         metrics.clone(),
-        ApiConfig { max_body_bytes: args.max_body_bytes, max_concurrency: args.max_concurrency },
+        ApiConfig {
+            max_body_bytes: args.max_body_bytes,
+            max_concurrency: args.max_concurrency,
+            max_response_bytes: args.max_response_bytes,
+            public_url: Some(public_url),
+            ..ApiConfig::default()
+        },
     );
-    if let Some(load) = loader {
-        state = state.with_loader(load);
+    if let Some((sync, _)) = &sync {
+        state = state.with_catalog(Arc::new(SyncCatalog(sync.clone())));
     }
     if let Ok(text) = std::fs::read_to_string(&args.addresses) {
         let mut book: serde_json::Value = serde_json::from_str(&text)
@@ -204,19 +260,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         state = state.with_web_dir(dir.clone());
     }
     let mut settler = None;
-    if args.vault && !args.no_meter {
-        let (s, task) = start_meter(&args, state, metrics).await?;
+    if let (Some(key), false) = (&host_key, args.no_meter) {
+        let (s, task) = start_meter(&args, key.clone(), state, metrics).await?;
         state = s;
         settler = Some(task);
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    println!("listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving")?;
+    println!("listening on http://{local}");
+    let serve = div_api::ServeConfig {
+        max_connections: args.max_connections,
+        header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+        ..div_api::ServeConfig::default()
+    };
+    div_api::serve(listener, router(state), serve, shutdown_signal()).await.context("serving")?;
     if let Some((_, task)) = sync {
         task.abort();
     }
@@ -226,16 +282,45 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The vault sync as the API sees it: models this host serves but does not hold right now.
+struct SyncCatalog(Arc<VaultSync>);
+
+impl div_api::Catalog for SyncCatalog {
+    fn wanted(&self, name: &str) -> Option<u32> {
+        self.0.wanted(name)
+    }
+
+    fn readiness(&self) -> Vec<serde_json::Value> {
+        self.0
+            .readiness()
+            .into_iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name,
+                    "model_id": format!("{:#x}", r.model_id),
+                    "state": r.state,
+                    "error": r.error,
+                    "retry_in_secs": r.retry_in_secs,
+                })
+            })
+            .collect()
+    }
+
+    fn initial_sync_done(&self) -> bool {
+        self.0.initial_sync_done()
+    }
+}
+
 /// Opens the charge ledger, gates and meters the vault's models, and starts settling.
 async fn start_meter(
     args: &ServeArgs,
+    host: PrivateKeySigner,
     state: AppState,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(AppState, tokio::task::JoinHandle<()>)> {
-    let key = args.host_key.as_deref().context("metering needs --host-key")?;
-    let host: PrivateKeySigner = key.trim().parse().context("--host-key is not a hex private key")?;
     let d = Deployment::load(&args.addresses)?;
-    let provider = ProviderBuilder::new().connect_http(d.rpc_url.parse().context("RPC URL")?).erased();
+    let rpc_timeout = Duration::from_millis(args.rpc_timeout_ms.max(100));
+    let provider = div_chain::rpc::read_provider(&d.rpc_url, rpc_timeout)?;
     std::fs::create_dir_all(&args.state_dir)?;
     let ledger = Arc::new(
         Ledger::open(&args.state_dir.join("ledger"))
@@ -249,13 +334,17 @@ async fn start_meter(
             model_vault: d.model_vault,
             provider,
             cache_ttl: Duration::from_millis(args.chain_cache_ms),
+            rpc_timeout,
             premium_batch: args.premium_batch,
             rate_per_sec: args.rate_limit,
             premium_rate_per_sec: args.rate_limit.saturating_mul(10),
+            max_keys_per_user: args.max_keys_per_user.max(1),
         },
         ledger,
     ));
-    let client = div_chain::Client::connect(&d.rpc_url, host).await.context("connecting the host wallet")?;
+    let client = div_chain::Client::connect_with_timeout(&d.rpc_url, host, rpc_timeout)
+        .await
+        .context("connecting the host wallet")?;
     // a user may withdraw once the delay passes: every charge must be settled well before that
     let delay = div_chain::bindings::PaymentStream::new(d.payment_stream, client.provider())
         .withdrawDelay()
@@ -273,8 +362,10 @@ async fn start_meter(
         interval: Duration::from_secs(args.settle_interval_secs.max(1)),
         max_pending: args.settle_max_pending.max(1),
         max_gas_price: args.max_gas_price_gwei.map(|g| u128::from(g) * 1_000_000_000),
+        receipt_timeout: Duration::from_secs(args.settle_receipt_timeout_secs.max(1)),
+        ..SettleConfig::default()
     };
-    let observer: div_meter::settle::SettleObserver = Arc::new(move |r| metrics.settlement(r));
+    let observer: div_meter::settle::SettleObserver = Arc::new(move |r| metrics.settle_round(r));
     let (meter_for_settle, client_for_settle) = (meter.clone(), client.clone());
     let follower = meter.clone();
     let poll = Duration::from_millis(args.vault_poll_ms);
@@ -285,7 +376,7 @@ async fn start_meter(
         );
     });
     println!("metering paid requests; ledger in {}", args.state_dir.join("ledger").display());
-    Ok((state.with_meter(meter).with_settler(client, &admin_token), task))
+    Ok((state.with_meter(meter).with_settler(client, &admin_token, config), task))
 }
 
 /// The operator's token for `POST /v1/host/settle`, made once and kept readable by its owner only.
@@ -309,17 +400,29 @@ fn rand_token() -> u128 {
     (u128::from(a) << 64) | u128::from(b)
 }
 
-/// Loads the authorised models from the vault, then follows `ModelVault` in the background.
-async fn start_vault(
+/// Starts following `ModelVault` in the background: the models this host's operator allows and
+/// their owners authorised are loaded one by one, retried when they fail, and kept in step.
+fn start_vault(
     args: &ServeArgs,
+    signer: PrivateKeySigner,
     store: Arc<ModelStore>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<(Arc<VaultSync>, tokio::task::JoinHandle<()>)> {
-    let key = args.host_key.as_deref().context("--vault needs --host-key")?;
-    let signer: PrivateKeySigner = key.trim().parse().context("--host-key is not a hex private key")?;
+    let allow = Allow {
+        owners: args.allow_owners.clone(),
+        models: args.allow_models.clone(),
+        any: args.allow_any_owner,
+    };
+    if allow.is_empty() {
+        bail!(
+            "--vault serves only models its operator chose: pass --allow-owner ADDRESS and/or --allow-model ID \
+             (or --allow-any-owner to serve every model any owner authorises for this host)"
+        );
+    }
     let d = Deployment::load(&args.addresses)
         .with_context(|| format!("reading the address book {}", args.addresses.display()))?;
-    let provider = ProviderBuilder::new().connect_http(d.rpc_url.parse().context("RPC URL")?).erased();
+    let provider =
+        div_chain::rpc::read_provider(&d.rpc_url, Duration::from_millis(args.rpc_timeout_ms.max(100)))?;
     let observer: CustodianObserver = Arc::new(move |c, _why| metrics.custodian_failure(&c.to_string()));
     let sync = Arc::new(VaultSync::new(
         SyncConfig {
@@ -331,13 +434,14 @@ async fn start_vault(
             share_timeout: Duration::from_secs(5),
             poll: Duration::from_millis(args.vault_poll_ms),
             on_custodian_failure: Some(observer),
+            allow,
+            retry_base: Duration::from_millis(args.load_retry_ms.max(100)),
         },
         store,
     ));
     println!("host {} following ModelVault {}", sync.host(), d.model_vault);
-    let from = sync.initial_sync().await.context("reading ModelVault")?;
-    let follower = sync.clone();
-    Ok((sync, tokio::spawn(async move { follower.follow(from, std::future::pending()).await })))
+    let runner = sync.clone();
+    Ok((sync, tokio::spawn(runner.run(std::future::pending()))))
 }
 
 pub(crate) async fn shutdown_signal() {

@@ -180,12 +180,25 @@ pub async fn permit(args: PermitArgs) -> anyhow::Result<()> {
     let host: serde_json::Value = http.get(format!("{url}/v1/host")).send().await?.json().await?;
     let host_addr: Address = host["host"].as_str().context("the host does not meter payments")?.parse()?;
     let models: serde_json::Value = http.get(format!("{url}/v1/models")).send().await?.json().await?;
-    let model_id: B256 = models["data"]
+    let entry = models["data"]
         .as_array()
         .and_then(|v| v.iter().find(|m| m["id"] == args.model.as_str()))
-        .and_then(|m| m["model_id"].as_str())
-        .with_context(|| format!("the host serves no paid model {:?}", args.model))?
+        .with_context(|| format!("the host serves no model {:?}", args.model))?;
+    let model_id: B256 = entry["model_id"]
+        .as_str()
+        .with_context(|| format!("{:?} is not a paid model", args.model))?
         .parse()?;
+    // a name is only a label: say exactly which model (and whose) the permit pays for, and
+    // check it against the chain, not only against the host's word
+    let on_chain = ModelVault::new(d.model_vault, client.provider()).getModel(model_id).call().await?;
+    if on_chain.name != args.model {
+        bail!(
+            "the host says {:?} is {model_id:#x}, but ModelVault names that model {:?}",
+            args.model,
+            on_chain.name
+        );
+    }
+    println!("model {:?} = {model_id:#x}, owner {}", args.model, on_chain.owner);
     let expiry =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + args.days * 86_400;
     let permit = SpendingPermit {
@@ -200,6 +213,12 @@ pub async fn permit(args: PermitArgs) -> anyhow::Result<()> {
     let domain = permit_domain(d.chain_id, d.payment_stream);
     let signer: PrivateKeySigner = args.wallet.private_key.trim().parse()?;
     let signature = sign_permit(&signer, &permit, &domain).await?;
+    // prove to the host that this wallet, not just someone holding the permit, asks for the key
+    let challenge: serde_json::Value =
+        http.get(format!("{url}/v1/keys/challenge")).send().await?.json().await?;
+    let nonce = challenge["challenge"].as_str().context("the host gave no key challenge")?;
+    let message = div_meter::key_proof_message(host_addr, permit.signing_hash(&domain), nonce);
+    let proof = alloy::signers::Signer::sign_message(&signer, message.as_bytes()).await?;
     let body = serde_json::json!({
         "permit": {
             "user": permit.user, "modelId": permit.modelId, "host": permit.host, "token": permit.token,
@@ -208,6 +227,7 @@ pub async fn permit(args: PermitArgs) -> anyhow::Result<()> {
         "signature": signature,
         "chainId": d.chain_id,
         "verifyingContract": d.payment_stream,
+        "proof": {"challenge": nonce, "signature": format!("0x{}", alloy::hex::encode(proof.as_bytes()))},
     });
     let resp = http.post(format!("{url}/v1/keys")).json(&body).send().await?;
     let status = resp.status();
@@ -370,15 +390,25 @@ pub async fn settle(args: SettleArgs) -> anyhow::Result<()> {
     let _ = args.now;
     let token = std::fs::read_to_string(args.state_dir.join("admin-token"))
         .with_context(|| format!("reading the host's admin token in {}", args.state_dir.display()))?;
-    let resp = reqwest::Client::new()
+    let resp = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(300))
+        .build()?
         .post(format!("{}/v1/host/settle", args.url.trim_end_matches('/')))
         .bearer_auth(token.trim())
         .send()
         .await?;
     let status = resp.status();
     let v: serde_json::Value = resp.json().await?;
+    if status == reqwest::StatusCode::ACCEPTED {
+        println!("the settlement is still waiting for the chain; it goes on in the background");
+        return Ok(());
+    }
     if !status.is_success() {
         bail!("the host did not settle ({status}): {}", v["error"]["message"]);
+    }
+    let already = v["already_settled"].as_u64().unwrap_or(0);
+    if already > 0 {
+        println!("{already} requests were already settled on chain (a round mined but not seen)");
     }
     match v["tx"].as_str() {
         Some(tx) => println!(
@@ -387,6 +417,9 @@ pub async fn settle(args: SettleArgs) -> anyhow::Result<()> {
             v["amount"].as_str().unwrap_or("0"),
             v["gas_used"]
         ),
+        None if v["skipped"].as_u64().unwrap_or(0) > 0 => {
+            println!("nothing to settle: PaymentStream would refuse every entry ({} skipped)", v["skipped"])
+        }
         None => println!("nothing to settle"),
     }
     Ok(())

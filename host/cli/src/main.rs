@@ -11,6 +11,7 @@ mod cmd_publish;
 mod cmd_serve;
 mod cmd_wallet;
 mod demo_env;
+mod secrets;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -59,6 +60,7 @@ async fn main() -> std::process::ExitCode {
         .with_env_filter(EnvFilter::try_from_env("DIV_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    secrets::private_umask();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Dev(args) => cmd_dev::run(args).await,

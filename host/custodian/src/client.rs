@@ -64,6 +64,33 @@ pub enum CustodianError {
     /// Combining valid shares failed (should not happen).
     #[error("combining shares: {0}")]
     Combine(String),
+    /// Enough custodians answered, but none of their shares fits the ciphertext header's
+    /// commitments: the header (the ciphertext) is what is wrong, not the custodians.
+    #[error(
+        "the ciphertext's header does not match the key shares its custodians hold ({answered} answered, \
+         none of their shares fits its commitments): the ciphertext is damaged or was published with \
+         another header; no custodian is at fault"
+    )]
+    HeaderMismatch {
+        /// Custodians that answered with a share.
+        answered: usize,
+    },
+}
+
+/// A `reqwest` error with its causes ("error sending request …: connection refused"), not
+/// just its outermost line (which can be as bare as "builder error").
+pub(crate) fn describe(e: &reqwest::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 fn failures_text(f: &[(Address, String)]) -> String {
@@ -84,9 +111,9 @@ async fn send_json<T: serde::de::DeserializeOwned>(
     req: reqwest::RequestBuilder,
 ) -> Result<T, CustodianError> {
     let http = |message: String| CustodianError::Http { url: url.to_string(), message };
-    let resp = req.send().await.map_err(|e| http(e.to_string()))?;
+    let resp = req.send().await.map_err(|e| http(describe(&e)))?;
     let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|e| http(e.to_string()))?;
+    let bytes = resp.bytes().await.map_err(|e| http(describe(&e)))?;
     if !status.is_success() {
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
         let field = |k: &str| v["error"][k].as_str().unwrap_or_default().to_string();
@@ -177,6 +204,14 @@ pub async fn request_share(
     ephemeral: &SealKey,
 ) -> Result<Share, CustodianError> {
     let url = endpoint.url.trim_end_matches('/');
+    if url.is_empty() {
+        return Err(CustodianError::Http {
+            url: format!("custodian {}", endpoint.address),
+            message: "no URL known for it: none of the host's --custodian URLs answered as this address \
+                      (each is down or not configured)"
+                .into(),
+        });
+    }
     let invalid = |message: String| CustodianError::Invalid { url: url.to_string(), message };
     let mut req = ReleaseRequest {
         requester: requester.address(),
@@ -241,17 +276,19 @@ pub async fn collect_key(
     }
     let mut valid: Vec<Share> = Vec::new();
     let mut failures = Vec::new();
-    let judge = |i: usize,
-                 address: Address,
-                 got: Result<Share, CustodianError>,
-                 valid: &mut Vec<Share>,
-                 failures: &mut Vec<(Address, String)>| match got {
+    let mut misfits = 0usize;
+    let mut judge = |i: usize,
+                     address: Address,
+                     got: Result<Share, CustodianError>,
+                     valid: &mut Vec<Share>,
+                     failures: &mut Vec<(Address, String)>| match got {
         Ok(share) if share.index() != Some(i as u8 + 1) => {
             failures.push((address, format!("returned share #{:?}, holds #{}", share.index(), i + 1)))
         }
         Ok(share) if !share.verify(&header.commitments) => {
-            tracing::warn!(custodian = %address, model = %model, "custodian returned a share that fails the commitments");
-            failures.push((address, "returned a wrong share (fails the commitments)".into()));
+            misfits += 1;
+            failures
+                .push((address, "returned a wrong share (it does not fit the header's commitments)".into()));
         }
         Ok(share) => valid.push(share),
         Err(e) => failures.push((address, e.to_string())),
@@ -273,6 +310,17 @@ pub async fn collect_key(
                 }
                 None => break,
             },
+        }
+    }
+    drop(judge);
+    if valid.is_empty() && misfits >= needed {
+        // every share that came back is a different, well-formed share, and none fits: the one
+        // thing they all disagree with is the header
+        return Err(CustodianError::HeaderMismatch { answered: misfits });
+    }
+    for (address, why) in &failures {
+        if why.contains("wrong share") {
+            tracing::warn!(custodian = %address, model = %model, "custodian returned a share that fails the commitments");
         }
     }
     if valid.len() < needed {

@@ -171,8 +171,22 @@ fn restrict(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+/// A failure of this custodian's own (a damaged share file, a key that does not decrypt it):
+/// logged here, where the operator can act on it, as well as answered.
 fn internal(message: impl Into<String>) -> Refusal {
+    let message = message.into();
+    tracing::error!("{message}");
     Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
+}
+
+/// How far `issued_at` is from now, in words: "120 s ago" or "120 s in the future".
+fn skew_words(issued_at: u64) -> String {
+    let now = now();
+    if issued_at > now {
+        format!("{} s in the future", issued_at - now)
+    } else {
+        format!("{} s ago", now - issued_at)
+    }
 }
 
 fn bad(code: &'static str, message: impl Into<String>) -> Refusal {
@@ -217,7 +231,13 @@ async fn deposit(
         serde_json::from_slice(&body).map_err(|e| bad("invalid_json", format!("deposit body: {e}")))?;
     let age = now().abs_diff(req.issued_at);
     if age > MAX_DEPOSIT_AGE_SECS {
-        return Err(bad("stale_request", format!("deposit signed {age} s from now")));
+        return Err(bad(
+            "stale_request",
+            format!(
+                "deposit signed {}; at most {MAX_DEPOSIT_AGE_SECS} s either way",
+                skew_words(req.issued_at)
+            ),
+        ));
     }
     let signer =
         recover(&req.message(model, c.address()), &req.signature).map_err(|e| bad("bad_signature", e))?;
@@ -319,7 +339,10 @@ async fn release(
     if skew > MAX_CLOCK_SKEW_SECS {
         return Err(bad(
             "stale_request",
-            format!("request signed {skew} s from now; at most {MAX_CLOCK_SKEW_SECS}"),
+            format!(
+                "request signed {}; at most {MAX_CLOCK_SKEW_SECS} s either way",
+                skew_words(req.issued_at)
+            ),
         ));
     }
     if req.nonce.len() < 16 || hex::decode(&req.nonce).is_err() {

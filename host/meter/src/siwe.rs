@@ -1,18 +1,23 @@
-//! Sign-In with Ethereum (EIP-4361) sessions for the dApp.
+//! Sign-In with Ethereum (EIP-4361) sessions for the dApp, and the single-use challenges both
+//! sign-in and API-key requests are signed over.
 //!
 //! `GET /v1/siwe/nonce` hands out a single-use nonce; the wallet signs an EIP-4361 message that
-//! names this host's domain, the chain, that nonce and when it was issued; `POST /v1/siwe` checks
-//! all of it and the EIP-191 signature and returns a session token for the address. A session
-//! says *who* the caller is, not that they will pay: it admits a model's owner to their own model
-//! and shows a user their permits (`GET /v1/me`); paid inference still needs a permit.
+//! names this host's domain (from its configured public URL, never from the request's `Host`
+//! header, which the caller chooses), the chain, that nonce and when it was issued;
+//! `POST /v1/siwe` checks all of it and the EIP-191 signature and returns a session token for the
+//! address. A session says *who* the caller is, not that they will pay: it admits a model's
+//! owner to their own model, shows a user their permits (`GET /v1/me`), and proves control of
+//! an address when asking for an API key.
 //!
-//! Sessions live in memory (a restart signs everyone out) and expire after [`SESSION_TTL`].
+//! Nonces and sessions live in memory (a restart signs everyone out), expire, and are bounded in
+//! number: expired entries are dropped from the front of a queue in arrival order, so no call
+//! scans them all, and past the bound the oldest go first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, Signature};
+use alloy::primitives::Address;
 
 use crate::MeterError;
 
@@ -20,6 +25,8 @@ use crate::MeterError;
 pub const NONCE_TTL: Duration = Duration::from_secs(300);
 /// How long a session lasts.
 pub const SESSION_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Most nonces (or sessions) held at once; past it the oldest are dropped.
+pub const MAX_LIVE: usize = 100_000;
 
 /// The fields of an EIP-4361 message this host checks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,24 +108,96 @@ pub fn rfc3339_secs(s: &str) -> Option<i64> {
     Some(days * 86_400 + hh * 3600 + mm * 60 + ss - offset)
 }
 
+/// Expiring entries keyed by a random token, oldest first: pruning looks only at the front.
+struct Expiring<V> {
+    ttl: Duration,
+    live: HashMap<String, (V, Instant)>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl<V: Clone> Expiring<V> {
+    fn new(ttl: Duration) -> Self {
+        Self { ttl, live: HashMap::new(), order: VecDeque::new() }
+    }
+
+    fn prune(&mut self) {
+        while let Some((at, key)) = self.order.front() {
+            let expired = at.elapsed() >= self.ttl;
+            if !expired && self.live.len() < MAX_LIVE && self.order.len() < 2 * MAX_LIVE {
+                break;
+            }
+            // an entry taken early leaves its queue slot behind: only remove the same one
+            if self.live.get(key).is_some_and(|(_, a)| a == at) {
+                self.live.remove(key);
+            }
+            self.order.pop_front();
+        }
+    }
+
+    fn insert(&mut self, key: String, value: V) {
+        self.prune();
+        let at = Instant::now();
+        self.order.push_back((at, key.clone()));
+        self.live.insert(key, (value, at));
+    }
+
+    fn get(&self, key: &str) -> Option<V> {
+        self.live.get(key).filter(|(_, at)| at.elapsed() < self.ttl).map(|(v, _)| v.clone())
+    }
+
+    fn take(&mut self, key: &str) -> Option<V> {
+        self.live.remove(key).filter(|(_, at)| at.elapsed() < self.ttl).map(|(v, _)| v)
+    }
+}
+
+/// Single-use random challenges that expire after [`NONCE_TTL`].
+pub struct Nonces(Mutex<Expiring<()>>);
+
+impl Default for Nonces {
+    fn default() -> Self {
+        Self(Mutex::new(Expiring::new(NONCE_TTL)))
+    }
+}
+
+impl Nonces {
+    /// A fresh nonce.
+    pub fn issue(&self) -> String {
+        let n = alloy::hex::encode(rand::random::<[u8; 12]>());
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(n.clone(), ());
+        n
+    }
+
+    /// Whether `n` was issued, is unused and has not expired.
+    pub fn is_live(&self, n: &str) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(n).is_some()
+    }
+
+    /// Uses `n` up; true if it was live.
+    pub fn take(&self, n: &str) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take(n).is_some()
+    }
+}
+
 /// Nonces handed out and sessions signed in.
-#[derive(Default)]
 pub struct Sessions {
-    nonces: Mutex<HashMap<String, Instant>>,
-    sessions: Mutex<HashMap<String, (Address, Instant)>>,
+    nonces: Nonces,
+    sessions: Mutex<Expiring<Address>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self { nonces: Nonces::default(), sessions: Mutex::new(Expiring::new(SESSION_TTL)) }
+    }
 }
 
 impl Sessions {
     /// A fresh single-use nonce.
     pub fn nonce(&self) -> String {
-        let n = alloy::hex::encode(rand::random::<[u8; 12]>());
-        let mut g = self.nonces.lock().unwrap_or_else(|p| p.into_inner());
-        g.retain(|_, at| at.elapsed() < NONCE_TTL);
-        g.insert(n.clone(), Instant::now());
-        n
+        self.nonces.issue()
     }
 
-    /// Checks a signed EIP-4361 message for `domain` and `chain_id` and opens a session.
+    /// Checks a signed EIP-4361 message for `domain` (this host's, from its configuration) and
+    /// `chain_id` and opens a session.
     pub fn sign_in(
         &self,
         message: &str,
@@ -149,32 +228,27 @@ impl Sessions {
         {
             return Err(MeterError::Expired(0));
         }
-        let bytes =
-            alloy::hex::decode(signature.trim_start_matches("0x")).map_err(|_| MeterError::BadSignature)?;
-        let sig = Signature::from_raw(&bytes).map_err(|_| MeterError::BadSignature)?;
-        if sig.recover_address_from_msg(message.as_bytes()).ok() != Some(m.address) {
-            return Err(MeterError::BadSignature);
-        }
-        let fresh = self
-            .nonces
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&m.nonce)
-            .is_some_and(|at| at.elapsed() < NONCE_TTL);
-        if !fresh {
+        let bytes = alloy::hex::decode(signature.trim_start_matches("0x"))
+            .map_err(|_| MeterError::BadSignature("not hex"))?;
+        let hash = alloy::primitives::eip191_hash_message(message.as_bytes());
+        // sign-in is for the dApp's EOA wallets: the same exact ECDSA rule as permits
+        crate::caller::ecdsa_exact(hash, &bytes, m.address).map_err(MeterError::BadSignature)?;
+        if !self.nonces.take(&m.nonce) {
             return Err(MeterError::Replayed);
         }
         let token = format!("div-session-{}", alloy::hex::encode(rand::random::<[u8; 24]>()));
-        let mut g = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        g.retain(|_, (_, at)| at.elapsed() < SESSION_TTL);
-        g.insert(token.clone(), (m.address, Instant::now()));
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(token.clone(), m.address);
         Ok((token, m.address))
     }
 
     /// The address signed in with `token`.
     pub fn address(&self, token: &str) -> Option<Address> {
-        let g = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        g.get(token).filter(|(_, at)| at.elapsed() < SESSION_TTL).map(|(a, _)| *a)
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(token)
+    }
+
+    /// Ends a session; true if it was open.
+    pub fn sign_out(&self, token: &str) -> bool {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner()).take(token).is_some()
     }
 }
 
@@ -215,8 +289,30 @@ mod tests {
         assert_eq!((s.address(&token), addr), (Some(key.address()), key.address()));
         assert_eq!(s.sign_in(&msg, &sig, "host.example", 31337, now), Err(MeterError::Replayed));
         let forged = msg.replace("Sign in to DIV.", "Sign in to DIV!");
-        assert_eq!(s.sign_in(&forged, &sig, "host.example", 31337, now), Err(MeterError::BadSignature));
+        assert!(matches!(
+            s.sign_in(&forged, &sig, "host.example", 31337, now),
+            Err(MeterError::BadSignature(_))
+        ));
         assert_eq!(s.address("div-session-nope"), None);
+        assert!(s.sign_out(&token));
+        assert_eq!(s.address(&token), None, "signed out");
         Ok(())
+    }
+
+    #[test]
+    fn nonces_are_single_use_and_bounded() {
+        let n = Nonces::default();
+        let a = n.issue();
+        assert!(n.is_live(&a));
+        assert!(n.take(&a));
+        assert!(!n.take(&a), "used");
+        assert!(!n.is_live("never-issued"));
+        let mut e: Expiring<()> = Expiring::new(Duration::from_secs(60));
+        for i in 0..(MAX_LIVE + 10) {
+            e.insert(i.to_string(), ());
+        }
+        assert!(e.live.len() <= MAX_LIVE, "bounded: {}", e.live.len());
+        assert!(e.get("0").is_none(), "the oldest went first");
+        assert!(e.get(&(MAX_LIVE + 9).to_string()).is_some());
     }
 }

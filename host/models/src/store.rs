@@ -1,4 +1,9 @@
 //! Loading packages into a host and finding them again by name.
+//!
+//! Names are unique per host: a model from the vault is refused (never swapped in) when another
+//! model already serves under its name, so an owner who registers a model with a popular name
+//! cannot take over the original's callers; unloading a vault model acts on its `ModelVault` id,
+//! so revoking a look-alike never unloads the original.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +51,14 @@ pub enum ModelError {
     /// A background task failed.
     #[error("loading task failed: {0}")]
     Task(String),
+    /// Another model already serves under this name on this host.
+    #[error("the name {name:?} is already served by {holder}; refused (names are unique per host)")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// Who holds it (its origin).
+        holder: String,
+    },
 }
 
 /// A package's manifest and plaintext files, in memory.
@@ -116,20 +129,49 @@ impl ModelFiles {
 pub enum Origin {
     /// A plaintext folder on disk.
     Folder(String),
-    /// Decrypted from the vault: `ModelVault` id and ciphertext content id.
+    /// Decrypted from the vault: `ModelVault` id, ciphertext content id and owner.
     Vault {
         /// The `ModelVault` id.
         model_id: [u8; 32],
         /// The ciphertext's content id.
         cid: String,
+        /// The model's owner (who registered it).
+        owner: [u8; 20],
     },
+}
+
+impl Origin {
+    /// The `ModelVault` id, for a model from the vault.
+    pub fn model_id(&self) -> Option<[u8; 32]> {
+        match self {
+            Self::Vault { model_id, .. } => Some(*model_id),
+            Self::Folder(_) => None,
+        }
+    }
+
+    /// The owner, for a model from the vault.
+    pub fn owner(&self) -> Option<[u8; 20]> {
+        match self {
+            Self::Vault { owner, .. } => Some(*owner),
+            Self::Folder(_) => None,
+        }
+    }
+
+    /// Whether two origins are the same model (the same vault id, or the same folder).
+    fn same_model(&self, other: &Origin) -> bool {
+        match (self.model_id(), other.model_id()) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => self == other,
+            _ => false,
+        }
+    }
 }
 
 impl std::fmt::Display for Origin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Folder(dir) => write!(f, "folder:{dir}"),
-            Self::Vault { model_id, cid } => write!(f, "vault:0x{}@{cid}", hex::encode(model_id)),
+            Self::Vault { model_id, cid, .. } => write!(f, "vault:0x{}@{cid}", hex::encode(model_id)),
         }
     }
 }
@@ -202,10 +244,12 @@ impl ModelGraph {
         }
     }
 
-    fn to_wasi_nn(&self) -> div_nn::Graph {
+    /// The registry a plugin sees: ggml graphs are metered per request (the host bills from
+    /// what the backend counts, not from what the plugin says).
+    fn registry(&self, name: String) -> ModelGraphs {
         match self {
-            Self::Onnx(g) => g.clone().into_wasi_nn(),
-            Self::Ggml(g) => g.clone().into_wasi_nn(),
+            Self::Onnx(g) => ModelGraphs::single(name, g.clone().into_wasi_nn()),
+            Self::Ggml(g) => ModelGraphs::single_ggml(name, g.clone()),
         }
     }
 }
@@ -224,6 +268,8 @@ pub struct LoadedModel {
     pub bytes: u64,
     /// Where it came from.
     pub origin: Origin,
+    /// Token ids it takes are below this (from its `tokenizer.json`, or its GGUF vocabulary).
+    pub vocab_size: Option<u32>,
     last_used: std::sync::atomic::AtomicU64,
 }
 
@@ -270,10 +316,20 @@ impl ModelStore {
         }
         let bytes: u64 = manifest.files.iter().map(|f| f.size).sum();
         let weights = zeroize::Zeroizing::new(files.remove(&manifest.graph).unwrap_or_default());
+        if let Some(holder) = self.holder_of(&manifest.name)
+            && !holder.origin.same_model(&origin)
+        {
+            return Err(ModelError::NameTaken {
+                name: manifest.name.clone(),
+                holder: holder.origin.to_string(),
+            });
+        }
         let graph = if manifest.encoding == "ggml" {
             let ggml = self.options.ggml;
+            // the owner may set the chat template; else the GGUF's own is used
+            let template = manifest.extra.get("chat_template").and_then(|v| v.as_str()).map(str::to_string);
             ModelGraph::Ggml(
-                tokio::task::spawn_blocking(move || GgmlGraph::load(&weights, ggml))
+                tokio::task::spawn_blocking(move || GgmlGraph::load(&weights, ggml, template))
                     .await
                     .map_err(|e| ModelError::Task(e.to_string()))??,
             )
@@ -320,9 +376,15 @@ impl ModelStore {
                 extra: serde_json::Value::Object(manifest.extra.clone()).to_string(),
             },
             assets: files.into_iter().map(|(k, v)| (k, Arc::<[u8]>::from(v))).collect(),
-            graphs: ModelGraphs::single(manifest.name.clone(), graph.to_wasi_nn()),
+            graphs: graph.registry(manifest.name.clone()),
             tokenizer,
         });
+        let vocab_size = match &graph {
+            ModelGraph::Ggml(g) => Some(g.vocab_size()),
+            ModelGraph::Onnx(_) => {
+                context.tokenizer.as_ref().map(|t| u32::try_from(t.get_vocab_size(true)).unwrap_or(u32::MAX))
+            }
+        };
         let persist = matches!(origin, Origin::Folder(_));
         let plugin = self
             .runtime
@@ -345,10 +407,20 @@ impl ModelStore {
             created,
             bytes,
             origin,
+            vocab_size,
             last_used: Default::default(),
         });
         model.touch();
         let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        // checked again under the lock: another load of the same name may have won meanwhile
+        if let Some(holder) = models.get(&model.manifest.name)
+            && !holder.origin.same_model(&model.origin)
+        {
+            return Err(ModelError::NameTaken {
+                name: model.manifest.name.clone(),
+                holder: holder.origin.to_string(),
+            });
+        }
         models.insert(model.manifest.name.clone(), model.clone());
         if let Some(cap) = self.options.capacity_bytes {
             // least recently used first; the model just loaded stays even if it alone is larger
@@ -382,6 +454,25 @@ impl ModelStore {
         }
     }
 
+    /// The model holding `name`, without touching its LRU position.
+    pub fn get_untouched(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        self.holder_of(name)
+    }
+
+    fn holder_of(&self, name: &str) -> Option<Arc<LoadedModel>> {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// The model from the vault with `ModelVault` id `model_id`, if loaded.
+    pub fn by_id(&self, model_id: [u8; 32]) -> Option<Arc<LoadedModel>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|m| m.origin.model_id() == Some(model_id))
+            .cloned()
+    }
+
     /// The model served under `name`.
     pub fn get(&self, name: &str) -> Option<Arc<LoadedModel>> {
         let m = self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
@@ -401,6 +492,13 @@ impl ModelStore {
     /// Stops serving `name`; in-flight requests finish on their own reference.
     pub fn unload(&self, name: &str) -> bool {
         self.models.write().unwrap_or_else(|p| p.into_inner()).remove(name).is_some()
+    }
+
+    /// Stops serving the vault model `model_id` (and nothing else, whatever its name).
+    pub fn unload_id(&self, model_id: [u8; 32]) -> bool {
+        let mut models = self.models.write().unwrap_or_else(|p| p.into_inner());
+        let name = models.iter().find(|(_, m)| m.origin.model_id() == Some(model_id)).map(|(n, _)| n.clone());
+        name.is_some_and(|n| models.remove(&n).is_some())
     }
 }
 

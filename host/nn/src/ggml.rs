@@ -2,13 +2,17 @@
 //! encoding: text generation, one token per `compute`.
 //!
 //! wasi-nn has no streaming, so a generation is a run of `compute` calls on one execution
-//! context. The first call carries the inputs: `prompt` (U8, the UTF-8 text with the chat
-//! template already applied by the plugin) and optionally `options` (U8, JSON:
-//! `{"max_tokens", "temperature", "top_p", "seed"}`). Every call answers with the next piece of
+//! context. The first call carries the inputs: either `messages` (U8, a JSON list of
+//! `{"role", "content"}`: the host renders them with the model's own chat template, see
+//! [`crate::template`]) or `prompt` (U8, plain UTF-8 text for completion), and optionally
+//! `options` (U8, JSON: `{"max_tokens", "temperature", "top_p", "seed"}`). Only a template's own
+//! markers become control tokens: message text and prompts are tokenized as plain text, so a
+//! caller cannot forge a turn or an end-of-sequence. Every call answers with the next piece of
 //! text: `token` (U8, whole UTF-8 characters only; a character split across tokens waits for its
 //! end), `done` (U8 `[1]` once the model ended, `max_tokens` was reached or the context is full)
 //! and `usage` (I32 `[prompt tokens, generated tokens]`). The plugin sees every token, so stop
-//! sequences and post-processing stay the owner's, inside the sandbox.
+//! sequences and post-processing stay the owner's, inside the sandbox. The same counts go to the
+//! request's [`RequestUsage`], which the host bills from: the plugin's own report is not trusted.
 //!
 //! Each execution context owns a llama.cpp context (its own KV cache) on a worker thread of its
 //! own, so concurrent requests on one loaded model decode side by side over the shared read-only
@@ -43,7 +47,8 @@ use wasmtime_wasi_nn::backend::{
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor};
 
-use crate::NnError;
+use crate::template::{ChatMessage, ChatTemplate, Segment};
+use crate::{NnError, RequestUsage};
 
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
@@ -151,7 +156,7 @@ impl BackendInner for GgmlBackend {
         let [bytes] = builders else {
             return Err(BackendError::InvalidNumberOfBuilders(1, builders.len()));
         };
-        Ok(GgmlGraph::load(bytes, self.config)?.into_wasi_nn())
+        Ok(GgmlGraph::load(bytes, self.config, None)?.into_wasi_nn())
     }
 
     fn as_dir_loadable(&mut self) -> Option<&mut dyn BackendFromDir> {
@@ -164,6 +169,8 @@ struct Inner {
     /// llama.cpp mutates the model while creating a context: one at a time.
     create: Mutex<()>,
     config: GgmlConfig,
+    /// The chat template (the manifest's, else the GGUF's own), if there is one.
+    template: Option<ChatTemplate>,
 }
 
 /// A loaded GGUF model, shared by every request on it.
@@ -204,8 +211,10 @@ pub struct Step {
 }
 
 impl GgmlGraph {
-    /// Loads GGUF `bytes` through an anonymous memory file (never a path on disk).
-    pub fn load(bytes: &[u8], config: GgmlConfig) -> Result<Self, NnError> {
+    /// Loads GGUF `bytes` through an anonymous memory file (never a path on disk). The chat
+    /// template is `template` when given (the manifest's override), else the GGUF's own
+    /// `tokenizer.chat_template`; a template that does not compile is refused here.
+    pub fn load(bytes: &[u8], config: GgmlConfig, template: Option<String>) -> Result<Self, NnError> {
         let backend = backend()?;
         if bytes.len() < 4 || &bytes[..4] != b"GGUF" {
             return Err(NnError::Load("not a GGUF file (no GGUF magic)".into()));
@@ -217,7 +226,68 @@ impl GgmlGraph {
             .map_err(|e| NnError::Load(format!("llama.cpp could not load the GGUF: {e}")))?;
         // the mapping llama.cpp made keeps the pages; the descriptor is no longer needed
         drop(fd);
-        Ok(Self(Arc::new(Inner { model, create: Mutex::new(()), config })))
+        let source = template.or_else(|| model.meta_val_str("tokenizer.chat_template").ok());
+        let template = match source {
+            Some(src) => {
+                let vocab = model.vocab();
+                let text = |t: LlamaToken| {
+                    vocab.text(t).map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+                };
+                let (bos, eos) = (text(vocab.bos()), text(vocab.eos()));
+                Some(ChatTemplate::new(src, bos, eos).map_err(NnError::Load)?)
+            }
+            None => None,
+        };
+        Ok(Self(Arc::new(Inner { model, create: Mutex::new(()), config, template })))
+    }
+
+    /// The chat template requests on this model are rendered with, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.0.template.as_ref()
+    }
+
+    /// The prompt tokens of a conversation: rendered with the model's chat template, template
+    /// text tokenized with its special tokens, message text as plain text.
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<LlamaToken>, NnError> {
+        let template = self.0.template.as_ref().ok_or_else(|| {
+            NnError::InvalidInput(
+                "this model has no chat template (the GGUF has none and the manifest sets no \
+                 `extra.chat_template`): use /v1/completions"
+                    .into(),
+            )
+        })?;
+        let segments = template.render(messages, true).map_err(NnError::InvalidInput)?;
+        let vocab = self.0.model.vocab();
+        let starts_with_bos = !template.bos().is_empty()
+            && matches!(segments.first(), Some(Segment::Template(t)) if t.starts_with(template.bos()));
+        let mut tokens = Vec::new();
+        for (i, seg) in segments.iter().enumerate() {
+            // BOS as the model wants it, unless the template wrote it itself
+            let add_bos = i == 0 && vocab.should_add_bos() && !starts_with_bos;
+            if add_bos {
+                tokens.push(vocab.bos());
+            }
+            match seg {
+                Segment::Template(t) => vocab.tokenize_into(t.as_bytes(), &mut tokens, false, true),
+                Segment::Content(t) => vocab.tokenize_into(t.as_bytes(), &mut tokens, false, false),
+            }
+        }
+        Ok(tokens)
+    }
+
+    /// The prompt tokens of a completion: plain text (no control tokens), after BOS.
+    pub fn prompt_tokens(&self, prompt: &[u8]) -> Vec<LlamaToken> {
+        self.0.model.vocab().tokenize(prompt, true, false)
+    }
+
+    /// Token ids of this model are below this.
+    pub fn vocab_size(&self) -> u32 {
+        u32::try_from(self.0.model.vocab().n_tokens()).unwrap_or(0)
+    }
+
+    /// The context length one request gets.
+    pub fn n_ctx(&self) -> u32 {
+        self.0.config.n_ctx.min(self.0.model.n_ctx_train().max(1))
     }
 
     /// This graph as a wasi-nn [`Graph`] for a registry.
@@ -225,18 +295,24 @@ impl GgmlGraph {
         Graph::from(Box::new(self) as Box<dyn BackendGraph>)
     }
 
+    /// This graph as one request sees it: its usage measured into `usage`.
+    pub fn into_wasi_nn_metered(self, usage: Arc<RequestUsage>) -> Graph {
+        Graph::from(Box::new(Metered { graph: self, usage }) as Box<dyn BackendGraph>)
+    }
+
     /// The model's context length in training (an upper bound for `n_ctx`).
     pub fn n_ctx_train(&self) -> u32 {
         self.0.model.n_ctx_train()
     }
 
-    /// Tokens of `text` as this model's tokenizer reads a prompt (special tokens parsed).
+    /// Tokens of `text` as a completion prompt (plain text, after BOS).
     pub fn count_tokens(&self, text: &str) -> usize {
-        self.0.model.vocab().tokenize(text.as_bytes(), true, true).len()
+        self.prompt_tokens(text.as_bytes()).len()
     }
 
-    /// Starts generating from `prompt` on a worker of its own; the steps arrive in order.
-    pub fn generate(&self, prompt: Vec<u8>, options: GenOptions) -> Generation {
+    /// Starts generating from the `prompt` tokens on a worker of its own; the steps arrive in
+    /// order.
+    pub fn generate(&self, prompt: Vec<LlamaToken>, options: GenOptions) -> Generation {
         let (tx, rx) = sync_channel(1);
         let inner = self.0.clone();
         let spawned = std::thread::Builder::new()
@@ -304,7 +380,12 @@ fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, NnError> {
     Ok(fd)
 }
 
-fn run_generation(inner: &Inner, prompt: &[u8], o: GenOptions, tx: &SyncSender<Result<Step, NnError>>) {
+fn run_generation(
+    inner: &Inner,
+    prompt: &[LlamaToken],
+    o: GenOptions,
+    tx: &SyncSender<Result<Step, NnError>>,
+) {
     if let Err(e) = generate_steps(inner, prompt, o, tx) {
         let _ = tx.send(Err(e));
     }
@@ -312,14 +393,13 @@ fn run_generation(inner: &Inner, prompt: &[u8], o: GenOptions, tx: &SyncSender<R
 
 fn generate_steps(
     inner: &Inner,
-    prompt: &[u8],
+    tokens: &[LlamaToken],
     o: GenOptions,
     tx: &SyncSender<Result<Step, NnError>>,
 ) -> Result<(), NnError> {
     let backend = backend()?;
     let model = &inner.model;
     let vocab = model.vocab();
-    let tokens = vocab.tokenize(prompt, true, true);
     let n_ctx = inner.config.n_ctx.min(model.n_ctx_train().max(1));
     if tokens.is_empty() {
         return Err(NnError::InvalidInput("the prompt is empty".into()));
@@ -412,6 +492,24 @@ impl BackendGraph for GgmlGraph {
             graph: self.clone(),
             staged: crate::Staged::new(),
             generation: None,
+            usage: Arc::default(),
+        }) as Box<dyn BackendExecutionContext>))
+    }
+}
+
+/// A graph bound to one request's usage.
+struct Metered {
+    graph: GgmlGraph,
+    usage: Arc<RequestUsage>,
+}
+
+impl BackendGraph for Metered {
+    fn init_execution_context(&self) -> Result<ExecutionContext, BackendError> {
+        Ok(ExecutionContext::from(Box::new(GgmlContext {
+            graph: self.graph.clone(),
+            staged: crate::Staged::new(),
+            generation: None,
+            usage: self.usage.clone(),
         }) as Box<dyn BackendExecutionContext>))
     }
 }
@@ -421,39 +519,66 @@ struct GgmlContext {
     graph: GgmlGraph,
     staged: crate::Staged,
     generation: Option<Generation>,
+    usage: Arc<RequestUsage>,
 }
 
 impl GgmlContext {
     fn step(
         graph: &GgmlGraph,
         generation: &mut Option<Generation>,
+        usage: &RequestUsage,
         inputs: Vec<NamedTensor>,
     ) -> Result<Vec<NamedTensor>, NnError> {
-        let mut prompt = None;
+        let mut prompt: Option<(Vec<LlamaToken>, &'static str)> = None;
         let mut options = GenOptions::default();
         for t in inputs {
             if t.tensor.ty != TensorType::U8 {
                 return Err(NnError::InvalidInput(format!("input {:?} must be U8 (UTF-8 bytes)", t.name)));
             }
             match t.name.as_str() {
-                "prompt" => prompt = Some(t.tensor.data),
+                "prompt" => prompt = Some((graph.prompt_tokens(&t.tensor.data), "prompt")),
+                "messages" => {
+                    let messages: Vec<ChatMessage> = serde_json::from_slice(&t.tensor.data)
+                        .map_err(|e| NnError::InvalidInput(format!("messages: {e}")))?;
+                    let tokens = graph.chat_tokens(&messages).inspect_err(|e| {
+                        // a template that refuses the conversation is the caller's to fix
+                        if let NnError::InvalidInput(m) = e {
+                            usage.refuse("messages", m.clone());
+                        }
+                    })?;
+                    prompt = Some((tokens, "messages"));
+                }
                 "options" => {
                     options = serde_json::from_slice(&t.tensor.data)
                         .map_err(|e| NnError::InvalidInput(format!("options: {e}")))?;
                 }
                 other => {
-                    return Err(NnError::InvalidInput(format!("unknown input {other:?} (prompt, options)")));
+                    return Err(NnError::InvalidInput(format!(
+                        "unknown input {other:?} (messages or prompt, options)"
+                    )));
                 }
             }
         }
-        if let Some(p) = prompt {
+        if let Some((tokens, param)) = prompt {
+            let n_ctx = graph.n_ctx() as usize;
+            if tokens.is_empty() {
+                usage.refuse(param, "the prompt is empty");
+                return Err(NnError::InvalidInput("the prompt is empty".into()));
+            }
+            if tokens.len() >= n_ctx {
+                let m = format!("the prompt is {} tokens; this model's context holds {n_ctx}", tokens.len());
+                usage.refuse(param, m.clone());
+                return Err(NnError::InvalidInput(m));
+            }
+            usage.record(u32::try_from(tokens.len()).unwrap_or(u32::MAX), 0);
             // a new prompt starts a new generation (the old one, if any, stops)
-            *generation = Some(graph.generate(p, options));
+            *generation = Some(graph.generate(tokens, options));
         }
         let generation = generation.as_mut().ok_or_else(|| {
             NnError::InvalidInput("no prompt: the first compute needs a `prompt` input".into())
         })?;
         let s = generation.next_step()?;
+        usage.record(s.prompt_tokens, s.generated);
         let len = u32::try_from(s.text.len()).unwrap_or(u32::MAX);
         let usage = [s.prompt_tokens as i32, s.generated as i32];
         Ok(vec![
@@ -483,8 +608,12 @@ impl BackendExecutionContext for GgmlContext {
             Id::Name(n) => n,
             Id::Index(0) => "prompt".into(),
             Id::Index(1) => "options".into(),
+            Id::Index(2) => "messages".into(),
             Id::Index(i) => {
-                return Err(NnError::InvalidInput(format!("no input #{i} (0 prompt, 1 options)")).into());
+                return Err(NnError::InvalidInput(format!(
+                    "no input #{i} (0 prompt, 1 options, 2 messages)"
+                ))
+                .into());
             }
         };
         self.staged.set(name, tensor);
@@ -499,8 +628,8 @@ impl BackendExecutionContext for GgmlContext {
         &mut self,
         inputs: Option<Vec<NamedTensor>>,
     ) -> Result<Option<Vec<NamedTensor>>, BackendError> {
-        let (graph, generation) = (&self.graph, &mut self.generation);
-        Ok(self.staged.compute(inputs, |i| Self::step(graph, generation, i))?)
+        let (graph, generation, usage) = (&self.graph, &mut self.generation, &self.usage);
+        Ok(self.staged.compute(inputs, |i| Self::step(graph, generation, usage, i))?)
     }
 }
 
@@ -531,7 +660,9 @@ mod tests {
 
     #[test]
     fn bytes_that_are_not_gguf_are_refused_before_llama_cpp_sees_them() {
-        let Err(e) = GgmlGraph::load(b"not a model", GgmlConfig::default()) else { panic!("loaded garbage") };
+        let Err(e) = GgmlGraph::load(b"not a model", GgmlConfig::default(), None) else {
+            panic!("loaded garbage")
+        };
         assert!(e.to_string().contains("GGUF"), "{e}");
     }
 }

@@ -17,10 +17,14 @@
 pub mod ggml;
 pub mod onnx;
 pub mod registry;
+pub mod template;
+mod usage;
 
 pub use ggml::{GenOptions, Generation, GgmlBackend, GgmlConfig, GgmlGraph, Step, llama_backend};
 pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime, locate_onnx_runtime};
 pub use registry::ModelGraphs;
+pub use template::{ChatMessage, ChatTemplate, Segment};
+pub use usage::{Refusal, RequestUsage};
 pub use wasmtime_wasi_nn::backend::NamedTensor;
 pub use wasmtime_wasi_nn::wit::TensorType;
 pub use wasmtime_wasi_nn::{Graph, Tensor};

@@ -54,3 +54,25 @@ pub enum InvokeError {
     #[error("no sandbox available: {0}")]
     Instantiate(String),
 }
+
+/// `s` cut to at most `max` bytes (on a character boundary), saying how much was cut: what a
+/// plugin says goes into answers and logs, and a plugin can say a lot.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &s[..end], s.len() - end)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clip_cuts_on_a_character_boundary_and_says_so() {
+        assert_eq!(super::clip("short", 10), "short");
+        assert_eq!(super::clip("héllo world", 2), "h… (11 more bytes)");
+    }
+}

@@ -10,10 +10,11 @@
 
 pub mod bindings;
 mod error;
+pub mod fair;
 mod runtime;
 pub mod state;
 
 pub use bindings::{Embeddings, Input, Level, ModelConfig, PluginError, Request, Response};
-pub use error::{InvokeError, LoadError};
-pub use runtime::{Plugin, Runtime, RuntimeConfig, Timings};
+pub use error::{InvokeError, LoadError, clip};
+pub use runtime::{CallReport, Plugin, Runtime, RuntimeConfig};
 pub use state::{Limits, ModelContext, StreamSink};

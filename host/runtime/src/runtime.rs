@@ -7,10 +7,12 @@
 //! settings), linked against `wasi:nn`, the `div:plugin/host` interface and a locked-down WASI, and
 //! kept as an `InstancePre`.
 //!
-//! Per request: a new `Store` with fresh [`RequestState`], the plugin's memory limit and an epoch
+//! Per request: a new `Store` with fresh [`RequestState`], the plugin's memory limit and a
 //! deadline; instantiate from the `InstancePre` (a copy-on-write image of the snapshot in a pooled
 //! slot); call the export; drop it all. A trap, a timeout or a refused memory growth ends only
-//! that store; the engine and every other request go on.
+//! that store; the engine and every other request go on. At every epoch tick the sandbox checks
+//! its deadline and passes a yield point of the host's [fair share](crate::fair) of cores, so a
+//! model that spins cannot take the cores from the others.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::bindings::{Embeddings, Input, PluginError, PluginWorld, PluginWorldPre, Request, Response};
 use crate::error::{InvokeError, LoadError};
+use crate::fair::FairShare;
 use crate::state::{Limits, ModelContext, RequestState, StreamSink};
 
 /// How the engine is set up. Defaults fit one machine.
@@ -44,8 +47,10 @@ pub struct RuntimeConfig {
     pub keep_resident_bytes: usize,
     /// Where wasmtime caches compiled code and DIV caches wizer snapshots (`None`: no disk cache).
     pub cache_dir: Option<PathBuf>,
-    /// Epoch tick: the granularity of deadlines.
+    /// Epoch tick: the granularity of deadlines and of fair-share yield points.
     pub epoch_tick: Duration,
+    /// Cores the fair share divides between models (default: the machine's).
+    pub cores: Option<usize>,
 }
 
 impl Default for RuntimeConfig {
@@ -60,6 +65,7 @@ impl Default for RuntimeConfig {
             },
             cache_dir: None,
             epoch_tick: Duration::from_millis(5),
+            cores: None,
         }
     }
 }
@@ -74,6 +80,7 @@ pub struct Runtime {
     private: Arc<std::sync::OnceLock<(Engine, Arc<Linker<RequestState>>)>>,
     config: RuntimeConfig,
     ticker: Arc<Ticker>,
+    fair: Arc<FairShare>,
 }
 
 /// Advances the epoch of every engine it holds until dropped.
@@ -130,7 +137,8 @@ impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Self, LoadError> {
         let (engine, linker) = Self::engine_and_linker(&config, config.cache_dir.as_ref())?;
         let ticker = Arc::new(start_ticker(vec![engine.clone()], config.epoch_tick));
-        Ok(Self { engine, linker, private: Arc::default(), config, ticker })
+        let fair = config.cores.map_or_else(FairShare::for_this_machine, FairShare::new);
+        Ok(Self { engine, linker, private: Arc::default(), config, ticker, fair })
     }
 
     fn engine_and_linker(
@@ -178,6 +186,11 @@ impl Runtime {
     /// The engine (for tools that compile components themselves).
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The fair share of cores every plugin's sandboxes run under.
+    pub fn fair_share(&self) -> &Arc<FairShare> {
+        &self.fair
     }
 
     /// Prepares `wasm` (a `div:plugin` component) for `model`: pre-initialise and snapshot it
@@ -229,12 +242,14 @@ impl Runtime {
             linker.instantiate_pre(&component).map_err(|e| LoadError::World(format!("{e:#}")))?;
         let pre = PluginWorldPre::new(instance_pre).map_err(|e| LoadError::World(format!("{e:#}")))?;
         // without a snapshot, `initialize` runs in every request's instance instead (see `call`)
+        let key: Arc<str> = Arc::from(model.config.name.as_str());
         Ok(Plugin {
             pre,
             engine,
             model,
             limits,
-            tick: self.config.epoch_tick,
+            fair: self.fair.clone(),
+            key,
             snapshotted: snapshot,
             load_time: started.elapsed(),
             active: Arc::new(std::sync::atomic::AtomicU32::new(0)),
@@ -359,7 +374,9 @@ pub struct Plugin {
     engine: Engine,
     model: Arc<ModelContext>,
     limits: Limits,
-    tick: Duration,
+    fair: Arc<FairShare>,
+    /// Which model's share this plugin's sandboxes count in.
+    key: Arc<str>,
     snapshotted: bool,
     load_time: Duration,
     active: Arc<std::sync::atomic::AtomicU32>,
@@ -375,13 +392,17 @@ impl Drop for Slot {
     }
 }
 
-/// How long the parts of one call took.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Timings {
+/// What one call cost: how long its parts took, and what the backend measured.
+#[derive(Debug, Clone, Default)]
+pub struct CallReport {
     /// Store + instance creation.
     pub instantiate: Duration,
-    /// The export call (plugin work and backend inference).
+    /// The export call (plugin work and backend inference), parked time included.
     pub call: Duration,
+    /// Time the sandbox spent parked for other models' fair share.
+    pub parked: Duration,
+    /// Tokens and refused inputs, as the backend measured them (not as the plugin says).
+    pub usage: Arc<div_nn::RequestUsage>,
 }
 
 impl Plugin {
@@ -410,7 +431,7 @@ impl Plugin {
         &self,
         inputs: &[Input],
         request_id: Arc<str>,
-    ) -> (Result<Embeddings, InvokeError>, Timings) {
+    ) -> (Result<Embeddings, InvokeError>, CallReport) {
         self.call(request_id, None, |store, world| world.div_plugin_plugin().call_embed(store, inputs))
     }
 
@@ -419,7 +440,7 @@ impl Plugin {
         &self,
         request: &Request,
         request_id: Arc<str>,
-    ) -> (Result<Response, InvokeError>, Timings) {
+    ) -> (Result<Response, InvokeError>, CallReport) {
         self.call(request_id, None, |store, world| world.div_plugin_plugin().call_handle(store, request))
     }
 
@@ -430,7 +451,7 @@ impl Plugin {
         request: &Request,
         request_id: Arc<str>,
         sink: StreamSink,
-    ) -> (Result<Response, InvokeError>, Timings) {
+    ) -> (Result<Response, InvokeError>, CallReport) {
         self.call(request_id, Some(sink), |store, world| {
             world.div_plugin_plugin().call_handle(store, request)
         })
@@ -451,8 +472,19 @@ impl Plugin {
         }
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.set_epoch_deadline(ticks(self.limits.deadline, self.tick));
-        store.epoch_deadline_trap();
+        // every tick: the deadline (time running, not parked), then the fair share's yield point
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut cx| {
+            let st = cx.data_mut();
+            if st.clock.expired() {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            }
+            if let Some(running) = &st.running {
+                let parked = running.yield_point(st.clock.wall_end());
+                st.clock.parked(parked);
+            }
+            Ok(wasmtime::UpdateDeadline::Continue(1))
+        });
         store
     }
 
@@ -470,25 +502,33 @@ impl Plugin {
         request_id: Arc<str>,
         sink: Option<StreamSink>,
         f: impl FnOnce(&mut Store<RequestState>, &PluginWorld) -> wasmtime::Result<Result<R, PluginError>>,
-    ) -> (Result<R, InvokeError>, Timings) {
+    ) -> (Result<R, InvokeError>, CallReport) {
         let started = Instant::now();
         let _slot = match self.slot() {
             Ok(s) => s,
-            Err(e) => return (Err(e), Timings::default()),
+            Err(e) => return (Err(e), CallReport::default()),
         };
         let mut store = self.store(request_id, sink);
+        let report = |store: &Store<RequestState>, instantiate: Duration, call: Duration| CallReport {
+            instantiate,
+            call,
+            parked: store.data().clock.parked_total(),
+            usage: store.data().usage.clone(),
+        };
         let world = match self.pre.instantiate(&mut store) {
             Ok(w) => w,
             Err(e) => {
-                let t = Timings { instantiate: started.elapsed(), call: Duration::ZERO };
+                let t = report(&store, started.elapsed(), Duration::ZERO);
                 return (Err(self.classify(&store, e, InvokeError::Instantiate)), t);
             }
         };
         let instantiated = Instant::now();
+        store.data_mut().running = Some(self.fair.enter(self.key.clone()));
         if !self.snapshotted
             && let Err(e) = world.call_initialize(&mut store)
         {
-            let t = Timings { instantiate: instantiated - started, call: instantiated.elapsed() };
+            store.data_mut().running = None;
+            let t = report(&store, instantiated - started, instantiated.elapsed());
             return (Err(self.classify(&store, e, InvokeError::Trap)), t);
         }
         let result = match f(&mut store, &world) {
@@ -496,7 +536,8 @@ impl Plugin {
             Ok(Err(plugin_error)) => Err(InvokeError::Plugin(plugin_error)),
             Err(e) => Err(self.classify(&store, e, InvokeError::Trap)),
         };
-        (result, Timings { instantiate: instantiated - started, call: instantiated.elapsed() })
+        store.data_mut().running = None;
+        (result, report(&store, instantiated - started, instantiated.elapsed()))
     }
 
     /// Names the cause of a trap: deadline, memory limit, or the trap itself.
@@ -512,6 +553,13 @@ impl Plugin {
         if store.data().limiter.refused_memory {
             return InvokeError::MemoryLimit { limit: self.limits.memory_bytes };
         }
-        otherwise(format!("{e:#}"))
+        // the whole chain (with the Wasm backtrace) goes to the host's log; the caller gets the
+        // cause only: a backtrace shows the owner's code, and can be long
+        tracing::debug!(model = %self.model.config.name, "plugin failed: {}", crate::error::clip(&format!("{e:?}"), 8192));
+        let cause = match e.downcast_ref::<Trap>() {
+            Some(trap) => trap.to_string(),
+            None => e.root_cause().to_string(),
+        };
+        otherwise(crate::error::clip(&cause, 512))
     }
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use div_nn::ModelGraphs;
+use div_nn::{ModelGraphs, RequestUsage};
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -25,6 +25,11 @@ const MAX_LOG_LINES: u32 = 64;
 const MAX_LOG_LINE: usize = 2048;
 /// Most texts one `host.tokenize` call takes.
 const MAX_TOKENIZE_TEXTS: usize = 2048;
+/// Most bytes one `host.tokenize` call takes, all texts together: the host does this work
+/// outside the plugin's memory limit, and tokenizing is linear in the bytes, truncated or not.
+const MAX_TOKENIZE_BYTES: usize = 4 << 20;
+/// Longest piece of text one `streaming.emit` may hand over.
+const MAX_EMIT_BYTES: usize = 64 << 10;
 
 /// A model as its plugin sees it: config, read-only assets, and its graphs for `load-by-name`.
 pub struct ModelContext {
@@ -112,6 +117,12 @@ pub struct RequestState {
     stream: Option<StreamSink>,
     /// The sink said the caller has gone; the next emit traps.
     stream_gone: bool,
+    /// What the backend measured of this request (tokens, refused inputs).
+    pub(crate) usage: Arc<RequestUsage>,
+    /// The request's time, parked time excluded.
+    pub(crate) clock: crate::fair::Clock,
+    /// Its place in the host's fair share of cores while it runs.
+    pub(crate) running: Option<crate::fair::Running>,
 }
 
 /// A wall clock stopped at the epoch: plugins get no real time (monotonic time stays available).
@@ -131,7 +142,8 @@ impl RequestState {
     pub fn new(model: Arc<ModelContext>, limits: Limits, request_id: Arc<str>) -> Self {
         // no preopens, no environment, no arguments, no sockets, stdio closed
         let wasi = WasiCtx::builder().wall_clock(EpochClock).allow_tcp(false).allow_udp(false).build();
-        let nn = WasiNnCtx::new([], Registry::from(model.graphs.clone()));
+        let usage = Arc::new(RequestUsage::default());
+        let nn = WasiNnCtx::new([], Registry::from(model.graphs.for_request(&usage)));
         Self {
             wasi,
             table: ResourceTable::new(),
@@ -147,7 +159,15 @@ impl RequestState {
             log_lines: 0,
             stream: None,
             stream_gone: false,
+            usage,
+            clock: crate::fair::Clock::start(limits.deadline),
+            running: None,
         }
+    }
+
+    /// Past the request's deadline (host imports check this, so none outlives it).
+    fn past_deadline(&self) -> bool {
+        self.clock.expired()
     }
 
     /// Sends what the plugin emits to `sink`.
@@ -175,8 +195,17 @@ impl streaming::Host for RequestState {
             // the plugin was told the caller left and went on generating: stop it here
             return Err(wasmtime::Error::msg("the plugin kept emitting after the caller had gone"));
         }
-        // without a sink (a request that is not streamed) the text arrives in the result
+        if delta.len() > MAX_EMIT_BYTES {
+            return Err(wasmtime::Error::msg(format!(
+                "the plugin emitted {} bytes at once (at most {MAX_EMIT_BYTES})",
+                delta.len()
+            )));
+        }
+        // without a sink (a request that is not streamed) the text arrives in the result; time
+        // spent waiting for a slow reader is not the plugin's running time
+        let waited = std::time::Instant::now();
         let delivered = self.stream.as_mut().is_none_or(|sink| sink(&delta));
+        self.clock.parked(waited.elapsed());
         if delivered {
             Ok(Ok(()))
         } else {
@@ -220,7 +249,8 @@ impl host::Host for RequestState {
 
     fn tokenize(&mut self, texts: Vec<String>, max_len: u32) -> Result<Vec<Vec<u32>>, String> {
         let tok = self.model.tokenizer.as_ref().ok_or("this model's package has no tokenizer.json")?;
-        // the host does this work outside the plugin's deadline and memory limit: bound it
+        // the host does this work outside the plugin's memory limit: bound it, and never past
+        // the request's deadline
         let budget = (self.model.config.max_seq_len as usize).saturating_mul(64).max(4096);
         if let Some(i) = texts.iter().position(|t| t.len() > budget) {
             return Err(format!("text {i} is longer than {budget} bytes"));
@@ -228,8 +258,15 @@ impl host::Host for RequestState {
         if texts.len() > MAX_TOKENIZE_TEXTS {
             return Err(format!("at most {MAX_TOKENIZE_TEXTS} texts per call"));
         }
+        let total: usize = texts.iter().map(String::len).sum();
+        if total > MAX_TOKENIZE_BYTES {
+            return Err(format!("{total} bytes of text in one call; at most {MAX_TOKENIZE_BYTES}"));
+        }
         let mut out = Vec::with_capacity(texts.len());
         for text in texts {
+            if self.past_deadline() {
+                return Err("the request's deadline passed".into());
+            }
             // the host's tokenizer truncates to the model's length keeping [SEP] and never pads
             // (set at load); `max_len` can only shorten further
             let enc = tok.encode_fast(text, true).map_err(|e| format!("tokenize: {e}"))?;

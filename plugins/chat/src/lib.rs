@@ -4,8 +4,9 @@
 //! `/v1/chat/completions` or `/v1/completions`):
 //! `{"messages": [{"role", "content"}] | "prompt": "…", "max_tokens", "temperature", "top_p",
 //! "seed", "stop": ["…"]}`. The plugin
-//! 1. applies the model's chat template (the owner picks it in the manifest's `extra.template`;
-//!    `gemma` is built in, `plain` passes the prompt through),
+//! 1. hands the conversation to the backend, which renders it with the model's own chat
+//!    template (from the GGUF, or the manifest's `extra.chat_template`) so that only the
+//!    template can write control tokens; a completion prompt goes as plain text,
 //! 2. generates token by token through `wasi:nn` (one `compute` per token),
 //! 3. holds back any text that could still become a stop sequence, cuts at the first stop, and
 //!    emits everything else to the caller at once (`streaming.emit`),
@@ -19,7 +20,7 @@ use div_plugin::llm::{Generation, Options};
 use div_plugin::{Plugin, PluginError, Request, Response};
 use serde::Deserialize;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, serde::Serialize)]
 struct Message {
     role: String,
     content: String,
@@ -42,48 +43,6 @@ struct Body {
     seed: Option<u32>,
     #[serde(default)]
     stop: Vec<String>,
-}
-
-/// Gemma's turn format. The tokenizer adds `<bos>`; a system message joins the first user turn,
-/// as Gemma has no system role.
-fn gemma(messages: &[Message]) -> Result<String, PluginError> {
-    let mut out = String::new();
-    let mut system = String::new();
-    for m in messages {
-        match m.role.as_str() {
-            "system" | "developer" => {
-                system.push_str(&m.content);
-                system.push_str("\n\n");
-            }
-            "user" => {
-                out.push_str("<start_of_turn>user\n");
-                out.push_str(&std::mem::take(&mut system));
-                out.push_str(&m.content);
-                out.push_str("<end_of_turn>\n");
-            }
-            "assistant" => {
-                out.push_str("<start_of_turn>model\n");
-                out.push_str(&m.content);
-                out.push_str("<end_of_turn>\n");
-            }
-            other => return Err(PluginError::InvalidInput(format!("messages: unknown role {other:?}"))),
-        }
-    }
-    if !system.is_empty() {
-        out.push_str("<start_of_turn>user\n");
-        out.push_str(system.trim_end());
-        out.push_str("<end_of_turn>\n");
-    }
-    out.push_str("<start_of_turn>model\n");
-    Ok(out)
-}
-
-fn template() -> String {
-    let extra = div_plugin::model_config().extra;
-    serde_json::from_str::<serde_json::Value>(&extra)
-        .ok()
-        .and_then(|v| v.get("template").and_then(|t| t.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "gemma".to_string())
 }
 
 /// The end of `text` that could still grow into a stop sequence: held back until it cannot.
@@ -123,19 +82,7 @@ struct Chat;
 
 impl Chat {
     fn run(body: Body) -> Result<serde_json::Value, PluginError> {
-        let prompt = match (&body.messages, &body.prompt) {
-            (Some(m), None) => match template().as_str() {
-                "gemma" => gemma(m)?,
-                "plain" => m.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n"),
-                other => {
-                    return Err(PluginError::Internal(format!(
-                        "unknown chat template {other:?} in the manifest"
-                    )));
-                }
-            },
-            (None, Some(p)) => p.clone(),
-            _ => return Err(PluginError::InvalidInput("give either messages or prompt".into())),
-        };
+        let name = div_plugin::model_config().name;
         let options = Options {
             max_tokens: body.max_tokens.unwrap_or(256).max(1),
             temperature: body.temperature.unwrap_or(0.0),
@@ -143,8 +90,14 @@ impl Chat {
             seed: body.seed.unwrap_or(0),
         };
         let stops: Vec<String> = body.stop.into_iter().filter(|s| !s.is_empty()).collect();
-        let name = div_plugin::model_config().name;
-        let mut g = Generation::start(&name, &prompt, &options)?;
+        let mut g = match (&body.messages, &body.prompt) {
+            (Some(m), None) => {
+                let json = serde_json::to_string(m).map_err(|e| PluginError::Internal(e.to_string()))?;
+                Generation::chat(&name, &json, &options)?
+            }
+            (None, Some(p)) => Generation::start(&name, p, &options)?,
+            _ => return Err(PluginError::InvalidInput("give either messages or prompt".into())),
+        };
         let mut text = String::new(); // everything generated (after the stop cut)
         let mut sent = 0; // bytes of `text` already emitted
         let mut finish = "length";
@@ -202,27 +155,6 @@ div_plugin::export!(Chat);
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn msg(role: &str, content: &str) -> Message {
-        Message { role: role.into(), content: content.into() }
-    }
-
-    #[test]
-    fn gemma_turns_fold_the_system_message_into_the_first_user_turn() {
-        let p = gemma(&[
-            msg("system", "Be brief."),
-            msg("user", "Hi"),
-            msg("assistant", "Hello"),
-            msg("user", "Why?"),
-        ])
-        .unwrap_or_default();
-        assert_eq!(
-            p,
-            "<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n\
-             <start_of_turn>user\nWhy?<end_of_turn>\n<start_of_turn>model\n"
-        );
-        assert!(gemma(&[msg("tool", "x")]).is_err());
-    }
 
     #[test]
     fn the_earliest_stop_wins_and_is_found_across_pieces() {

@@ -3,7 +3,7 @@
 // signed receipt, checked here against the host's address.
 import { useMemo, useState } from 'react';
 import { useConnection, useWalletClient } from 'wagmi';
-import { parseUnits, recoverMessageAddress, toHex, type Address, type Hex } from 'viem';
+import { hashTypedData, parseUnits, recoverMessageAddress, toHex, type Address, type Hex } from 'viem';
 import { useApp } from '../context';
 import { HostError, hostFetch, type HostModel } from '../host';
 import { amount, describeError, short } from '../format';
@@ -13,6 +13,7 @@ type SavedKey = { key: string; cap: string; permitHash: Hex; expiry: number };
 
 type Receipt = {
   request_id: string;
+  client_request_id?: string | null;
   model_id: Hex;
   permit_hash: Hex;
   amount: string;
@@ -49,12 +50,25 @@ function receiptMessage(r: Receipt): string {
   return [
     'DIV receipt',
     `request: ${r.request_id}`,
+    `client request: ${r.client_request_id ?? '-'}`,
     `model: ${r.model_id.toLowerCase()}`,
     `permit: ${r.permit_hash.toLowerCase()}`,
     `amount: ${r.amount}`,
     `cumulative: ${r.cumulative_amount}`,
     `requests: ${r.cumulative_requests}`,
     `host: ${r.host.toLowerCase()}`,
+  ].join('\n');
+}
+
+/** What the host asks a user to sign to get an API key (div_meter::key_proof_message). */
+function keyProofMessage(host: Address, permitHash: Hex, challenge: string): string {
+  return [
+    'DIV API key request',
+    `host: ${host.toLowerCase()}`,
+    `permit: ${permitHash.toLowerCase()}`,
+    `challenge: ${challenge}`,
+    '',
+    'Signing this proves you hold the key that signed the permit. It moves no funds.',
   ].join('\n');
 }
 
@@ -138,8 +152,7 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
         expiry,
         nonce: randomNonce(),
       };
-      const signature = await wallet.signTypedData({
-        account: wallet.account!,
+      const typed = {
         domain: { name: 'DIV PaymentStream', version: '1', chainId: deployment.chainId, verifyingContract: deployment.paymentStream },
         types: {
           SpendingPermit: [
@@ -154,6 +167,14 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
         },
         primaryType: 'SpendingPermit',
         message: permit,
+      } as const;
+      const signature = await wallet.signTypedData({ account: wallet.account!, ...typed });
+      // a permit is public once settled: prove this wallet asks for the key, over the host's
+      // single-use challenge
+      const { body: ch } = await hostFetch<{ challenge: string }>('/v1/keys/challenge');
+      const proof = await wallet.signMessage({
+        account: wallet.account!,
+        message: keyProofMessage(info.host as Address, hashTypedData(typed), ch.challenge),
       });
       const { body } = await hostFetch<{ key: string; permit_hash: Hex; expires_at: number }>('/v1/keys', {
         method: 'POST',
@@ -161,6 +182,7 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
         body: JSON.stringify({
           permit: { ...permit, maxAmount: toHex(maxAmount), expiry: Number(expiry), nonce: toHex(permit.nonce) },
           signature,
+          proof: { challenge: ch.challenge, signature: proof },
         }),
       });
       const s: SavedKey = { key: body.key, cap: maxAmount.toString(), permitHash: body.permit_hash, expiry: body.expires_at };
@@ -190,6 +212,8 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
       </div>
       <p className="muted">
         The permit lets host {short(info.host)} charge you up to the cap for {model.name}, settled on chain with 100 % to the owner.
+        It pays for exactly this model: <code data-testid="permit-model-id">{model.id}</code> of owner{' '}
+        <code data-testid="permit-model-owner">{model.owner}</code> (a name alone can be copied).
       </p>
       {error && <p className="error" role="alert" data-testid="permit-error">{error}</p>}
       {freshKey && (

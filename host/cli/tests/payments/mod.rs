@@ -62,12 +62,9 @@ impl Paid {
             std::fs::OpenOptions::new().create(true).append(true).open(self.rig.dir.join("serve.log"))?;
         let child = div()
             .args(["serve", "--vault", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .args([
-                "--host-key",
-                &hex_key(&self.rig.chain.keys[HOST]),
-                "--custodian",
-                &self.rig.urls.join(","),
-            ])
+            .env("DIV_HOST_KEY", hex_key(&self.rig.chain.keys[HOST]))
+            .args(["--custodian", &self.rig.urls.join(",")])
+            .args(["--allow-owner", &self.rig.chain.keys[OWNER].address().to_string()])
             .arg("--store")
             .arg(self.rig.store())
             .arg("--addresses")
@@ -147,7 +144,8 @@ impl Paid {
         })
     }
 
-    /// Signs `permit` for `chain_id` and posts it to `/v1/keys` with `extra` fields.
+    /// Signs `permit` for `chain_id` and posts it to `/v1/keys` with `extra` fields, proving
+    /// control of `user` with a signed challenge (unless `extra` sets `proof` itself).
     async fn post_key(
         &self,
         user: usize,
@@ -157,18 +155,27 @@ impl Paid {
     ) -> anyhow::Result<(u16, Value)> {
         let domain = permit_domain(chain_id, self.rig.chain.deployment.payment_stream);
         let sig = sign_permit(self.key(user), permit, &domain).await?;
+        let proof = self.proof(user, permit.signing_hash(&domain)).await?;
         let mut body = json!({
-            "permit": {
-                "user": permit.user, "modelId": permit.modelId, "host": permit.host, "token": permit.token,
-                "maxAmount": permit.maxAmount.to_string(), "expiry": permit.expiry, "nonce": permit.nonce.to_string(),
-            },
+            "permit": permit_json(permit),
             "signature": sig,
+            "proof": proof,
         });
         if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
             b.extend(e.clone());
         }
         let r = reqwest::Client::new().post(format!("{}/v1/keys", self.url)).json(&body).send().await?;
         Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    /// `user`'s proof of control for the permit `hash`: a signed challenge of this host.
+    async fn proof(&self, user: usize, hash: B256) -> anyhow::Result<Value> {
+        use alloy::signers::SignerSync;
+        let c: Value = reqwest::get(format!("{}/v1/keys/challenge", self.url)).await?.json().await?;
+        let nonce = c["challenge"].as_str().context("no challenge")?.to_string();
+        let msg = div_meter::key_proof_message(self.key(HOST).address(), hash, &nonce);
+        let sig = self.key(user).sign_message_sync(msg.as_bytes())?;
+        Ok(json!({"challenge": nonce, "signature": format!("0x{}", alloy::hex::encode(sig.as_bytes()))}))
     }
 
     async fn key_for(&self, user: usize, max: u64) -> anyhow::Result<String> {
@@ -213,6 +220,14 @@ impl Paid {
         let ps = PaymentStream::new(self.rig.chain.deployment.payment_stream, self.rig.provider()?);
         Ok(ps.getBalance(who, self.rig.chain.usdc()?).call().await?)
     }
+}
+
+/// A permit as `/v1/keys` takes it.
+fn permit_json(permit: &SpendingPermit) -> Value {
+    json!({
+        "user": permit.user, "modelId": permit.modelId, "host": permit.host, "token": permit.token,
+        "maxAmount": permit.maxAmount.to_string(), "expiry": permit.expiry, "nonce": permit.nonce.to_string(),
+    })
 }
 
 /// Reads an SSE stream to its end: the text, the last `usage` and the `receipt`.
@@ -340,8 +355,10 @@ async fn paid_requests_settle_exactly_and_bad_callers_are_refused_without_charge
     assert_eq!((s, code(&b)), (400, "invalid_json"), "{b}");
 
     // may they: no access token; a batch past the premium size
-    let v_key = p.key_for(v, 1_000_000).await?;
-    let (s, b) = p.embed(Some(&v_key), 1).await?;
+    // a wallet without the access token gets no key at all (strangers leave no state)
+    let (s, b) = p
+        .post_key(v, &p.permit(v, 1_000_000, now() + 3600, p.key(HOST).address())?, 31337, json!({}))
+        .await?;
     assert_eq!((s, code(&b)), (403, "insufficient_token_balance"), "{b}");
     let (s, b) = p.embed(Some(&key), 5).await?;
     assert_eq!((s, code(&b)), (403, "premium_required"), "{b}");
@@ -537,9 +554,10 @@ async fn a_killed_host_loses_no_charge_and_charges_none_twice() -> anyhow::Resul
     Ok(())
 }
 
-/// Sign-In with Ethereum admits the owner free and shows a user their permits; a permit can
-/// travel in `X-DIV-Permit` instead of a key; a model the byte-bounded cache unloaded comes
-/// back on demand.
+/// Sign-In with Ethereum admits the owner free and shows a user their permits; a permit alone
+/// (as anyone can read it on chain) never pays: neither in a header nor for a key; a session
+/// proves control of the permit's user; a model the byte-bounded cache unloaded comes back on
+/// demand.
 #[tokio::test(flavor = "multi_thread")]
 async fn siwe_sessions_permit_headers_and_reload_on_demand() -> anyhow::Result<()> {
     use alloy::signers::SignerSync;
@@ -583,38 +601,51 @@ async fn siwe_sessions_permit_headers_and_reload_on_demand() -> anyhow::Result<(
     let (s, b) = p.embed(Some(&user_session), 1).await?;
     assert_eq!((s, code(&b)), (401, "permit_required"), "{b}");
 
-    // a permit in X-DIV-Permit pays without a key
+    // a permit and its signature are public once settled: holding them gets nothing
     let permit = p.permit(u, 10 * PRICE, now() + 600, p.key(HOST).address())?;
-    let sig =
-        sign_permit(p.key(u), &permit, &permit_domain(31337, p.rig.chain.deployment.payment_stream)).await?;
-    let header = |sig: &alloy::primitives::Bytes| {
-        let signed = json!({"permit": {
-            "user": permit.user, "modelId": permit.modelId, "host": permit.host, "token": permit.token,
-            "maxAmount": permit.maxAmount.to_string(), "expiry": permit.expiry, "nonce": permit.nonce.to_string(),
-        }, "signature": sig});
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signed.to_string())
-    };
-    let post = |h: String| {
+    let domain = permit_domain(31337, p.rig.chain.deployment.payment_stream);
+    let sig = sign_permit(p.key(u), &permit, &domain).await?;
+    let signed = json!({"permit": permit_json(&permit), "signature": sig});
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signed.to_string());
+    let r = http
+        .post(format!("{}/v1/embeddings", p.url))
+        .header("x-div-permit", header)
+        .json(&json!({"model": "tiny-paid", "input": "by permit"}))
+        .send()
+        .await?;
+    let (s, b) = (r.status().as_u16(), r.json::<Value>().await?);
+    assert_eq!((s, code(&b)), (401, "missing_api_key"), "a permit in a header is no credential: {b}");
+    let post = |body: Value, bearer: Option<String>| {
         let (http, url) = (http.clone(), p.url.clone());
         async move {
-            let r = http
-                .post(format!("{url}/v1/embeddings"))
-                .header("x-div-permit", h)
-                .json(&json!({"model": "tiny-paid", "input": "by permit"}))
-                .send()
-                .await?;
+            let mut r = http.post(format!("{url}/v1/keys")).json(&body);
+            if let Some(t) = bearer {
+                r = r.bearer_auth(t);
+            }
+            let r = r.send().await?;
             Ok::<_, anyhow::Error>((r.status().as_u16(), r.json::<Value>().await?))
         }
     };
-    let (s, b) = post(header(&sig)).await?;
+    let (s, b) = post(signed.clone(), None).await?;
+    assert_eq!((s, code(&b)), (401, "key_proof_required"), "{b}");
+    // a proof signed by someone else (the attacker's own wallet)
+    let mut stolen = signed.clone();
+    stolen["proof"] = p.proof(9, permit.signing_hash(&domain)).await?;
+    let (s, b) = post(stolen, None).await?;
+    assert_eq!((s, code(&b)), (401, "invalid_key_proof"), "{b}");
+    // another user's session proves nothing about this permit
+    let (s, b) = post(signed.clone(), Some(owner_session.clone())).await?;
+    assert_eq!((s, code(&b)), (401, "key_proof_required"), "{b}");
+    // the user's own session does: one key, once
+    let (s, b) = post(signed.clone(), Some(user_session.clone())).await?;
+    assert_eq!(s, 201, "{b}");
+    let key = b["key"].as_str().context("no key")?.to_string();
+    assert_eq!(b["owner"].as_str().map(str::to_lowercase), Some(format!("{:#x}", p.key(OWNER).address())));
+    let (s, b) = post(signed, Some(user_session.clone())).await?;
+    assert_eq!((s, code(&b)), (409, "permit_replayed"), "{b}");
+    let (s, b) = p.embed(Some(&key), 1).await?;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["receipt"]["cumulative_requests"].as_u64(), Some(1));
-    let mut forged = sig.to_vec();
-    forged[10] ^= 1;
-    let (s, b) = post(header(&forged.into())).await?;
-    assert_eq!((s, code(&b)), (401, "invalid_signature"), "{b}");
-    let (s, b) = post("not base64!".into()).await?;
-    assert_eq!((s, code(&b)), (400, "invalid_permit"), "{b}");
     let me: Value =
         http.get(format!("{}/v1/me", p.url)).bearer_auth(&user_session).send().await?.json().await?;
     assert_eq!(me["permits"].as_array().map(Vec::len), Some(1), "{me}");

@@ -70,13 +70,8 @@ impl Rig {
         let listen = self.urls[i].trim_start_matches("http://").to_string();
         let log = std::fs::File::create(self.dir.join(format!("custodian{i}.log")))?;
         let child = div()
-            .args([
-                "custodian",
-                "--listen",
-                &listen,
-                "--private-key",
-                &hex_key(&self.chain.keys[CUSTODIAN_KEYS[i]]),
-            ])
+            .args(["custodian", "--listen", &listen])
+            .env("DIV_CUSTODIAN_KEY", hex_key(&self.chain.keys[CUSTODIAN_KEYS[i]]))
             .arg("--data-dir")
             .arg(self.dir.join(format!("custodian{i}")))
             .arg("--addresses")
@@ -198,6 +193,11 @@ impl Rig {
                 share_timeout: Duration::from_secs(3),
                 poll: Duration::from_millis(100),
                 on_custodian_failure: None,
+                allow: div_sync::Allow {
+                    owners: vec![self.chain.keys[OWNER].address()],
+                    ..Default::default()
+                },
+                retry_base: Duration::from_millis(500),
             },
             host.store.clone(),
         ))

@@ -282,9 +282,10 @@ async fn no_plaintext_weights_reach_the_disk() -> anyhow::Result<()> {
                 "--no-meter",
                 "--listen",
                 &format!("127.0.0.1:{port}"),
-                "--host-key",
-                &hex_key(host_key),
+                "--allow-owner",
+                &rig.chain.keys[OWNER].address().to_string(),
             ])
+            .env("DIV_HOST_KEY", hex_key(host_key))
             .args(["--custodian", &rig.urls.join(",")])
             .arg("--store")
             .arg(rig.store())
