@@ -171,6 +171,17 @@ struct Inner {
     config: GgmlConfig,
     /// The chat template (the manifest's, else the GGUF's own), if there is one.
     template: Option<ChatTemplate>,
+    /// The texts of the vocabulary's control tokens, longest first: what llama.cpp turns into
+    /// control tokens when it parses special tokens (here: in template text only).
+    specials: Vec<(Vec<u8>, LlamaToken)>,
+}
+
+/// A piece of a prompt on its way to tokens.
+enum Fragment {
+    /// Text, tokenized as text.
+    Raw(Vec<u8>),
+    /// A control token the template wrote.
+    Special(LlamaToken),
 }
 
 /// A loaded GGUF model, shared by every request on it.
@@ -238,7 +249,45 @@ impl GgmlGraph {
             }
             None => None,
         };
-        Ok(Self(Arc::new(Inner { model, create: Mutex::new(()), config, template })))
+        let specials = {
+            let vocab = model.vocab();
+            let mut v: Vec<(Vec<u8>, LlamaToken)> = vocab
+                .tokens()
+                .filter(|t| vocab.is_control(*t))
+                .filter_map(|t| vocab.text(t).map(|c| (c.to_bytes().to_vec(), t)))
+                .filter(|(text, _)| !text.is_empty())
+                .collect();
+            v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.0.cmp(&b.1.0)));
+            v
+        };
+        Ok(Self(Arc::new(Inner { model, create: Mutex::new(()), config, template, specials })))
+    }
+
+    /// Cuts template text at the control tokens it names (longest first, as llama.cpp does).
+    fn partition(&self, text: &[u8], out: &mut Vec<Fragment>) {
+        let mut frags = vec![Fragment::Raw(text.to_vec())];
+        for (special, token) in &self.0.specials {
+            let mut next = Vec::with_capacity(frags.len());
+            for f in frags {
+                let Fragment::Raw(raw) = f else {
+                    next.push(f);
+                    continue;
+                };
+                let mut rest: &[u8] = &raw;
+                while let Some(i) = find(rest, special) {
+                    if i > 0 {
+                        next.push(Fragment::Raw(rest[..i].to_vec()));
+                    }
+                    next.push(Fragment::Special(*token));
+                    rest = &rest[i + special.len()..];
+                }
+                if !rest.is_empty() {
+                    next.push(Fragment::Raw(rest.to_vec()));
+                }
+            }
+            frags = next;
+        }
+        out.extend(frags);
     }
 
     /// The chat template requests on this model are rendered with, if it has one.
@@ -257,19 +306,34 @@ impl GgmlGraph {
             )
         })?;
         let segments = template.render(messages, true).map_err(NnError::InvalidInput)?;
-        let vocab = self.0.model.vocab();
-        let starts_with_bos = !template.bos().is_empty()
-            && matches!(segments.first(), Some(Segment::Template(t)) if t.starts_with(template.bos()));
-        let mut tokens = Vec::new();
-        for (i, seg) in segments.iter().enumerate() {
-            // BOS as the model wants it, unless the template wrote it itself
-            let add_bos = i == 0 && vocab.should_add_bos() && !starts_with_bos;
-            if add_bos {
-                tokens.push(vocab.bos());
-            }
+        // the fragments llama.cpp would make of the whole rendered text, except that control
+        // tokens are only looked for in the template's own text; adjacent text (template and
+        // message) is joined again, so the tokens are exactly those of the whole prompt
+        let mut frags: Vec<Fragment> = Vec::new();
+        for seg in &segments {
             match seg {
-                Segment::Template(t) => vocab.tokenize_into(t.as_bytes(), &mut tokens, false, true),
-                Segment::Content(t) => vocab.tokenize_into(t.as_bytes(), &mut tokens, false, false),
+                Segment::Template(t) => self.partition(t.as_bytes(), &mut frags),
+                Segment::Content(c) => frags.push(Fragment::Raw(c.as_bytes().to_vec())),
+            }
+        }
+        let mut merged: Vec<Fragment> = Vec::with_capacity(frags.len());
+        for f in frags {
+            match (merged.last_mut(), f) {
+                (Some(Fragment::Raw(prev)), Fragment::Raw(more)) => prev.extend_from_slice(&more),
+                (_, f) => merged.push(f),
+            }
+        }
+        let vocab = self.0.model.vocab();
+        let bos = vocab.bos();
+        let mut tokens = Vec::new();
+        // BOS as the model wants it, unless the template wrote it itself
+        if vocab.should_add_bos() && !matches!(merged.first(), Some(Fragment::Special(t)) if *t == bos) {
+            tokens.push(bos);
+        }
+        for f in &merged {
+            match f {
+                Fragment::Raw(text) => vocab.tokenize_into(text, &mut tokens, false, false),
+                Fragment::Special(t) => tokens.push(*t),
             }
         }
         Ok(tokens)
@@ -472,6 +536,14 @@ fn generate_steps(
         drop(cores);
         n_past += 1;
     }
+}
+
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() || needle.len() > hay.len() {
+        return None;
+    }
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Takes the longest prefix of `buf` that is whole UTF-8 characters, leaving an incomplete tail.

@@ -113,7 +113,9 @@ async fn bad_requests_get_precise_json_errors() -> anyhow::Result<()> {
         (json!({"model": MINILM, "input": ["ok", 5]}).to_string(), 400, "invalid_input"),
         (json!({"model": MINILM, "input": "hi", "dimensions": 64}).to_string(), 400, "unsupported_parameter"),
         (json!({"model": MINILM, "input": "hi", "encoding_format": "hex"}).to_string(), 400, "invalid_value"),
-        (json!({"model": MINILM, "input": vec![7592u32; 300]}).to_string(), 400, "invalid_input"),
+        (json!({"model": MINILM, "input": vec![7592u32; 300]}).to_string(), 400, "input_too_long"),
+        (json!({"model": MINILM, "input": "x".repeat(20 << 10)}).to_string(), 400, "input_too_long"),
+        (json!({"model": MINILM, "input": [101, 4294967295u32, 102]}).to_string(), 400, "invalid_token"),
         (json!({"model": MINILM, "input": "x".repeat(70 << 10)}).to_string(), 413, "request_too_large"),
     ];
     for (body, status, code) in cases {
@@ -127,14 +129,16 @@ async fn bad_requests_get_precise_json_errors() -> anyhow::Result<()> {
     assert_eq!(r.status().as_u16(), 404);
     let b: Value = r.json().await?;
     assert_eq!(b["error"]["code"], "not_found");
-    // a caller's own request id is kept
+    // a caller's own request id is kept beside the host's, which is the request's id
     let r = reqwest::Client::new()
         .post(format!("{url}/v1/embeddings"))
         .header("x-request-id", "my-id-42")
         .body(json!({"model": MINILM, "input": "hi"}).to_string())
         .send()
         .await?;
-    assert_eq!(r.headers().get("x-request-id").and_then(|v| v.to_str().ok()), Some("my-id-42"));
+    assert_eq!(r.headers().get("x-client-request-id").and_then(|v| v.to_str().ok()), Some("my-id-42"));
+    let host_id = r.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(host_id.starts_with("req_") && host_id != "my-id-42", "{host_id}");
     // and after all that the host still serves
     let (s, b, _) = post(url, json!({"model": MINILM, "input": "still here"}).to_string()).await?;
     assert_eq!(s, StatusCode::OK, "{b}");

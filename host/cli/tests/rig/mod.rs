@@ -16,6 +16,8 @@ use div_vault::Store;
 
 use super::div;
 
+pub mod paid;
+
 /// A child process killed when dropped.
 pub struct Proc(pub Child);
 

@@ -6,10 +6,16 @@
 //! - `wrong-type`: sends `input_ids` as FP32 to a graph that takes I64,
 //! - `huge`: sends one input of 40 000 elements, past the host's per-inference bound,
 //! - `count`: returns how many calls this instance has seen (a fresh instance per request: 1),
+//! - `huge-vector`: returns one vector of 25 million floats (100 MB),
+//! - `huge-error`: fails with a 100 MB error message,
+//! - `tokenize-flood`: asks the host to tokenize 4 MiB of text again and again, forever,
 //! - `echo` (anything else): embeds correctly through the graph (the host's control case).
 //!
 //! On the text-generation routes (`handle`), `stream-trap` and `stream-loop` emit three pieces
-//! and then trap or spin; anything else emits "echo" and answers a well-formed generation.
+//! and then trap or spin; `stream-flood` emits 64 KiB pieces for ever and ignores the caller
+//! leaving; `big-answer` answers a 20 MB body; `liar` generates a few real tokens through the
+//! model and then claims 2^32 − 1 tokens of usage (the host must bill what its backend counted);
+//! anything else emits "echo" and answers a well-formed generation.
 //!
 //! The host must answer each with a JSON error within the deadline and keep serving.
 
@@ -29,6 +35,40 @@ fn mode() -> String {
 impl Plugin for Misbehave {
     fn handle(request: div_plugin::Request) -> Result<div_plugin::Response, PluginError> {
         let mode = mode();
+        match mode.as_str() {
+            "stream-flood" => {
+                let piece = "x".repeat(64 << 10);
+                loop {
+                    // a misbehaving plugin ignores that the caller left; the host stops it
+                    let _ = div_plugin::emit(&piece);
+                }
+            }
+            "big-answer" => {
+                return Ok(div_plugin::Response { status: 200, body: "x".repeat(20 << 20) });
+            }
+            "liar" => {
+                let name = div_plugin::model_config().name;
+                let opts = div_plugin::llm::Options { max_tokens: 4, ..Default::default() };
+                let mut g = div_plugin::llm::Generation::chat(
+                    &name,
+                    r#"[{"role":"user","content":"Say hi."}]"#,
+                    &opts,
+                )?;
+                let mut text = String::new();
+                while let Some(piece) = g.next()? {
+                    text.push_str(&piece);
+                }
+                let _ = div_plugin::emit(&text);
+                return Ok(div_plugin::Response {
+                    status: 200,
+                    body: format!(
+                        r#"{{"text":{:?},"finish_reason":"stop","usage":{{"prompt_tokens":4294967295,"completion_tokens":4294967295}}}}"#,
+                        text
+                    ),
+                });
+            }
+            _ => {}
+        }
         if mode.starts_with("stream-") {
             for piece in ["one ", "two ", "three "] {
                 let _ = div_plugin::emit(piece);
@@ -66,6 +106,14 @@ impl Plugin for Misbehave {
                     let mut block = vec![0u8; 16 << 20];
                     block[0] = 1;
                     hoard.push(std::hint::black_box(block));
+                }
+            }
+            "huge-vector" => Ok(Embeddings { vectors: vec![vec![0.5f32; 25_000_000]], prompt_tokens: 1 }),
+            "huge-error" => Err(PluginError::Internal("e".repeat(100 << 20))),
+            "tokenize-flood" => {
+                let texts: Vec<String> = (0..1000).map(|_| "vault ".repeat(660)).collect();
+                loop {
+                    let _ = std::hint::black_box(div_plugin::host_tokenize(&texts, 64));
                 }
             }
             "count" => {
