@@ -129,6 +129,10 @@ pub struct ServeArgs {
     /// Largest answer a plugin may give (bytes).
     #[arg(long, env = "DIV_MAX_RESPONSE_BYTES", default_value_t = 16 << 20)]
     max_response_bytes: usize,
+    /// How long a streamed answer waits for a caller who stopped reading before it stops the
+    /// generation (seconds).
+    #[arg(long, env = "DIV_STREAM_STALL_SECS", default_value_t = 30)]
+    stream_stall_secs: u64,
     /// Largest request body in bytes.
     #[arg(long, env = "DIV_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     max_body_bytes: usize,
@@ -237,6 +241,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_body_bytes: args.max_body_bytes,
             max_concurrency: args.max_concurrency,
             max_response_bytes: args.max_response_bytes,
+            stream_stall: Duration::from_secs(args.stream_stall_secs.max(1)),
             public_url: Some(public_url),
             ..ApiConfig::default()
         },

@@ -44,10 +44,28 @@ pub(crate) struct FundsInfo {
     pub pending_withdrawal: U256,
 }
 
-/// A cache entry: the value and when it was read.
+/// A cache entry: the value and when it was read. An event that says the value changed marks
+/// it expired rather than dropping it: the next read refreshes it, and while the chain is down it
+/// is still the last value known for that caller.
 pub(crate) struct Cached<T> {
     value: T,
     at: Instant,
+    expired: bool,
+}
+
+impl<T> Cached<T> {
+    fn new(value: T) -> Self {
+        Self { value, at: Instant::now(), expired: false }
+    }
+}
+
+/// Marks every entry of `map` that `hit` selects expired.
+fn expire<K, T>(map: &mut HashMap<K, Cached<T>>, hit: impl Fn(&K) -> bool) {
+    for (k, e) in map.iter_mut() {
+        if hit(k) {
+            e.expired = true;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -133,7 +151,7 @@ impl Meter {
         let stale = {
             let mut c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
             match pick(&mut c).get(&key) {
-                Some(e) if e.at.elapsed() < self.config.cache_ttl => return Ok(e.value.clone()),
+                Some(e) if !e.expired && e.at.elapsed() < self.config.cache_ttl => return Ok(e.value.clone()),
                 Some(e) => Some(e.value.clone()),
                 None => None,
             }
@@ -156,7 +174,7 @@ impl Meter {
             Ok(v) => {
                 self.health.mark_up();
                 let mut c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-                pick(&mut c).insert(key, Cached { value: v.clone(), at: Instant::now() });
+                pick(&mut c).insert(key, Cached::new(v.clone()));
                 Ok(v)
             }
             Err(ReadError::Down(e)) => {
@@ -322,21 +340,21 @@ impl Meter {
                     if *sig == PaymentStream::PermitRevokedByUser::SIGNATURE_HASH
                         && let Some(hash) = topics.get(1)
                     {
-                        c.revoked.insert(*hash, Cached { value: true, at: Instant::now() });
+                        c.revoked.insert(*hash, Cached::new(true));
                     }
                     for user in topics[1..].iter().filter_map(address_topic) {
-                        c.funds.retain(|(u, _), _| *u != user);
+                        expire(&mut c.funds, |(u, _)| *u == user);
                     }
                 } else if *sig == ModelAccessToken::Transfer::SIGNATURE_HASH {
                     let token = log.address();
                     for who in topics[1..].iter().filter_map(address_topic) {
-                        c.tokens.remove(&(token, who));
+                        expire(&mut c.tokens, |k| *k == (token, who));
                     }
                 } else if *sig == ModelAccessToken::AccessThresholdSet::SIGNATURE_HASH
                     || *sig == ModelAccessToken::PremiumThresholdSet::SIGNATURE_HASH
                 {
                     let token = log.address();
-                    c.tokens.retain(|(t, _), _| *t != token);
+                    expire(&mut c.tokens, |(t, _)| *t == token);
                 }
             }
             from = latest;
@@ -346,7 +364,7 @@ impl Meter {
     /// Forgets cached chain reads about `user` (after a settlement or a known change).
     pub fn invalidate_user(&self, user: Address) {
         let mut c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
-        c.funds.retain(|(u, _), _| *u != user);
-        c.tokens.retain(|(_, u), _| *u != user);
+        expire(&mut c.funds, |(u, _)| *u == user);
+        expire(&mut c.tokens, |(_, u)| *u == user);
     }
 }

@@ -7,7 +7,10 @@
 //! while more sandboxes run than the host has cores, a model that runs more than its fair share
 //! (the cores divided by the models that want them) parks the sandbox there, off the CPU, until
 //! the share allows it again. A model alone on the host may use every core; two models with
-//! demand get half each, whatever either sends. Time spent parked does not count against the
+//! demand get half each, whatever either sends. A model *wants* cores while it has sandboxes and
+//! for [`DEMAND_WINDOW`] after its last one ended, so an interactive model whose requests come
+//! one after another finds its share free when the next one arrives, instead of queueing behind
+//! a spinner that took the cores back in between. Time spent parked does not count against the
 //! request's deadline (see [`Clock`]), only against a wall-clock bound several times longer.
 //!
 //! Work outside Wasm (a backend's inference, a host import) is not preempted; each of those is
@@ -17,10 +20,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+/// How long a model keeps its share after its last sandbox ended.
+pub const DEMAND_WINDOW: Duration = Duration::from_millis(250);
+
 #[derive(Default)]
 struct Counts {
     running: usize,
     parked: usize,
+    /// When its last sandbox ended (while it has none).
+    idle_since: Option<Instant>,
+}
+
+impl Counts {
+    fn wants(&self) -> bool {
+        self.running + self.parked > 0 || self.idle_since.is_some_and(|t| t.elapsed() < DEMAND_WINDOW)
+    }
 }
 
 #[derive(Default)]
@@ -32,7 +46,7 @@ struct State {
 impl State {
     /// A model's fair share of `slots` while the models with sandboxes compete.
     fn share(&self, slots: usize) -> usize {
-        let wanting = self.models.values().filter(|c| c.running + c.parked > 0).count().max(1);
+        let wanting = self.models.values().filter(|c| c.wants()).count().max(1);
         (slots / wanting).max(1)
     }
 
@@ -72,7 +86,11 @@ impl FairShare {
     /// A sandbox of `model` starts running.
     pub fn enter(self: &Arc<Self>, model: Arc<str>) -> Running {
         let mut s = self.lock();
-        s.models.entry(model.clone()).or_default().running += 1;
+        // forget models whose demand has passed
+        s.models.retain(|_, c| c.wants());
+        let c = s.models.entry(model.clone()).or_default();
+        c.running += 1;
+        c.idle_since = None;
         s.running += 1;
         Running { share: self.clone(), model }
     }
@@ -128,7 +146,7 @@ impl Drop for Running {
         if let Some(c) = s.models.get_mut(&self.model) {
             c.running = c.running.saturating_sub(1);
             if c.running + c.parked == 0 {
-                s.models.remove(&self.model);
+                c.idle_since = Some(Instant::now());
             }
         }
         s.running = s.running.saturating_sub(1);

@@ -202,8 +202,19 @@ async fn generate(
     };
     let (ev_tx, ev_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
     let include_usage = req.include_usage();
+    let stall = s.config.stream_stall;
     tokio::spawn(async move {
-        let send = |b| ev_tx.send(b);
+        // a caller who stops reading holds nothing for long: past the stall bound the answer
+        // ends (the body closes, the connection goes)
+        let send = |b| {
+            let ev_tx = &ev_tx;
+            async move {
+                match tokio::time::timeout(stall, ev_tx.send(b)).await {
+                    Ok(Ok(())) => Ok(()),
+                    _ => Err(()),
+                }
+            }
+        };
         if let Some(open) = shaper.opening()
             && send(event(&open)).await.is_err()
         {

@@ -1,6 +1,8 @@
 //! Real processes for the whole-flow tests: anvil with the contracts, three `div custodian`s,
 //! `div publish` and `div serve`, each in a scratch folder removed afterwards.
 
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -103,6 +105,13 @@ impl Rig {
     /// A package folder of the tiny echo graph named `name` (plugin: the misbehaving test plugin
     /// in its correct `echo` mode).
     pub fn tiny_package(&self, name: &str) -> anyhow::Result<PathBuf> {
+        self.tiny_package_with(name, serde_json::json!({"extra": {"mode": "echo"}}), false)
+    }
+
+    /// [`Rig::tiny_package`] with manifest fields replaced by `set` (`extra`, `limits`, `task`),
+    /// and MiniLM's `tokenizer.json` in the package when `tokenizer` is set.
+    pub fn tiny_package_with(&self, name: &str, set: serde_json::Value, tokenizer: bool) -> anyhow::Result<PathBuf> {
+        use sha2::Digest;
         let src = workspace_root().join("build/models/tiny-echo");
         let dst = self.dir.join(format!("pkg-{name}"));
         std::fs::create_dir_all(&dst)?;
@@ -111,6 +120,36 @@ impl Rig {
             serde_json::from_slice(&std::fs::read(src.join("manifest.json"))?)?;
         manifest["name"] = name.into();
         manifest["extra"] = serde_json::json!({"mode": "echo"});
+        if let (Some(m), Some(fields)) = (manifest.as_object_mut(), set.as_object()) {
+            m.extend(fields.clone());
+        }
+        if tokenizer {
+            let bytes = std::fs::read(div_tests::minilm_dir().join("tokenizer.json"))?;
+            std::fs::write(dst.join("tokenizer.json"), &bytes)?;
+            let entry = serde_json::json!({
+                "name": "tokenizer.json", "size": bytes.len(), "sha256": hex::encode(sha2::Sha256::digest(&bytes)),
+            });
+            if let Some(files) = manifest["files"].as_array_mut() {
+                files.push(entry);
+            }
+        }
+        std::fs::write(dst.join("manifest.json"), manifest.to_string())?;
+        Ok(dst)
+    }
+
+    /// A copy of the Gemma package named `name` with `extra` merged into its manifest's.
+    #[allow(dead_code)]
+    pub fn gemma_package(&self, name: &str, extra: serde_json::Value) -> anyhow::Result<PathBuf> {
+        let src = div_tests::gemma_dir();
+        let dst = self.dir.join(format!("pkg-{name}"));
+        std::fs::create_dir_all(&dst)?;
+        std::fs::copy(src.join("model.gguf"), dst.join("model.gguf"))?;
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("manifest.json"))?)?;
+        manifest["name"] = name.into();
+        if let (Some(m), Some(more)) = (manifest["extra"].as_object_mut(), extra.as_object()) {
+            m.extend(more.clone());
+        }
         std::fs::write(dst.join("manifest.json"), manifest.to_string())?;
         Ok(dst)
     }
@@ -132,6 +171,18 @@ impl Rig {
         hosts: &[Address],
         extra: &[&str],
     ) -> anyhow::Result<std::process::Output> {
+        self.publish_as(OWNER, pkg, plugin, hosts, extra)
+    }
+
+    /// [`Rig::publish_with`] as the owner with anvil key `owner`.
+    pub fn publish_as(
+        &self,
+        owner: usize,
+        pkg: &Path,
+        plugin: &Path,
+        hosts: &[Address],
+        extra: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
         let mut cmd = div();
         cmd.arg("publish").arg(pkg).arg("--plugin").arg(plugin).arg("--quiet").args(extra);
         for u in &self.urls {
@@ -140,15 +191,16 @@ impl Rig {
         for h in hosts {
             cmd.args(["--authorize", &h.to_string()]);
         }
-        cmd.args(["--threshold", "2", "--private-key", &hex_key(&self.chain.keys[OWNER])])
+        cmd.args(["--threshold", "2", "--private-key", &hex_key(&self.chain.keys[owner])])
             .arg("--store")
             .arg(self.store())
             .arg("--addresses")
             .arg(&self.book)
             .arg("--work-dir")
-            .arg(
-                self.dir.join(format!("publish-{}", pkg.file_name().and_then(|n| n.to_str()).unwrap_or("x"))),
-            )
+            .arg(self.dir.join(format!(
+                "publish-{owner}-{}",
+                pkg.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+            )))
             .current_dir(&self.dir)
             .stdin(Stdio::null());
         Ok(cmd.output()?)
@@ -166,7 +218,19 @@ impl Rig {
         hosts: &[Address],
         extra: &[&str],
     ) -> anyhow::Result<B256> {
-        let out = self.publish_with(pkg, plugin, hosts, extra)?;
+        self.publish_ok_as(OWNER, pkg, plugin, hosts, extra)
+    }
+
+    /// [`Rig::publish_ok_with`] as the owner with anvil key `owner`.
+    pub fn publish_ok_as(
+        &self,
+        owner: usize,
+        pkg: &Path,
+        plugin: &Path,
+        hosts: &[Address],
+        extra: &[&str],
+    ) -> anyhow::Result<B256> {
+        let out = self.publish_as(owner, pkg, plugin, hosts, extra)?;
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         anyhow::ensure!(
             out.status.success(),

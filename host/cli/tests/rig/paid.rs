@@ -30,6 +30,8 @@ pub struct Paid {
     pub port: u16,
     pub state: PathBuf,
     pub host: Option<Proc>,
+    /// The address book the host reads (the rig's, or one pointing at a proxy).
+    pub book: PathBuf,
 }
 
 impl Paid {
@@ -53,9 +55,15 @@ impl Paid {
     }
 
     pub async fn serve(rig: Rig, id: B256, extra: &[&str]) -> anyhow::Result<Self> {
+        let book = rig.book.clone();
+        Self::serve_with_book(rig, id, book, extra).await
+    }
+
+    /// [`Paid::serve`] with the host reading `book` (say, one whose RPC URL is a proxy).
+    pub async fn serve_with_book(rig: Rig, id: B256, book: PathBuf, extra: &[&str]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let state = rig.dir.join("host-state");
-        let mut paid = Self { url: format!("http://127.0.0.1:{port}"), rig, id, port, state, host: None };
+        let mut paid = Self { url: format!("http://127.0.0.1:{port}"), rig, id, port, state, host: None, book };
         paid.start_host(extra).await?;
         Ok(paid)
     }
@@ -71,12 +79,13 @@ impl Paid {
             .arg("--store")
             .arg(self.rig.store())
             .arg("--addresses")
-            .arg(&self.rig.book)
+            .arg(&self.book)
             .arg("--state-dir")
             .arg(&self.state)
             .arg("--ort-dylib")
             .arg(div_tests::ort_dylib()?)
-            .args(["--settle-interval-secs", "900", "--vault-poll-ms", "200"])
+            .args(if extra.contains(&"--settle-interval-secs") { &[][..] } else { &["--settle-interval-secs", "900"][..] })
+            .args(["--vault-poll-ms", "200"])
             .args(if extra.contains(&"--chain-cache-ms") {
                 &[][..]
             } else {
@@ -103,6 +112,42 @@ impl Paid {
             "the host did not serve the model: {}",
             std::fs::read_to_string(self.rig.dir.join("serve.log")).unwrap_or_default()
         )
+    }
+
+    /// Signs in with Ethereum as account `who`; returns the session token.
+    pub async fn sign_in(&self, who: usize) -> anyhow::Result<String> {
+        use alloy::signers::SignerSync;
+        let http = reqwest::Client::new();
+        let key = self.key(who).clone();
+        let nonce: Value = http.get(format!("{}/v1/siwe/nonce", self.url)).send().await?.json().await?;
+        let msg = siwe_message(&format!("127.0.0.1:{}", self.port), &self.url, key.address(), nonce["nonce"].as_str().unwrap_or_default());
+        let sig = alloy::hex::encode(key.sign_message_sync(msg.as_bytes())?.as_bytes());
+        let r = http.post(format!("{}/v1/siwe", self.url)).json(&json!({"message": msg, "signature": sig})).send().await?;
+        let (s, v) = (r.status().as_u16(), r.json::<Value>().await?);
+        anyhow::ensure!(s == 200, "sign-in refused: {v}");
+        Ok(v["token"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Waits until `GET /readyz` says every model is loaded.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        let mut last = Value::Null;
+        for _ in 0..1500 {
+            if let Ok(r) = http.get(format!("{}/readyz", self.url)).send().await {
+                let ok = r.status().is_success();
+                last = r.json().await.unwrap_or_default();
+                if ok {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::bail!("the host never got ready: {last}")
+    }
+
+    /// The host process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.host.as_ref().map(|h| h.0.id())
     }
 
     pub fn key(&self, i: usize) -> &PrivateKeySigner {
@@ -229,6 +274,18 @@ impl Paid {
         let ps = PaymentStream::new(self.rig.chain.deployment.payment_stream, self.rig.provider()?);
         Ok(ps.getBalance(who, self.rig.chain.usdc()?).call().await?)
     }
+}
+
+/// An EIP-4361 message for `domain`, as the dApp writes one.
+pub fn siwe_message(domain: &str, url: &str, who: Address, nonce: &str) -> String {
+    let issued = {
+        let out = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    };
+    format!(
+        "{domain} wants you to sign in with your Ethereum account:\n{who}\n\nSign in to DIV.\n\n\
+         URI: {url}\nVersion: 1\nChain ID: 31337\nNonce: {nonce}\nIssued At: {issued}"
+    )
 }
 
 /// A permit as `/v1/keys` takes it.
