@@ -14,11 +14,13 @@ demo: bootstrap contracts plugins web
 
 ## test: every test — forge (unit, fuzz, invariant), cargo (unit, whole flows), linters
 test: bootstrap
+	tests/bootstrap/detect.sh
 	$(FORGE) fmt --check
 	$(FORGE) build --quiet
 	contracts/tools/export-artifacts --check
 	$(FORGE) test
 	$(FORGE) snapshot --check
+	scripts/slither.sh
 	cargo fmt --all --check
 	cargo fmt --manifest-path plugins/Cargo.toml --all --check
 	cargo fmt --manifest-path tests/plugins/Cargo.toml --all --check
@@ -43,6 +45,7 @@ check:
 ## bench: every benchmark; prints ratios and writes bench/results.json and bench/RESULTS.md
 bench: bootstrap contracts
 	rm -rf bench/out
+	cargo bench -p div-meter --locked
 	cargo bench -p div-tests --locked
 	scripts/bench-report.py
 

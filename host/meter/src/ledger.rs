@@ -2,11 +2,15 @@
 //! leaves the host, and a permit's recorded total can only grow.
 //!
 //! One sled tree holds every kind of record, so one atomic batch can write several:
-//! `p/<permit hash>` (the permit, its signature and its running totals: charged and settled),
+//! `p/<permit hash>` (the permit, its signature, its settled totals; written when the permit is
+//! recorded and when a settlement is read back), `t/<permit hash>` (its charged totals, 40 bytes,
+//! the one record a charge rewrites),
 //! `j/<seq>` (the journal: one entry per charged request), `k/<sha256(api key)>` (which permit a
 //! key spends; only the key's hash is stored), `r/<request id>` (the journal entry of a
 //! host-issued request id) and `c/<permit hash><client request id>` (the same, by the id the
-//! client sent). Durability is a **group commit**: requests hand their writes to one committer
+//! client sent). What a charge writes (`t/`, `j/`, `r/`, `c/`) lives in a tree of its own,
+//! apart from the permit directory (`p/`, `k/`): a charge's write costs the same whether the
+//! host has recorded ten permits or a hundred thousand. No write spans both trees. Durability is a **group commit**: requests hand their writes to one committer
 //! thread, which applies everything waiting as one batch and `fsync`s once for all of them, then
 //! wakes each request. No request is answered before its charge is durable. A failed commit
 //! poisons the ledger: the host refuses further paid requests rather than serve what it cannot
@@ -254,6 +258,8 @@ pub(crate) type CommitHook = Arc<dyn Fn(u64) + Send + Sync>;
 /// The durable ledger.
 pub struct Ledger {
     db: sled::Db,
+    /// What charges write: totals, journal, request ids.
+    hot: sled::Tree,
     tx: Mutex<Option<mpsc::Sender<Commit>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
     state: Mutex<State>,
@@ -264,6 +270,24 @@ pub struct Ledger {
 
 fn pkey(hash: &B256) -> Vec<u8> {
     [b"p/".as_slice(), hash.as_slice()].concat()
+}
+
+fn tkey(hash: &B256) -> Vec<u8> {
+    [b"t/".as_slice(), hash.as_slice()].concat()
+}
+
+/// A permit's charged totals as `t/` stores them: amount (32 bytes) then requests (8), big-endian.
+fn totals_bytes(a: &PermitAccount) -> Vec<u8> {
+    [a.charged_amount.to_be_bytes::<32>().as_slice(), &a.charged_requests.to_be_bytes()].concat()
+}
+
+fn totals_of(v: &[u8]) -> Option<(U256, u64)> {
+    if v.len() != 40 {
+        return None;
+    }
+    let mut r = [0u8; 8];
+    r.copy_from_slice(&v[32..]);
+    Some((U256::from_be_slice(&v[..32]), u64::from_be_bytes(r)))
 }
 
 fn jkey(seq: u64) -> Vec<u8> {
@@ -296,6 +320,11 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>, MeterError> {
     serde_json::to_vec(v).map_err(|e| MeterError::Ledger(e.to_string()))
 }
 
+/// Whether `key` belongs in the charges' own tree.
+fn hot(key: &[u8]) -> bool {
+    [b"t/".as_slice(), b"j/", b"r/", b"c/"].iter().any(|p| key.starts_with(p))
+}
+
 fn db_err(e: sled::Error) -> MeterError {
     MeterError::Ledger(e.to_string())
 }
@@ -309,6 +338,7 @@ impl Ledger {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| MeterError::Ledger(format!("opening {}: {e}", dir.display())))?;
+        let hot_tree = db.open_tree(b"charges").map_err(db_err)?;
         let mut accounts: HashMap<B256, PermitAccount> = HashMap::new();
         for kv in db.scan_prefix(b"p/") {
             let (k, v) = kv.map_err(db_err)?;
@@ -316,8 +346,17 @@ impl Ledger {
                 serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("permit record: {e}")))?;
             accounts.insert(B256::from_slice(&k[2..]), acc);
         }
+        for kv in hot_tree.scan_prefix(b"t/") {
+            let (k, v) = kv.map_err(db_err)?;
+            if let (Some(a), Some((amount, requests))) =
+                (accounts.get_mut(&B256::from_slice(&k[2..])), totals_of(&v))
+            {
+                a.charged_amount = a.charged_amount.max(amount);
+                a.charged_requests = a.charged_requests.max(requests);
+            }
+        }
         let mut next_seq = 0;
-        for kv in db.scan_prefix(b"j/") {
+        for kv in hot_tree.scan_prefix(b"j/") {
             let (_, v) = kv.map_err(db_err)?;
             let c: Charge =
                 serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))?;
@@ -343,13 +382,14 @@ impl Ledger {
         }
         let (tx, rx) = mpsc::channel::<Commit>();
         let poisoned = Arc::new(AtomicBool::new(false));
-        let (cdb, cpoison) = (db.clone(), poisoned.clone());
+        let (cdb, chot, cpoison) = (db.clone(), hot_tree.clone(), poisoned.clone());
         let handle = std::thread::Builder::new()
             .name("div-ledger-commit".into())
-            .spawn(move || committer(cdb, rx, cpoison))
+            .spawn(move || committer(cdb, chot, rx, cpoison))
             .map_err(|e| MeterError::Ledger(format!("starting the committer: {e}")))?;
         Ok(Self {
             db,
+            hot: hot_tree,
             tx: Mutex::new(Some(tx)),
             committer: Mutex::new(Some(handle)),
             state: Mutex::new(state),
@@ -517,7 +557,7 @@ impl Ledger {
                 })
                 .ok_or_else(|| MeterError::Ledger(format!("unknown permit {hash}")))?;
             let mut ops = vec![
-                (pkey(&hash), json(&acc)?),
+                (tkey(&hash), totals_bytes(&acc)),
                 (jkey(seq), json(&charge)?),
                 (rkey(request_id), seq.to_be_bytes().to_vec()),
             ];
@@ -581,7 +621,7 @@ impl Ledger {
 
     /// The journal entry of a request, by the host's id.
     pub fn charge_by_request(&self, request_id: &str) -> Result<Option<Charge>, MeterError> {
-        match self.db.get(rkey(request_id)).map_err(db_err)? {
+        match self.hot.get(rkey(request_id)).map_err(db_err)? {
             Some(seq) => self.entry(&seq),
             None => Ok(None),
         }
@@ -593,7 +633,7 @@ impl Ledger {
         permit: &B256,
         client_request_id: &str,
     ) -> Result<Option<Charge>, MeterError> {
-        match self.db.get(ckey(permit, client_request_id)).map_err(db_err)? {
+        match self.hot.get(ckey(permit, client_request_id)).map_err(db_err)? {
             Some(seq) => self.entry(&seq),
             None => Ok(None),
         }
@@ -601,7 +641,7 @@ impl Ledger {
 
     fn entry(&self, seq: &[u8]) -> Result<Option<Charge>, MeterError> {
         let Ok(seq) = <[u8; 8]>::try_from(seq) else { return Ok(None) };
-        match self.db.get(jkey(u64::from_be_bytes(seq))).map_err(db_err)? {
+        match self.hot.get(jkey(u64::from_be_bytes(seq))).map_err(db_err)? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| MeterError::Ledger(format!("journal entry: {e}"))),
@@ -611,7 +651,7 @@ impl Ledger {
 
     /// Every journal entry, in order.
     pub fn journal(&self) -> Result<Vec<Charge>, MeterError> {
-        self.db
+        self.hot
             .scan_prefix(b"j/")
             .map(|kv| {
                 let (_, v) = kv.map_err(db_err)?;
@@ -625,10 +665,10 @@ impl Ledger {
         *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
-    /// The permit record as it is on disk (tests compare it with what was issued).
+    /// The permit's charged totals as they are on disk (tests compare them with what was issued).
     #[cfg(test)]
-    pub(crate) fn record_on_disk(&self, hash: &B256) -> Option<PermitAccount> {
-        self.db.get(pkey(hash)).ok().flatten().and_then(|v| serde_json::from_slice(&v).ok())
+    pub(crate) fn totals_on_disk(&self, hash: &B256) -> Option<(U256, u64)> {
+        self.hot.get(tkey(hash)).ok().flatten().and_then(|v| totals_of(&v))
     }
 }
 
@@ -645,19 +685,27 @@ impl Drop for Ledger {
 
 /// The group committer: takes everything queued, applies it as one batch, flushes once. Writes
 /// to the same key within a group land in arrival order (a batch keeps the last).
-fn committer(db: sled::Db, rx: mpsc::Receiver<Commit>, poisoned: Arc<AtomicBool>) {
+fn committer(db: sled::Db, hot_tree: sled::Tree, rx: mpsc::Receiver<Commit>, poisoned: Arc<AtomicBool>) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while let Ok(more) = rx.try_recv() {
             group.push(more);
         }
-        let mut batch = sled::Batch::default();
+        let (mut directory, mut charges) = (sled::Batch::default(), sled::Batch::default());
         for c in &group {
             for (k, v) in &c.ops {
-                batch.insert(k.as_slice(), v.as_slice());
+                if hot(k) {
+                    charges.insert(k.as_slice(), v.as_slice());
+                } else {
+                    directory.insert(k.as_slice(), v.as_slice());
+                }
             }
         }
-        let result = db.apply_batch(batch).and_then(|()| db.flush().map(|_| ())).map_err(|e| e.to_string());
+        let result = db
+            .apply_batch(directory)
+            .and_then(|()| hot_tree.apply_batch(charges))
+            .and_then(|()| db.flush().map(|_| ()))
+            .map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!("ledger write failed: {e}; refusing further charges");
             poisoned.store(true, Ordering::Release);
@@ -782,8 +830,8 @@ mod tests {
             }
             issued.sort_unstable();
             assert_eq!(issued, (1..=20).collect::<Vec<_>>(), "every cumulative number issued once");
-            let disk = l.record_on_disk(&hash).ok_or_else(|| err("no record"))?;
-            assert_eq!(disk.charged_requests, 20, "the record on disk is the newest");
+            let disk = l.totals_on_disk(&hash).ok_or_else(|| err("no record"))?;
+            assert_eq!(disk.1, 20, "the record on disk is the newest");
         }
         let l = Ledger::open(dir.path())?;
         assert_eq!(l.charged(&hash), Some((U256::from(20u64), 20)));
@@ -803,10 +851,11 @@ mod tests {
             for i in 0..5 {
                 l.charge(hash, U256::from(2u64), &format!("r{i}"), None).await?;
             }
-            // write a stale record behind the ledger's back, as the old write order could
+            // write stale totals behind the ledger's back, as the old write order could
             let mut stale = l.account(&hash).ok_or_else(|| err("lost"))?;
             stale.charged_amount = U256::from(4u64);
             stale.charged_requests = 2;
+            l.hot.insert(tkey(&hash), totals_bytes(&stale)).map_err(db_err)?;
             l.db.insert(pkey(&hash), json(&stale)?).map_err(db_err)?;
             l.db.flush().map_err(db_err)?;
         }

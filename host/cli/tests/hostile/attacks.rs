@@ -80,7 +80,11 @@ pub async fn a_lookalike_model_cannot_take_over_a_name(shared: Arc<Shared>) -> a
     let key = key_on(p, u, real).await?;
     assert_eq!(p.embed(Some(&key), 1).await?.0, 200);
     let host = p.key(HOST).address();
-    let pkg = p.rig.tiny_package_with("lookalike", json!({"name": "tiny-paid", "extra": {"mode": "trap"}}), false)?;
+    let pkg = p.rig.tiny_package_with(
+        "lookalike",
+        json!({"name": "tiny-paid", "extra": {"mode": "trap"}}),
+        false,
+    )?;
     let fake = p.rig.publish_ok_as(attacker, &pkg, &misbehave_wasm(), &[host], &[])?;
     assert_ne!(fake, real);
     // the host follows the chain (200 ms polls): for three seconds the real model keeps answering
@@ -89,14 +93,19 @@ pub async fn a_lookalike_model_cannot_take_over_a_name(shared: Arc<Shared>) -> a
         let (s, b) = p.embed(Some(&key), 1).await?;
         assert_eq!(s, 200, "the original's callers keep being served: {b}");
         let models: Value = http.get(format!("{}/v1/models", p.url)).send().await?.json().await?;
-        let served: Vec<&Value> =
-            models["data"].as_array().map(|d| d.iter().filter(|m| m["id"] == "tiny-paid").collect()).unwrap_or_default();
+        let served: Vec<&Value> = models["data"]
+            .as_array()
+            .map(|d| d.iter().filter(|m| m["id"] == "tiny-paid").collect())
+            .unwrap_or_default();
         assert_eq!(served.len(), 1);
         assert_eq!(served[0]["model_id"].as_str(), Some(format!("{real:#x}").as_str()));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let ready: Value = http.get(format!("{}/readyz", p.url)).send().await?.json().await?;
-    assert!(!ready.to_string().contains(&format!("{fake:#x}")), "a model the operator did not allow is not even tried: {ready}");
+    assert!(
+        !ready.to_string().contains(&format!("{fake:#x}")),
+        "a model the operator did not allow is not even tried: {ready}"
+    );
     // a user about to sign sees exactly which model, and whose, the name stands for
     let out = p.cli(u, &["permit", "--url", &p.url, "--model", "tiny-paid", "--max", "1"])?;
     let owner = p.key(OWNER).address();
@@ -183,8 +192,12 @@ pub async fn a_permit_read_from_the_chain_buys_nothing(shared: Arc<Shared>) -> a
     let tx = logs.last().and_then(|l| l.transaction_hash).context("no settlement of the user on chain")?;
     let input = provider.get_transaction_by_hash(tx).await?.context("no transaction")?;
     let call = PaymentStream::settleBatchCall::abi_decode(alloy::consensus::Transaction::input(&input))?;
-    let entry =
-        call.settlements.iter().find(|e| e.permit.user == p.key(u).address()).context("the user's permit")?.clone();
+    let entry = call
+        .settlements
+        .iter()
+        .find(|e| e.permit.user == p.key(u).address())
+        .context("the user's permit")?
+        .clone();
     let permit = entry.permit.clone();
     let body = json!({"permit": permit_json(&permit), "signature": entry.signature});
     // sent with a request, as the old X-DIV-Permit header: no credential at all
@@ -221,7 +234,8 @@ fn base64_url(s: &str) -> String {
 
 /// secp256k1's order, for the malleated twin `n − s`.
 fn curve_n() -> U256 {
-    U256::from_str_radix("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141", 16).unwrap_or_default()
+    U256::from_str_radix("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141", 16)
+        .unwrap_or_default()
 }
 
 /// 14.3: the malleated forms of a valid permit signature (high `s`, `v` as 0/1, the 64-byte
@@ -307,10 +321,14 @@ pub async fn a_smart_account_signs_permits_and_proofs(shared: Arc<Shared>) -> an
         &std::fs::read(div_tests::workspace_root().join("contracts/out/TestWallet.sol/TestWallet.json"))
             .context("contracts/out/TestWallet.sol/TestWallet.json (forge build)")?,
     )?;
-    let bytecode = alloy::hex::decode(art["bytecode"]["object"].as_str().context("bytecode")?.trim_start_matches("0x"))?;
+    let bytecode =
+        alloy::hex::decode(art["bytecode"]["object"].as_str().context("bytecode")?.trim_start_matches("0x"))?;
     let mut deploy = bytecode;
     deploy.extend_from_slice(&owner.address().into_word().0);
-    let tx = alloy::network::TransactionBuilder::with_deploy_code(alloy::rpc::types::TransactionRequest::default(), deploy);
+    let tx = alloy::network::TransactionBuilder::with_deploy_code(
+        alloy::rpc::types::TransactionRequest::default(),
+        deploy,
+    );
     let receipt = owner.provider().send_transaction(tx).await?.get_receipt().await?;
     let wallet = receipt.contract_address.context("no wallet deployed")?;
     // fund it: USDC minted to it, deposited by it; an access token bought by it
@@ -339,10 +357,22 @@ pub async fn a_smart_account_signs_permits_and_proofs(shared: Arc<Shared>) -> an
     };
     // the wallet's owner signs for it (a wallet's signature); someone else's signature is refused
     let proof = p.proof(owner_i, hash).await?;
-    let (s, b) = post(&p.url, "/v1/keys", &json!({"permit": permit_json(&permit), "signature": by(other)?, "proof": proof}), None).await?;
+    let (s, b) = post(
+        &p.url,
+        "/v1/keys",
+        &json!({"permit": permit_json(&permit), "signature": by(other)?, "proof": proof}),
+        None,
+    )
+    .await?;
     assert_eq!((s, code(&b)), (401, "invalid_signature"), "{b}");
     let proof = p.proof(owner_i, hash).await?;
-    let (s, b) = post(&p.url, "/v1/keys", &json!({"permit": permit_json(&permit), "signature": by(owner_i)?, "proof": proof}), None).await?;
+    let (s, b) = post(
+        &p.url,
+        "/v1/keys",
+        &json!({"permit": permit_json(&permit), "signature": by(owner_i)?, "proof": proof}),
+        None,
+    )
+    .await?;
     assert_eq!(s, 201, "{b}");
     let key = b["key"].as_str().context("key")?.to_string();
     let (s, b) = p.embed(Some(&key), 1).await?;
@@ -411,11 +441,16 @@ pub async fn a_spinning_model_leaves_others_their_fair_share(shared: Arc<Shared>
     for a in attackers {
         spun += a.await?;
     }
-    eprintln!("fair share: victim p50 idle {idle:?}, beside a spinning model {attacked:?} ({spun} spins hit their deadline)");
+    eprintln!(
+        "fair share: victim p50 idle {idle:?}, beside a spinning model {attacked:?} ({spun} spins hit their deadline)"
+    );
     assert!(spun >= 4, "the spinning model was not actually spinning ({spun})");
     assert!(attacked <= idle * 2, "victim latency {attacked:?} is more than twice its idle {idle:?}");
     let metrics = http.get(format!("{}/metrics", p.url)).send().await?.text().await?;
-    assert!(metric(&metrics, "div_sandbox_parked_seconds", "tiny-spin") > 0.0, "the spinner was never parked");
+    assert!(
+        metric(&metrics, "div_sandbox_parked_seconds", "tiny-spin") > 0.0,
+        "the spinner was never parked"
+    );
 
     // owners use their models free, but not without limit: 20/s access, 200/s premium/owner
     let mut tasks = Vec::new();
@@ -471,7 +506,9 @@ pub async fn plugin_output_cannot_swell_the_host(shared: Arc<Shared>) -> anyhow:
     let pid = p.pid().context("host pid")?;
     let before = rss_kib(pid);
     let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", p.port)).await?;
-    let req_body = json!({"model": "tiny-flood", "messages": [{"role": "user", "content": "go"}], "stream": true}).to_string();
+    let req_body =
+        json!({"model": "tiny-flood", "messages": [{"role": "user", "content": "go"}], "stream": true})
+            .to_string();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {session}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         req_body.len()
@@ -480,7 +517,11 @@ pub async fn plugin_output_cannot_swell_the_host(shared: Arc<Shared>) -> anyhow:
     sock.write_all(req_body.as_bytes()).await?;
     let mut first = [0u8; 64];
     let n = sock.read(&mut first).await?;
-    assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&first[..n]));
+    assert!(
+        String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&first[..n])
+    );
     // now read nothing: the host's memory stays flat and the generation is stopped
     let http = reqwest::Client::new();
     let mut peak = before;
@@ -497,7 +538,11 @@ pub async fn plugin_output_cannot_swell_the_host(shared: Arc<Shared>) -> anyhow:
     drop(sock);
     eprintln!("stream to a silent client: host RSS {before} KiB before, peak {peak} KiB");
     assert!(drained, "the stalled stream was never stopped");
-    assert!(peak < before + (128 << 10), "the host buffered {} MiB for a client that reads nothing", (peak - before) >> 10);
+    assert!(
+        peak < before + (128 << 10),
+        "the host buffered {} MiB for a client that reads nothing",
+        (peak - before) >> 10
+    );
     Ok(())
 }
 
@@ -508,7 +553,8 @@ pub async fn host_imports_cannot_outlive_the_deadline(shared: Arc<Shared>) -> an
     let p = &st.paid;
     let session = p.sign_in(OWNER).await?;
     let t = Instant::now();
-    let (s, b) = post(&p.url, "/v1/embeddings", &json!({"model": "tiny-tok", "input": "x"}), Some(&session)).await?;
+    let (s, b) =
+        post(&p.url, "/v1/embeddings", &json!({"model": "tiny-tok", "input": "x"}), Some(&session)).await?;
     let took = t.elapsed();
     assert_eq!((s, code(&b)), (504, "plugin_timeout"), "{b}");
     assert!(took < Duration::from_secs(15), "a 2 s deadline took {took:?}");
@@ -517,7 +563,9 @@ pub async fn host_imports_cannot_outlive_the_deadline(shared: Arc<Shared>) -> an
 
 /// 14.7: input that cannot fit, or names tokens the model does not have, is refused with 400
 /// naming the field before any work, and is not charged.
-pub async fn oversized_or_invalid_input_is_refused_before_any_work(shared: Arc<Shared>) -> anyhow::Result<()> {
+pub async fn oversized_or_invalid_input_is_refused_before_any_work(
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     let st = shared.get().await?;
     let p = &st.paid;
     let u = 17usize;
@@ -528,14 +576,27 @@ pub async fn oversized_or_invalid_input_is_refused_before_any_work(shared: Arc<S
     };
     let before = usage().await?;
     let t = Instant::now();
-    let (s, b) =
-        post(&p.url, "/v1/embeddings", &json!({"model": "tiny-paid", "input": "x".repeat(4_000_000)}), Some(&key)).await?;
-    assert_eq!((s, code(&b), b["error"]["param"].as_str()), (400, "input_too_long", Some("input")), "{b:.300}");
+    let (s, b) = post(
+        &p.url,
+        "/v1/embeddings",
+        &json!({"model": "tiny-paid", "input": "x".repeat(4_000_000)}),
+        Some(&key),
+    )
+    .await?;
+    assert_eq!(
+        (s, code(&b), b["error"]["param"].as_str()),
+        (400, "input_too_long", Some("input")),
+        "{b:.300}"
+    );
     assert!(t.elapsed() < Duration::from_secs(10));
     let session = p.sign_in(OWNER).await?;
-    let (s, b) =
-        post(&p.url, "/v1/embeddings", &json!({"model": "tiny-vocab", "input": [101, 4294967295u32, 102]}), Some(&session))
-            .await?;
+    let (s, b) = post(
+        &p.url,
+        "/v1/embeddings",
+        &json!({"model": "tiny-vocab", "input": [101, 4294967295u32, 102]}),
+        Some(&session),
+    )
+    .await?;
     assert_eq!((s, code(&b)), (400, "invalid_token"), "{b}");
     let long = "hello ".repeat(2500);
     let (s, b) = post(
@@ -568,7 +629,12 @@ pub async fn sign_in_for_another_domain_is_refused(shared: Arc<Shared>) -> anyho
     let http = reqwest::Client::new();
     let nonce: Value = http.get(format!("{}/v1/siwe/nonce", p.url)).send().await?.json().await?;
     assert_eq!(nonce["domain"].as_str(), Some(format!("127.0.0.1:{}", p.port).as_str()));
-    let msg = crate::rig::paid::siwe_message("evil.example", "https://evil.example", p.key(OWNER).address(), nonce["nonce"].as_str().unwrap_or_default());
+    let msg = crate::rig::paid::siwe_message(
+        "evil.example",
+        "https://evil.example",
+        p.key(OWNER).address(),
+        nonce["nonce"].as_str().unwrap_or_default(),
+    );
     let sig = alloy::hex::encode(p.key(OWNER).sign_message_sync(msg.as_bytes())?.as_bytes());
     let r = http
         .post(format!("{}/v1/siwe", p.url))
@@ -597,7 +663,13 @@ pub async fn strangers_cannot_grow_the_hosts_state(shared: Arc<Shared>) -> anyho
         assert_eq!((s, code(&b)), (403, "insufficient_token_balance"), "{b}");
     }
     let session = p.sign_in(stranger).await?;
-    let me: Value = reqwest::Client::new().get(format!("{}/v1/me", p.url)).bearer_auth(&session).send().await?.json().await?;
+    let me: Value = reqwest::Client::new()
+        .get(format!("{}/v1/me", p.url))
+        .bearer_auth(&session)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(me["permits"], json!([]), "a refused stranger left state behind: {me}");
     // a funded user: four live keys, not five
     key_on(p, user, model).await?;
@@ -616,7 +688,11 @@ pub async fn slow_clients_cannot_hold_the_host(_shared: Arc<Shared>) -> anyhow::
     let dir = crate::scratch("slow");
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
-    let model = format!("{}={}", div_tests::workspace_root().join("build/models/tiny-echo").display(), misbehave_wasm().display());
+    let model = format!(
+        "{}={}",
+        div_tests::workspace_root().join("build/models/tiny-echo").display(),
+        misbehave_wasm().display()
+    );
     let log = std::fs::File::create(dir.join("serve.log"))?;
     let _host = Proc(
         div()
@@ -686,7 +762,9 @@ pub async fn slow_clients_cannot_hold_the_host(_shared: Arc<Shared>) -> anyhow::
 
 /// 14.11: the owner's plugin reports usage, but the owner is the one paid: a plugin claiming
 /// 2^32 − 1 tokens is charged for what the backend generated.
-pub async fn billing_counts_what_the_backend_generated_not_what_the_plugin_claims(shared: Arc<Shared>) -> anyhow::Result<()> {
+pub async fn billing_counts_what_the_backend_generated_not_what_the_plugin_claims(
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     let st = shared.get().await?;
     let p = &st.paid;
     let u = 2usize;
@@ -703,7 +781,11 @@ pub async fn billing_counts_what_the_backend_generated_not_what_the_plugin_claim
     assert!(tokens > 0 && tokens < 100, "usage is the backend's count: {b}");
     let receipt: Receipt = serde_json::from_value(b["receipt"].clone())?;
     assert!(receipt.verify());
-    assert_eq!(receipt.amount, U256::from(crate::rig::paid::chat_price(tokens)), "charged for {tokens} tokens, not 2^33");
+    assert_eq!(
+        receipt.amount,
+        U256::from(crate::rig::paid::chat_price(tokens)),
+        "charged for {tokens} tokens, not 2^33"
+    );
     Ok(())
 }
 
@@ -717,14 +799,22 @@ pub async fn keys_and_state_are_not_visible_to_other_users(shared: Arc<Shared>) 
     let pid = p.pid().context("host pid")?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))?;
     let host_hex = alloy::hex::encode(p.key(HOST).to_bytes());
-    assert!(memchr::memmem::find(&cmdline, host_hex.as_bytes()).is_none(), "the host key is on its command line");
+    assert!(
+        memchr::memmem::find(&cmdline, host_hex.as_bytes()).is_none(),
+        "the host key is on its command line"
+    );
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if memchr::memmem::find(&cmd, b"custodian").is_some() && memchr::memmem::find(&cmd, p.rig.dir.to_string_lossy().as_bytes()).is_some() {
+        if memchr::memmem::find(&cmd, b"custodian").is_some()
+            && memchr::memmem::find(&cmd, p.rig.dir.to_string_lossy().as_bytes()).is_some()
+        {
             for k in crate::rig::CUSTODIAN_KEYS {
                 let hex = alloy::hex::encode(p.key(k).to_bytes());
-                assert!(memchr::memmem::find(&cmd, hex.as_bytes()).is_none(), "a custodian key is on a command line");
+                assert!(
+                    memchr::memmem::find(&cmd, hex.as_bytes()).is_none(),
+                    "a custodian key is on a command line"
+                );
             }
         }
     }
@@ -742,7 +832,11 @@ pub async fn keys_and_state_are_not_visible_to_other_users(shared: Arc<Shared>) 
             let mode = std::fs::metadata(&path)?.permissions().mode();
             assert_eq!(mode & 0o077, 0, "{} is {:o}", path.display(), mode & 0o777);
             let bytes = std::fs::read(&path)?;
-            assert!(memchr::memmem::find(&bytes, key.as_bytes()).is_none(), "{} holds an API key", path.display());
+            assert!(
+                memchr::memmem::find(&bytes, key.as_bytes()).is_none(),
+                "{} holds an API key",
+                path.display()
+            );
             files += 1;
         }
     }
@@ -792,11 +886,15 @@ pub async fn receipts_sign_the_hosts_own_request_id(shared: Arc<Shared>) -> anyh
             .json(&json!({"model": "tiny-paid", "input": "same id"}))
             .send()
             .await?;
-        let host_id = r.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        let host_id =
+            r.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let b: Value = r.json().await?;
         let rc: Receipt = serde_json::from_value(b["receipt"].clone())?;
         assert!(rc.verify());
-        assert_eq!((rc.request_id.as_str(), rc.client_request_id.as_deref()), (host_id.as_str(), Some("dup")));
+        assert_eq!(
+            (rc.request_id.as_str(), rc.client_request_id.as_deref()),
+            (host_id.as_str(), Some("dup"))
+        );
         receipts.push(rc);
     }
     assert_ne!(receipts[0].request_id, receipts[1].request_id, "two requests, two ids");

@@ -21,7 +21,11 @@ use crate::stack::Shared;
 
 /// A funded user with an access token of `model` and a key for a fresh permit; returns the key,
 /// the permit and its signature.
-async fn user_key(p: &Paid, user: usize, model: B256) -> anyhow::Result<(String, SpendingPermit, alloy::primitives::Bytes)> {
+async fn user_key(
+    p: &Paid,
+    user: usize,
+    model: B256,
+) -> anyhow::Result<(String, SpendingPermit, alloy::primitives::Bytes)> {
     p.rig.chain.fund_deposit(user, U256::from(50_000_000u64)).await?;
     p.cli(user, &["buy", "--model-id", &format!("{model:#x}"), "--amount", "1", "--mint"])?;
     let permit = SpendingPermit {
@@ -33,7 +37,8 @@ async fn user_key(p: &Paid, user: usize, model: B256) -> anyhow::Result<(String,
         expiry: now() + 3600,
         nonce: U256::from(rand_nonce()),
     };
-    let sig = sign_permit(p.key(user), &permit, &permit_domain(31337, p.rig.chain.deployment.payment_stream)).await?;
+    let sig = sign_permit(p.key(user), &permit, &permit_domain(31337, p.rig.chain.deployment.payment_stream))
+        .await?;
     let (s, b) = p.post_key(user, &permit, 31337, json!({})).await?;
     anyhow::ensure!(s == 201, "key refused: {b}");
     Ok((b["key"].as_str().context("key")?.to_string(), permit, sig))
@@ -42,7 +47,10 @@ async fn user_key(p: &Paid, user: usize, model: B256) -> anyhow::Result<(String,
 async fn host_nonce(p: &Paid) -> anyhow::Result<(u64, u64)> {
     let provider = p.rig.provider()?;
     let who = p.key(HOST).address();
-    Ok((provider.get_transaction_count(who).latest().await?, provider.get_transaction_count(who).pending().await?))
+    Ok((
+        provider.get_transaction_count(who).latest().await?,
+        provider.get_transaction_count(who).pending().await?,
+    ))
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -98,7 +106,9 @@ pub async fn a_resent_settlement_moves_nothing_and_sends_nothing(shared: Arc<Sha
 
 /// 14.3 / 15.8: a permit `PaymentStream` refuses for good (revoked past its grace period) is
 /// marked: its key stops working, and it is never sent again.
-pub async fn a_permit_the_contract_refuses_is_marked_and_never_resent(_shared: Arc<Shared>) -> anyhow::Result<()> {
+pub async fn a_permit_the_contract_refuses_is_marked_and_never_resent(
+    _shared: Arc<Shared>,
+) -> anyhow::Result<()> {
     let p = Paid::start("refused", &[]).await?;
     let u = 2usize;
     let (key, permit, _) = user_key(&p, u, p.id).await?;
@@ -117,7 +127,13 @@ pub async fn a_permit_the_contract_refuses_is_marked_and_never_resent(_shared: A
     assert!(out.contains("nothing to settle") && out.contains("refuse"), "{out}");
     assert_eq!(host_nonce(&p).await?.0, n0, "a batch the contract refuses entirely was sent anyway");
     let session = p.sign_in(u).await?;
-    let me: Value = reqwest::Client::new().get(format!("{}/v1/me", p.url)).bearer_auth(&session).send().await?.json().await?;
+    let me: Value = reqwest::Client::new()
+        .get(format!("{}/v1/me", p.url))
+        .bearer_auth(&session)
+        .send()
+        .await?
+        .json()
+        .await?;
     assert_eq!(me["permits"][0]["rejected"], "Revoked", "{me}");
     let (s, b) = p.embed(Some(&key), 1).await?;
     assert_eq!(s, 403, "{b}");
@@ -219,7 +235,11 @@ pub async fn settlement_heals_after_the_rpc_refuses_then_hangs(_shared: Arc<Shar
         if st.settledRequests >= last {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "settlement never resumed: {} of {last} settled", st.settledRequests);
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "settlement never resumed: {} of {last} settled",
+            st.settledRequests
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // every receipt is a distinct cumulative number, and the owner got exactly their sum
@@ -245,8 +265,11 @@ pub async fn settlement_heals_after_the_rpc_refuses_then_hangs(_shared: Arc<Shar
 /// within their bounds; a new caller gets a fast 503; the outage is logged; when the RPC answers
 /// again, the new caller is served.
 pub async fn a_silent_rpc_stalls_no_paid_traffic(_shared: Arc<Shared>) -> anyhow::Result<()> {
-    let (p, proxy) =
-        behind_proxy("rpc-silent", &["--chain-cache-ms", "500", "--rpc-timeout-ms", "1000", "--rate-limit", "1000"]).await?;
+    let (p, proxy) = behind_proxy(
+        "rpc-silent",
+        &["--chain-cache-ms", "500", "--rpc-timeout-ms", "1000", "--rate-limit", "1000"],
+    )
+    .await?;
     let (key, _, _) = user_key(&p, 2, p.id).await?;
     assert_eq!(p.embed(Some(&key), 1).await?.0, 200);
     // a second user, funded on chain but never seen by the host
@@ -341,7 +364,11 @@ pub async fn a_model_that_failed_to_load_heals_by_itself(_shared: Arc<Shared>) -
     }
     assert_eq!(ready["models"][0]["state"], "failed", "{ready}");
     assert!(ready["models"][0]["error"].as_str().is_some_and(|e| e.contains("key shares")), "{ready}");
-    let r = http.post(format!("{url}/v1/embeddings")).json(&json!({"model": "tiny-heal", "input": "x"})).send().await?;
+    let r = http
+        .post(format!("{url}/v1/embeddings"))
+        .json(&json!({"model": "tiny-heal", "input": "x"}))
+        .send()
+        .await?;
     assert_eq!(r.status().as_u16(), 503);
     assert!(r.headers().contains_key("retry-after"));
     let b: Value = r.json().await?;
@@ -383,28 +410,39 @@ pub async fn failures_name_their_real_cause(_shared: Arc<Shared>) -> anyhow::Res
     let host = &rig.chain.keys[HOST].clone();
     // one custodian nobody can reach by URL, one down
     rig.stop_custodian(2);
-    let endpoints = vec![
-        eps[0].clone(),
-        Endpoint { address: eps[1].address, url: String::new() },
-        eps[2].clone(),
-    ];
-    let err = collect_key(&http, &endpoints, &header, host, Duration::from_secs(3)).await.err().context("no key expected")?;
+    let endpoints =
+        vec![eps[0].clone(), Endpoint { address: eps[1].address, url: String::new() }, eps[2].clone()];
+    let err = collect_key(&http, &endpoints, &header, host, Duration::from_secs(3))
+        .await
+        .err()
+        .context("no key expected")?;
     let text = err.to_string();
     assert!(!text.contains("builder error"), "{text}");
     assert!(text.contains("no URL known"), "{text}");
-    assert!(text.contains("Connection refused") || text.contains("connection refused") || text.contains("error sending request"), "{text}");
+    assert!(
+        text.contains("Connection refused")
+            || text.contains("connection refused")
+            || text.contains("error sending request"),
+        "{text}"
+    );
     rig.start_custodian(2).await?;
     // a header whose commitments are another dealing's: every honest share misfits it
     let fake = div_vault::shares::deal(&id.0, 2, 3)?;
-    let bad_header = div_vault::Header::new(id.0, header.plaintext_len, header.chunk_size, fake.commitments.clone())?;
-    let err = collect_key(&http, &eps, &bad_header, host, Duration::from_secs(3)).await.err().context("a key from a bad header")?;
+    let bad_header =
+        div_vault::Header::new(id.0, header.plaintext_len, header.chunk_size, fake.commitments.clone())?;
+    let err = collect_key(&http, &eps, &bad_header, host, Duration::from_secs(3))
+        .await
+        .err()
+        .context("a key from a bad header")?;
     assert!(matches!(err, CustodianError::HeaderMismatch { .. }), "the custodians were blamed: {err}");
     assert!(err.to_string().contains("no custodian is at fault"), "{err}");
     // custodian 0's share file damaged: it answers 500 and says why in its own log
-    let share_file = rig.dir.join("custodian0").join("shares").join(format!("{}.json", alloy::hex::encode(id)));
+    let share_file =
+        rig.dir.join("custodian0").join("shares").join(format!("{}.json", alloy::hex::encode(id)));
     std::fs::write(&share_file, b"{ damaged")?;
     let eph = div_vault::SealKey::generate();
-    let e = request_share(&http, &eps[0], id, host, &eph).await.err().context("a share from a damaged file")?;
+    let e =
+        request_share(&http, &eps[0], id, host, &eph).await.err().context("a share from a damaged file")?;
     assert!(matches!(&e, CustodianError::Refused { status: 500, .. }), "{e}");
     let clog = std::fs::read_to_string(rig.dir.join("custodian0.log"))?;
     assert!(clog.contains("damaged"), "the custodian did not log its damaged share file: {clog}");
@@ -418,7 +456,8 @@ pub async fn failures_name_their_real_cause(_shared: Arc<Shared>) -> anyhow::Res
         nonce: "00112233445566778899aabbccddeeff".into(),
         signature: String::new(),
     };
-    req.signature = alloy::hex::encode(host.sign_message_sync(req.message(id, eps[1].address).as_bytes())?.as_bytes());
+    req.signature =
+        alloy::hex::encode(host.sign_message_sync(req.message(id, eps[1].address).as_bytes())?.as_bytes());
     let r = http.post(format!("{}/v1/models/{id:#x}/release", eps[1].url)).json(&req).send().await?;
     let b: Value = r.json().await?;
     let msg = b["error"]["message"].as_str().unwrap_or_default();

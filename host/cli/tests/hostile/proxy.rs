@@ -59,11 +59,10 @@ impl Proxy {
                         }
                     },
                 };
-                let accepted =
-                    tokio::select! {
-                        a = l.accept() => a,
-                        _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => continue,
-                    };
+                let accepted = tokio::select! {
+                    a = l.accept() => a,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => continue,
+                };
                 let Ok((client, _)) = accepted else { continue };
                 let (mode, mut cut) = (m.load(Ordering::Acquire), cut_rx.clone());
                 // only a switch from now on cuts this connection

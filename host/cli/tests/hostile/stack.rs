@@ -65,16 +65,32 @@ impl Stack {
                 json!({"extra": {"mode": "loop"}, "limits": {"deadline_ms": 2000, "max_instances": 4, "memory_mib": 64}}),
                 false,
             ),
-            ("tiny-hv", json!({"extra": {"mode": "huge-vector"}, "limits": {"memory_mib": 256, "deadline_ms": 20000}}), false),
-            ("tiny-he", json!({"extra": {"mode": "huge-error"}, "limits": {"memory_mib": 256, "deadline_ms": 20000}}), false),
-            ("tiny-tok", json!({"extra": {"mode": "tokenize-flood"}, "limits": {"memory_mib": 128, "deadline_ms": 2000}}), true),
+            (
+                "tiny-hv",
+                json!({"extra": {"mode": "huge-vector"}, "limits": {"memory_mib": 256, "deadline_ms": 20000}}),
+                false,
+            ),
+            (
+                "tiny-he",
+                json!({"extra": {"mode": "huge-error"}, "limits": {"memory_mib": 256, "deadline_ms": 20000}}),
+                false,
+            ),
+            (
+                "tiny-tok",
+                json!({"extra": {"mode": "tokenize-flood"}, "limits": {"memory_mib": 128, "deadline_ms": 2000}}),
+                true,
+            ),
             ("tiny-vocab", json!({"extra": {"mode": "echo"}}), true),
             (
                 "tiny-flood",
                 json!({"task": "chat", "extra": {"mode": "stream-flood"}, "limits": {"memory_mib": 64, "deadline_ms": 60000}}),
                 false,
             ),
-            ("tiny-big", json!({"task": "chat", "extra": {"mode": "big-answer"}, "limits": {"memory_mib": 128, "deadline_ms": 20000}}), false),
+            (
+                "tiny-big",
+                json!({"task": "chat", "extra": {"mode": "big-answer"}, "limits": {"memory_mib": 128, "deadline_ms": 20000}}),
+                false,
+            ),
         ];
         for (name, set, tok) in hostile {
             let pkg = tiny(name, set, tok)?;

@@ -110,7 +110,12 @@ impl Rig {
 
     /// [`Rig::tiny_package`] with manifest fields replaced by `set` (`extra`, `limits`, `task`),
     /// and MiniLM's `tokenizer.json` in the package when `tokenizer` is set.
-    pub fn tiny_package_with(&self, name: &str, set: serde_json::Value, tokenizer: bool) -> anyhow::Result<PathBuf> {
+    pub fn tiny_package_with(
+        &self,
+        name: &str,
+        set: serde_json::Value,
+        tokenizer: bool,
+    ) -> anyhow::Result<PathBuf> {
         use sha2::Digest;
         let src = workspace_root().join("build/models/tiny-echo");
         let dst = self.dir.join(format!("pkg-{name}"));
@@ -197,10 +202,12 @@ impl Rig {
             .arg("--addresses")
             .arg(&self.book)
             .arg("--work-dir")
-            .arg(self.dir.join(format!(
-                "publish-{owner}-{}",
-                pkg.file_name().and_then(|n| n.to_str()).unwrap_or("x")
-            )))
+            .arg(
+                self.dir.join(format!(
+                    "publish-{owner}-{}",
+                    pkg.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+                )),
+            )
             .current_dir(&self.dir)
             .stdin(Stdio::null());
         Ok(cmd.output()?)

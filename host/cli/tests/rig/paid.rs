@@ -63,7 +63,8 @@ impl Paid {
     pub async fn serve_with_book(rig: Rig, id: B256, book: PathBuf, extra: &[&str]) -> anyhow::Result<Self> {
         let port = free_port()?;
         let state = rig.dir.join("host-state");
-        let mut paid = Self { url: format!("http://127.0.0.1:{port}"), rig, id, port, state, host: None, book };
+        let mut paid =
+            Self { url: format!("http://127.0.0.1:{port}"), rig, id, port, state, host: None, book };
         paid.start_host(extra).await?;
         Ok(paid)
     }
@@ -84,7 +85,11 @@ impl Paid {
             .arg(&self.state)
             .arg("--ort-dylib")
             .arg(div_tests::ort_dylib()?)
-            .args(if extra.contains(&"--settle-interval-secs") { &[][..] } else { &["--settle-interval-secs", "900"][..] })
+            .args(if extra.contains(&"--settle-interval-secs") {
+                &[][..]
+            } else {
+                &["--settle-interval-secs", "900"][..]
+            })
             .args(["--vault-poll-ms", "200"])
             .args(if extra.contains(&"--chain-cache-ms") {
                 &[][..]
@@ -120,9 +125,18 @@ impl Paid {
         let http = reqwest::Client::new();
         let key = self.key(who).clone();
         let nonce: Value = http.get(format!("{}/v1/siwe/nonce", self.url)).send().await?.json().await?;
-        let msg = siwe_message(&format!("127.0.0.1:{}", self.port), &self.url, key.address(), nonce["nonce"].as_str().unwrap_or_default());
+        let msg = siwe_message(
+            &format!("127.0.0.1:{}", self.port),
+            &self.url,
+            key.address(),
+            nonce["nonce"].as_str().unwrap_or_default(),
+        );
         let sig = alloy::hex::encode(key.sign_message_sync(msg.as_bytes())?.as_bytes());
-        let r = http.post(format!("{}/v1/siwe", self.url)).json(&json!({"message": msg, "signature": sig})).send().await?;
+        let r = http
+            .post(format!("{}/v1/siwe", self.url))
+            .json(&json!({"message": msg, "signature": sig}))
+            .send()
+            .await?;
         let (s, v) = (r.status().as_u16(), r.json::<Value>().await?);
         anyhow::ensure!(s == 200, "sign-in refused: {v}");
         Ok(v["token"].as_str().unwrap_or_default().to_string())
