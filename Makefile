@@ -47,6 +47,8 @@ bench: bootstrap contracts
 	rm -rf bench/out
 	cargo bench -p div-meter --locked
 	cargo bench -p div-tests --locked
+	$(MAKE) --no-print-directory plugins
+	cargo bench -p div-cli --bench soak --locked
 	scripts/bench-report.py
 
 ## web: the dApp's production build (web/dist), which `div serve --web-dir` serves
