@@ -15,17 +15,18 @@ export DIV_STATE=$STATE DIV_ADDRESSES=$STATE/addresses.json
 mkdir -p "$STATE/logs" "$STATE/pids"
 scripts/stop.sh --quiet
 
-rm -f "$STATE/addresses.json"
+rm -f "$STATE/addresses.json" "$STATE/demo.env"
 nohup target/debug/div dev --port "$PORT" --state-dir "$STATE" >"$STATE/logs/dev.log" 2>&1 &
 echo $! >"$STATE/pids/dev.pid"
 for _ in $(seq 1 120); do
-  [ -f "$STATE/addresses.json" ] && break
+  # div dev writes the address book, then the env file: wait for both
+  [ -f "$STATE/addresses.json" ] && [ -f "$STATE/demo.env" ] && break
   if ! kill -0 "$(cat "$STATE/pids/dev.pid")" 2>/dev/null; then
     echo "div dev stopped; its log:" >&2; cat "$STATE/logs/dev.log" >&2; exit 1
   fi
   sleep 0.5
 done
-[ -f "$STATE/addresses.json" ] || { echo "timed out waiting for the deployment" >&2; exit 1; }
+[ -f "$STATE/addresses.json" ] && [ -f "$STATE/demo.env" ] || { echo "timed out waiting for the deployment" >&2; exit 1; }
 
 set -a; . "$STATE/demo.env"; set +a
 sed -n '/^DIV contracts/,/^accounts/p' "$STATE/logs/dev.log"

@@ -243,7 +243,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             max_response_bytes: args.max_response_bytes,
             stream_stall: Duration::from_secs(args.stream_stall_secs.max(1)),
             public_url: Some(public_url),
-            ..ApiConfig::default()
         },
     );
     if let Some((sync, _)) = &sync {

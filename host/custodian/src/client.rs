@@ -312,7 +312,7 @@ pub async fn collect_key(
             },
         }
     }
-    drop(judge);
+
     if valid.is_empty() && misfits >= needed {
         // every share that came back is a different, well-formed share, and none fits: the one
         // thing they all disagree with is the header
