@@ -81,10 +81,10 @@ snapshot:
 ## clippy-wasm: lint the guest SDK and the plugins for their own target (outside the workspace)
 clippy-wasm:
 	cargo clippy --manifest-path guest-sdk/Cargo.toml --target wasm32-wasip2 --target-dir plugins/target --locked -- -D warnings
-	cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --all --locked -- -D warnings
-	cargo clippy --manifest-path tests/plugins/Cargo.toml --target wasm32-wasip2 --all --locked -- -D warnings
+	cargo clippy --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --target-dir plugins/target --all --locked -- -D warnings
+	cargo clippy --manifest-path tests/plugins/Cargo.toml --target wasm32-wasip2 --target-dir tests/plugins/target --all --locked -- -D warnings
 
 ## plugins: the WebAssembly components (wasm32-wasip2), outside the host's build graph
 plugins:
-	cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --release --locked
-	cargo build --manifest-path tests/plugins/Cargo.toml --target wasm32-wasip2 --release --locked
+	cargo build --manifest-path plugins/Cargo.toml --target wasm32-wasip2 --target-dir plugins/target --release --locked
+	cargo build --manifest-path tests/plugins/Cargo.toml --target wasm32-wasip2 --target-dir tests/plugins/target --release --locked

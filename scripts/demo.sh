@@ -7,6 +7,10 @@ umask 077
 cd "$(dirname "$0")/.."
 # the tools the bootstrap installs (cast, anvil, forge); the script runs on its own, not only under make
 export PATH="$PWD/contracts/node_modules/.bin:$PATH"
+# the div binary cargo built (the target folder may live outside the clone: CARGO_TARGET_DIR)
+DIV=${DIV_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/div}
+[ -x "$DIV" ] || { echo "no div binary at $DIV: run cargo build --bin div (make demo does)" >&2; exit 1; }
+div() { "$DIV" "$@"; }
 # DIV_STATE and the ports let a test run a second stack beside a running demo
 STATE=${DIV_STATE:-.div}
 PORT=${DIV_RPC_PORT:-8545}
@@ -16,7 +20,7 @@ mkdir -p "$STATE/logs" "$STATE/pids"
 scripts/stop.sh --quiet
 
 rm -f "$STATE/addresses.json" "$STATE/demo.env"
-nohup target/debug/div dev --port "$PORT" --state-dir "$STATE" >"$STATE/logs/dev.log" 2>&1 &
+nohup "$DIV" dev --port "$PORT" --state-dir "$STATE" >"$STATE/logs/dev.log" 2>&1 &
 echo $! >"$STATE/pids/dev.pid"
 for _ in $(seq 1 120); do
   # div dev writes the address book, then the env file: wait for both
@@ -61,7 +65,7 @@ CUSTODIAN_URLS=()
 for i in 1 2 3; do
   port=$((CUSTODIAN_PORT_BASE + i))
   key_var="DIV_CUSTODIAN${i}_KEY"
-  nohup target/debug/div custodian --listen "127.0.0.1:$port" --key-file "$(key_file "custodian$i" "${!key_var}")" \
+  nohup "$DIV" custodian --listen "127.0.0.1:$port" --key-file "$(key_file "custodian$i" "${!key_var}")" \
     --data-dir "$STATE/custodians/$i" >"$STATE/logs/custodian$i.log" 2>&1 &
   echo $! >"$STATE/pids/custodian$i.pid"
   wait_up "custodian $i" "$STATE/pids/custodian$i.pid" "$STATE/logs/custodian$i.log" "http://127.0.0.1:$port/healthz"
@@ -75,7 +79,7 @@ MODEL_DIR=build/models/all-minilm-l6-v2
 PLUGIN=plugins/target/wasm32-wasip2/release/div_embeddings.wasm
 echo
 echo "== publishing $MODEL_DIR encrypted =="
-target/debug/div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
+div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
   --custodian "${CUSTODIAN_URLS[0]}" --custodian "${CUSTODIAN_URLS[1]}" --custodian "${CUSTODIAN_URLS[2]}" \
   --threshold 2 --price 0.001 --token-price 1 --authorize "$DIV_HOST" --store "$STATE/store" \
   --work-dir "$STATE/publish/all-minilm-l6-v2"
@@ -84,7 +88,7 @@ target/debug/div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
 # request plus per 1000 tokens
 CHAT_DIR=build/models/gemma-3-270m
 echo "== publishing $CHAT_DIR encrypted =="
-target/debug/div publish "$CHAT_DIR" --plugin plugins/target/wasm32-wasip2/release/div_chat.wasm --quiet \
+div publish "$CHAT_DIR" --plugin plugins/target/wasm32-wasip2/release/div_chat.wasm --quiet \
   --custodian "${CUSTODIAN_URLS[0]}" --custodian "${CUSTODIAN_URLS[1]}" --custodian "${CUSTODIAN_URLS[2]}" \
   --threshold 2 --price 0.0005 --price-per-1k-tokens 0.002 --token-price 1 --authorize "$DIV_HOST" \
   --store "$STATE/store" --work-dir "$STATE/publish/gemma-3-270m"
@@ -93,7 +97,7 @@ target/debug/div publish "$CHAT_DIR" --plugin plugins/target/wasm32-wasip2/relea
 HTTP_PORT=${DIV_HTTP_PORT:-8080}
 rm -rf "$STATE/host"
 # the host serves only what its operator allows: here, the demo owner's models
-nohup target/debug/div serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key-file "$(key_file host "$DIV_HOST_KEY")" \
+nohup "$DIV" serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key-file "$(key_file host "$DIV_HOST_KEY")" \
   --allow-owner "$DIV_OWNER" --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" --state-dir "$STATE/host" \
   --settle-interval-secs "${DIV_SETTLE_INTERVAL_SECS:-60}" --cache-dir "$STATE/cache" --web-dir web/dist >"$STATE/logs/serve.log" 2>&1 &
 echo $! >"$STATE/pids/serve.pid"
@@ -113,7 +117,7 @@ run cast call "$DIV_MODEL_VAULT" "modelCount()(uint256)" --rpc-url "$DIV_RPC_URL
 run cast call "$DIV_PAYMENT_STREAM" "withdrawDelay()(uint64)" --rpc-url "$DIV_RPC_URL"
 run cast call "$DIV_PAYMENT_STREAM" "isTokenAllowed(address)(bool)" "$DIV_USDC" --rpc-url "$DIV_RPC_URL"
 run cast call "$DIV_USDC" "decimals()(uint8)" --rpc-url "$DIV_RPC_URL"
-run target/debug/div cid "$STATE/publish/all-minilm-l6-v2/model.divenc"
+run div cid "$STATE/publish/all-minilm-l6-v2/model.divenc"
 run cast call "$DIV_MODEL_VAULT" "isHostAuthorized(bytes32,address)(bool)" "$(cast call "$DIV_MODEL_VAULT" "modelIdAt(uint256)(bytes32)" 0 --rpc-url "$DIV_RPC_URL")" "$DIV_HOST" --rpc-url "$DIV_RPC_URL"
 run curl -s "$DIV_URL/v1/models"
 echo
@@ -122,23 +126,23 @@ MODEL_ID=$(model_id "$DIV_MODEL")
 CHAT_MODEL_ID=$(model_id "$DIV_CHAT_MODEL")
 echo "== a user pays for inference =="
 # the demo user: 10 USDC deposited, 1 access token bought, a permit for up to 5 USDC signed
-run target/debug/div deposit --private-key "$DIV_USER_KEY" --amount 10 --mint
-run target/debug/div buy --private-key "$DIV_USER_KEY" --model-id "$MODEL_ID" --amount 1 --mint
-run target/debug/div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_MODEL" --max 5 --env-file "$STATE/demo.env"
+run div deposit --private-key "$DIV_USER_KEY" --amount 10 --mint
+run div buy --private-key "$DIV_USER_KEY" --model-id "$MODEL_ID" --amount 1 --mint
+run div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_MODEL" --max 5 --env-file "$STATE/demo.env"
 set -a; . "$STATE/demo.env"; set +a
 OWNER_BEFORE=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 USER_BEFORE=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 run examples/curl_embeddings.sh
 run .venv/bin/python examples/openai_embeddings.py
 # text generation, streamed token by token: an access token and a permit for the chat model too
-run target/debug/div buy --private-key "$DIV_USER_KEY" --model-id "$CHAT_MODEL_ID" --amount 1 --mint
-run target/debug/div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_CHAT_MODEL" --max 5 --env-file "$STATE/demo.env" --env-var DIV_CHAT_API_KEY
+run div buy --private-key "$DIV_USER_KEY" --model-id "$CHAT_MODEL_ID" --amount 1 --mint
+run div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_CHAT_MODEL" --max 5 --env-file "$STATE/demo.env" --env-var DIV_CHAT_API_KEY
 set -a; . "$STATE/demo.env"; set +a
 run .venv/bin/python examples/openai_chat_stream.py "Write a haiku about vaults."
 run curl -s -o /dev/null -w '%{http_code} without a key\n' "$DIV_URL/v1/embeddings" -d "{\"model\":\"$DIV_MODEL\",\"input\":\"hi\"}"
-run target/debug/div settle --now --url "$DIV_URL" --state-dir "$STATE/host"
-run target/debug/div balance --private-key "$DIV_USER_KEY"
-run target/debug/div earnings --private-key "$DIV_OWNER_KEY"
+run div settle --now --url "$DIV_URL" --state-dir "$STATE/host"
+run div balance --private-key "$DIV_USER_KEY"
+run div earnings --private-key "$DIV_OWNER_KEY"
 OWNER_AFTER=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 USER_AFTER=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 GAS=$(curl -s "$DIV_URL/metrics" | awk '/^div_settle_gas_total/ {print $2}')

@@ -22,5 +22,5 @@ if ! env PATH="$bare_path" scripts/demo.sh >"$out/demo.log" 2>&1; then
   exit 1
 fi
 set -a; . "$DIV_STATE/demo.env"; set +a
-export DIV_BIN=$PWD/target/debug/div DIV_HOST_STATE=$PWD/$DIV_STATE/host
+export DIV_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/div DIV_HOST_STATE=$PWD/$DIV_STATE/host
 node web/e2e/run.mjs
