@@ -2,7 +2,7 @@
 """A streamed chat completion from a DIV host with the stock OpenAI Python client.
 
     set -a; . .div/demo.env; set +a
-    .venv/bin/python examples/openai_chat_stream.py "Write a haiku about vaults."
+    .venv/bin/python examples/openai_chat_stream.py "What is the capital of France?"
 
 Uses DIV_URL, DIV_CHAT_MODEL and DIV_CHAT_API_KEY (else DIV_API_KEY) from the environment. Prints each piece as it
 arrives, then the usage and the host's receipt. With --json it prints one JSON line per chunk
@@ -17,7 +17,7 @@ from openai import OpenAI
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 as_json = "--json" in sys.argv
-prompt = args[0] if args else "Write a haiku about vaults."
+prompt = args[0] if args else "What is the capital of France?"
 key = os.environ.get("DIV_CHAT_API_KEY") or os.environ.get("DIV_API_KEY", "unused")
 client = OpenAI(base_url=os.environ["DIV_URL"] + "/v1", api_key=key)
 start = time.monotonic()

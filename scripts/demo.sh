@@ -84,14 +84,14 @@ div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
   --threshold 2 --price 0.001 --token-price 1 --authorize "$DIV_HOST" --store "$STATE/store" \
   --work-dir "$STATE/publish/all-minilm-l6-v2"
 
-# and Gemma 3 270M for text generation (GGUF on llama.cpp), with its chat plugin, priced per
+# and SmolLM2-135M-Instruct for chat (GGUF on llama.cpp, its own ChatML template), with the chat plugin, priced per
 # request plus per 1000 tokens
-CHAT_DIR=build/models/gemma-3-270m
+CHAT_DIR=build/models/smollm2-135m-instruct
 echo "== publishing $CHAT_DIR encrypted =="
 div publish "$CHAT_DIR" --plugin plugins/target/wasm32-wasip2/release/div_chat.wasm --quiet \
   --custodian "${CUSTODIAN_URLS[0]}" --custodian "${CUSTODIAN_URLS[1]}" --custodian "${CUSTODIAN_URLS[2]}" \
   --threshold 2 --price 0.0005 --price-per-1k-tokens 0.002 --token-price 1 --authorize "$DIV_HOST" \
-  --store "$STATE/store" --work-dir "$STATE/publish/gemma-3-270m"
+  --store "$STATE/store" --work-dir "$STATE/publish/smollm2-135m-instruct"
 
 # the host: serves what ModelVault authorises it for, decrypted in memory only
 HTTP_PORT=${DIV_HTTP_PORT:-8080}
@@ -105,7 +105,7 @@ echo $! >"$STATE/pids/serve.pid"
 wait_up "div serve" "$STATE/pids/serve.pid" "$STATE/logs/serve.log" "http://127.0.0.1:$HTTP_PORT/readyz"
 env_set DIV_URL "http://127.0.0.1:$HTTP_PORT"
 env_set DIV_MODEL all-minilm-l6-v2
-env_set DIV_CHAT_MODEL gemma-3-270m
+env_set DIV_CHAT_MODEL smollm2-135m-instruct
 env_set DIV_WEB_URL "http://127.0.0.1:$HTTP_PORT/"
 set -a; . "$STATE/demo.env"; set +a
 echo "Host: $DIV_URL serving $DIV_MODEL and $DIV_CHAT_MODEL (log: $STATE/logs/serve.log)"
@@ -138,7 +138,7 @@ run .venv/bin/python examples/openai_embeddings.py
 run div buy --private-key "$DIV_USER_KEY" --model-id "$CHAT_MODEL_ID" --amount 1 --mint
 run div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_CHAT_MODEL" --max 5 --env-file "$STATE/demo.env" --env-var DIV_CHAT_API_KEY
 set -a; . "$STATE/demo.env"; set +a
-run .venv/bin/python examples/openai_chat_stream.py "Write a haiku about vaults."
+run .venv/bin/python examples/openai_chat_stream.py "What is the capital of France?"
 run curl -s -o /dev/null -w '%{http_code} without a key\n' "$DIV_URL/v1/embeddings" -d "{\"model\":\"$DIV_MODEL\",\"input\":\"hi\"}"
 run div settle --now --url "$DIV_URL" --state-dir "$STATE/host"
 run div balance --private-key "$DIV_USER_KEY"

@@ -21,7 +21,7 @@
 use crate::nn::{Context, Graph, NnError, Tensor, TensorType};
 
 /// Sampling settings, as the backend takes them.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Options {
     /// Most tokens to generate.
     pub max_tokens: u32,
@@ -31,24 +31,49 @@ pub struct Options {
     pub top_p: f32,
     /// The sampler's seed.
     pub seed: u32,
+    /// A llama.cpp grammar (GBNF) the output must follow; the host makes one from a request's
+    /// `response_format` and passes it in the plugin's body as `grammar`.
+    pub grammar: Option<String>,
 }
 
 impl Default for Options {
+    /// 256 tokens, greedy, no grammar.
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0 }
+        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, grammar: None }
     }
 }
 
 impl Options {
-    fn to_json(self) -> String {
+    fn to_json(&self) -> String {
+        let grammar = match &self.grammar {
+            Some(g) => format!(r#","grammar":"{}""#, escape_json(g)),
+            None => String::new(),
+        };
         format!(
-            r#"{{"max_tokens":{},"temperature":{},"top_p":{},"seed":{}}}"#,
+            r#"{{"max_tokens":{},"temperature":{},"top_p":{},"seed":{}{grammar}}}"#,
             self.max_tokens,
             finite(self.temperature),
             finite(self.top_p),
             self.seed
         )
     }
+}
+
+/// `s` as the inside of a JSON string.
+fn escape_json(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn finite(v: f32) -> f32 {

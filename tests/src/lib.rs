@@ -122,9 +122,9 @@ impl TestHost {
         Ok(())
     }
 
-    /// Loads Gemma 3 270M with the chat plugin.
-    pub async fn load_gemma(&self) -> anyhow::Result<()> {
-        let files = div_models::ModelFiles::read_dir(&gemma_dir())?;
+    /// Loads the chat model (SmolLM2-135M-Instruct) with the chat plugin.
+    pub async fn load_chat(&self) -> anyhow::Result<()> {
+        let files = div_models::ModelFiles::read_dir(&chat_dir())?;
         self.store.load(files, &plugin_wasm("div_chat")?).await?;
         Ok(())
     }
@@ -167,14 +167,31 @@ impl TestHost {
     }
 }
 
-/// The Gemma 3 270M package (built by `scripts/make-gemma-model.py`).
-pub fn gemma_dir() -> PathBuf {
-    workspace_root().join("build/models/gemma-3-270m")
+/// The chat model's name on the API.
+pub const CHAT_MODEL: &str = "smollm2-135m-instruct";
+
+/// The SmolLM2-135M-Instruct package (built by `scripts/make-smollm2-model.py`).
+pub fn chat_dir() -> PathBuf {
+    workspace_root().join("build/models/smollm2-135m-instruct")
 }
 
-/// Gemma's turn format for one user message, as the chat plugin writes it.
-pub fn gemma_prompt(user: &str) -> String {
-    format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n")
+/// The demo chat model as the host loads it: its GGUF with its manifest's chat template.
+pub fn chat_graph() -> anyhow::Result<div_nn::GgmlGraph> {
+    let dir = chat_dir();
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?)?;
+    let template = manifest["extra"]["chat_template"].as_str().map(str::to_string);
+    Ok(div_nn::GgmlGraph::load(
+        &std::fs::read(dir.join("model.gguf"))?,
+        div_nn::GgmlConfig::default(),
+        template,
+    )?)
+}
+
+/// One user message as the demo chat model's template renders it: ChatML, as its manifest's
+/// `extra.chat_template` writes it (the GGUF's own minus its default system turn; see
+/// scripts/make-smollm2-model.py).
+pub fn chat_prompt(user: &str) -> String {
+    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
 }
 
 /// What llama.cpp itself generates greedily for `prompt` (template applied), called directly
@@ -184,7 +201,7 @@ pub fn llama_greedy(prompt: &str, max_tokens: usize) -> anyhow::Result<String> {
     use llama_cpp_2::model::params::LlamaModelParams;
     let backend = div_nn::llama_backend()?;
     let model =
-        LlamaModel::load_from_file(backend, gemma_dir().join("model.gguf"), &LlamaModelParams::default())?;
+        LlamaModel::load_from_file(backend, chat_dir().join("model.gguf"), &LlamaModelParams::default())?;
     let mut out = Vec::new();
     llama_generate(&model, prompt, max_tokens, |piece| out.extend_from_slice(piece))?;
     Ok(String::from_utf8_lossy(&out).into_owned())

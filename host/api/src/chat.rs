@@ -81,6 +81,8 @@ pub struct GenerateRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<i64>,
+    #[serde(default)]
+    response_format: Option<Value>,
 }
 
 impl GenerateRequest {
@@ -200,6 +202,11 @@ impl GenerateRequest {
             ));
         }
         body.insert("stop".into(), stops.into());
+        if let Some(rf) = &self.response_format
+            && let Some(grammar) = crate::grammar::from_response_format(rf)?
+        {
+            body.insert("grammar".into(), grammar.into());
+        }
         if self.stream_options.is_some() && !self.stream {
             return Err(ApiError::invalid(
                 "stream_options",

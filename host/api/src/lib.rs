@@ -14,6 +14,7 @@ mod body;
 mod chat;
 mod embeddings;
 mod error;
+mod grammar;
 mod metrics;
 mod routes;
 mod serve;

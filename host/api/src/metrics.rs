@@ -68,6 +68,9 @@ pub struct Metrics {
     chain_up: Gauge,
     model_ready: Family<ModelLabel, Gauge>,
     parked: Family<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
+    llm_steps: Gauge,
+    llm_sequence_steps: Gauge,
+    llm_most_sequences: Gauge,
 }
 
 impl Default for Metrics {
@@ -147,6 +150,23 @@ impl Default for Metrics {
             "Time sandboxes spent parked to give other models their fair share of cores",
             parked.clone(),
         );
+        let (llm_steps, llm_sequence_steps, llm_most_sequences) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "llm_decode_steps",
+            "Decode steps of the text-generation batches",
+            llm_steps.clone(),
+        );
+        registry.register(
+            "llm_decoded_sequences",
+            "Sequences decoded, summed over steps (÷ steps: the average batch)",
+            llm_sequence_steps.clone(),
+        );
+        registry.register(
+            "llm_batch_most_sequences",
+            "The most generations one decode step carried together",
+            llm_most_sequences.clone(),
+        );
         Self {
             registry,
             requests,
@@ -166,11 +186,23 @@ impl Default for Metrics {
             chain_up,
             model_ready,
             parked,
+            llm_steps,
+            llm_sequence_steps,
+            llm_most_sequences,
         }
     }
 }
 
 impl Metrics {
+    /// Copies the text-generation batches' counters in (before an export).
+    pub fn refresh_llm(&self) {
+        let b = div_nn::batch_stats();
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.llm_steps.set(g(b.steps));
+        self.llm_sequence_steps.set(g(b.sequence_steps));
+        self.llm_most_sequences.set(g(b.most_sequences));
+    }
+
     /// Records a settlement round or its failure.
     pub fn settle_round(&self, round: Result<&div_meter::settle::SettleReport, &div_meter::MeterError>) {
         match round {

@@ -160,6 +160,10 @@ pub struct ServeArgs {
     /// Threads each text-generation request decodes with (default: one per core).
     #[arg(long, env = "DIV_LLM_THREADS")]
     llm_threads: Option<i32>,
+    /// Generations decoded together per text-generation model (continuous batching); more wait
+    /// for a free slot. Each slot has its own `--llm-context` tokens of KV cache.
+    #[arg(long, env = "DIV_LLM_SLOTS", default_value_t = 4)]
+    llm_slots: u32,
     /// Run `initialize` in every request instead of snapshotting it once (for comparison).
     #[arg(long, env = "DIV_NO_SNAPSHOT")]
     no_snapshot: bool,
@@ -187,6 +191,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ggml: div_nn::GgmlConfig {
             n_ctx: args.llm_context.max(16),
             threads: args.llm_threads.unwrap_or(div_nn::GgmlConfig::default().threads).max(1),
+            slots: args.llm_slots.clamp(1, 64),
             ..div_nn::GgmlConfig::default()
         },
         snapshot: !args.no_snapshot,

@@ -20,7 +20,9 @@ pub mod registry;
 pub mod template;
 mod usage;
 
-pub use ggml::{GenOptions, Generation, GgmlBackend, GgmlConfig, GgmlGraph, Step, llama_backend};
+pub use ggml::{
+    BatchStats, GenOptions, Generation, GgmlBackend, GgmlConfig, GgmlGraph, Step, batch_stats, llama_backend,
+};
 pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime, locate_onnx_runtime};
 pub use registry::ModelGraphs;
 pub use template::{ChatMessage, ChatTemplate, Segment};

@@ -11,7 +11,10 @@
 //! 3. holds back any text that could still become a stop sequence, cuts at the first stop, and
 //!    emits everything else to the caller at once (`streaming.emit`),
 //! 4. answers `{"text", "finish_reason": "stop" | "length", "usage": {"prompt_tokens",
-//!    "completion_tokens"}}`.
+//!    "completion_tokens"}}` (the host bills from its backend's own count, not from this).
+//!
+//! A `grammar` in the body (the host's translation of `response_format`) goes to the backend,
+//! which constrains sampling with it: the answer is JSON of the requested shape.
 //!
 //! If the caller goes away mid-stream (`emit` fails) it stops at once and reports what was
 //! generated, which is what the host charges.
@@ -43,6 +46,9 @@ struct Body {
     seed: Option<u32>,
     #[serde(default)]
     stop: Vec<String>,
+    /// A grammar the output must follow (the host makes it from `response_format`).
+    #[serde(default)]
+    grammar: Option<String>,
 }
 
 /// The end of `text` that could still grow into a stop sequence: held back until it cannot.
@@ -88,6 +94,7 @@ impl Chat {
             temperature: body.temperature.unwrap_or(0.0),
             top_p: body.top_p.unwrap_or(1.0),
             seed: body.seed.unwrap_or(0),
+            grammar: body.grammar.clone(),
         };
         let stops: Vec<String> = body.stop.into_iter().filter(|s| !s.is_empty()).collect();
         let mut g = match (&body.messages, &body.prompt) {

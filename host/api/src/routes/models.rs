@@ -72,6 +72,7 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
         s.metrics.set_unsettled(m.ledger().unsettled_total());
         s.metrics.set_chain_up(m.chain_up());
     }
+    s.metrics.refresh_llm();
     match s.metrics.encode() {
         Ok(text) => {
             let mut r = text.into_response();

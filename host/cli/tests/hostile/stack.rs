@@ -97,10 +97,10 @@ impl Stack {
             models.push((name, rig.publish_ok(&pkg, &misbehave_wasm(), &host)?));
         }
         let prices = ["--price", "0.0005", "--price-per-1k-tokens", "0.002"];
-        let gemma = rig.gemma_package("gemma-chat", json!({}))?;
-        models.push(("gemma-chat", rig.publish_ok_with(&gemma, &chat_wasm(), &host, &prices)?));
-        let liar = rig.gemma_package("gemma-liar", json!({"mode": "liar"}))?;
-        models.push(("gemma-liar", rig.publish_ok_with(&liar, &misbehave_wasm(), &host, &prices)?));
+        let chat = rig.chat_package("smol-chat", json!({}))?;
+        models.push(("smol-chat", rig.publish_ok_with(&chat, &chat_wasm(), &host, &prices)?));
+        let liar = rig.chat_package("smol-liar", json!({"mode": "liar"}))?;
+        models.push(("smol-liar", rig.publish_ok_with(&liar, &misbehave_wasm(), &host, &prices)?));
         let paid = Paid::serve(rig, paid_id, HOST_FLAGS).await?;
         paid.wait_ready().await?;
         Ok(Self { paid, models })

@@ -468,7 +468,7 @@ async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_wa
     let p = Paid::start_chat("pay-chat").await?;
     let u = 2usize;
     p.fund(u, 10_000_000, true).await?;
-    let out = p.cli(u, &["permit", "--url", &p.url, "--model", "gemma-3-270m", "--max", "1"])?;
+    let out = p.cli(u, &["permit", "--url", &p.url, "--model", div_tests::CHAT_MODEL, "--max", "1"])?;
     let key = out.lines().find_map(|l| l.strip_prefix("DIV_API_KEY=")).context("no key printed")?.to_string();
     let http = reqwest::Client::new();
     let chat = |body: Value| {
@@ -477,7 +477,7 @@ async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_wa
 
     // a whole stream: the receipt in it charges exactly the tokens the usage reports
     let r = chat(
-        json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Name three colours."}],
+        json!({"model": div_tests::CHAT_MODEL, "messages": [{"role": "user", "content": "Name three colours."}],
         "max_tokens": 24, "stream": true, "stream_options": {"include_usage": true}}),
     )
     .await?;
@@ -491,7 +491,7 @@ async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_wa
 
     // a caller who hangs up after three chunks pays for what was generated, no more
     let mut r = chat(
-        json!({"model": "gemma-3-270m", "messages": [{"role": "user", "content": "Tell a long story."}],
+        json!({"model": div_tests::CHAT_MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
         "max_tokens": 1500, "stream": true}),
     )
     .await?;
@@ -501,7 +501,8 @@ async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_wa
     drop(r);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let usage_now = loop {
-        let v: Value = http.get(format!("{}/v1/models/gemma-3-270m", p.url)).send().await?.json().await?;
+        let v: Value =
+            http.get(format!("{}/v1/models/{}", p.url, div_tests::CHAT_MODEL)).send().await?.json().await?;
         if v["usage"]["charged_requests"] == json!(2) {
             break v["usage"].clone();
         }
@@ -519,10 +520,34 @@ async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_wa
     let charged: u64 = usage_now["charged_amount"].as_str().context("charged")?.parse()?;
     assert_eq!(charged, chat_price(tokens) + chat_price(second), "charged for exactly the tokens generated");
 
+    // four at once decode in one batch; each is still charged exactly its own tokens
+    let ask = |q: &str| {
+        chat(
+            json!({"model": div_tests::CHAT_MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": 20 + q.len()}),
+        )
+    };
+    let (a, b, c, d) = tokio::join!(
+        ask("What is 2 + 2?"),
+        ask("Name a fruit."),
+        ask("What is the capital of Italy?"),
+        ask("Say hello.")
+    );
+    let mut batch_total = 0;
+    for a in [a, b, c, d] {
+        let b: Value = a?.json().await?;
+        let receipt: Receipt =
+            serde_json::from_value(b["receipt"].clone()).with_context(|| format!("{b}"))?;
+        let t = b["usage"]["total_tokens"].as_u64().context("usage")?;
+        assert!(b["usage"]["completion_tokens"].as_u64().is_some_and(|c| c > 0), "{b}");
+        assert_eq!(receipt.amount, U256::from(chat_price(t)), "a batched request pays its own {t} tokens");
+        batch_total += chat_price(t);
+    }
+    let charged = charged + batch_total;
+
     // settlement pays the owner exactly that
     let owner = p.key(OWNER).address();
     let before = p.usdc_of(owner).await?;
-    assert!(p.settle().await?.contains("settled 2 requests"));
+    assert!(p.settle().await?.contains("settled 6 requests"));
     assert_eq!(p.usdc_of(owner).await? - before, U256::from(charged));
     Ok(())
 }

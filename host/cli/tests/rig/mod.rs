@@ -142,10 +142,9 @@ impl Rig {
         Ok(dst)
     }
 
-    /// A copy of the Gemma package named `name` with `extra` merged into its manifest's.
-    #[allow(dead_code)]
-    pub fn gemma_package(&self, name: &str, extra: serde_json::Value) -> anyhow::Result<PathBuf> {
-        let src = div_tests::gemma_dir();
+    /// A copy of the chat model's package named `name` with `extra` merged into its manifest's.
+    pub fn chat_package(&self, name: &str, extra: serde_json::Value) -> anyhow::Result<PathBuf> {
+        let src = div_tests::chat_dir();
         let dst = self.dir.join(format!("pkg-{name}"));
         std::fs::create_dir_all(&dst)?;
         std::fs::copy(src.join("model.gguf"), dst.join("model.gguf"))?;

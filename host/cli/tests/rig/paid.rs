@@ -42,11 +42,12 @@ impl Paid {
         Self::serve(rig, id, extra).await
     }
 
-    /// Gemma 3 270M with the chat plugin, priced per request and per 1000 tokens.
+    /// The chat model (SmolLM2-135M-Instruct) with the chat plugin, priced per request and per
+    /// 1000 tokens.
     pub async fn start_chat(name: &str) -> anyhow::Result<Self> {
         let rig = Rig::start(name).await?;
         let id = rig.publish_ok_with(
-            &div_tests::gemma_dir(),
+            &div_tests::chat_dir(),
             &chat_wasm(),
             &[rig.chain.keys[HOST].address()],
             &["--price", "0.0005", "--price-per-1k-tokens", "0.002"],

@@ -14,32 +14,25 @@
 //! sequences and post-processing stay the owner's, inside the sandbox. The same counts go to the
 //! request's [`RequestUsage`], which the host bills from: the plugin's own report is not trusted.
 //!
-//! Each execution context owns a llama.cpp context (its own KV cache) on a worker thread of its
-//! own, so concurrent requests on one loaded model decode side by side over the shared read-only
-//! weights; no global lock is held while decoding (creating a context takes a short per-model
-//! lock, as llama.cpp mutates the model while doing so). The worker decodes one token ahead of the
-//! plugin: while the plugin handles token n, token n+1 is being computed, so the sandbox costs
-//! almost nothing in tokens/s. Dropping the context (the request ended, or the caller went away)
-//! stops the worker after at most that one token. Decode steps draw on a process-wide pool of
-//! cores, so concurrent generations take turns instead of oversubscribing ggml's spinning
-//! workers.
+//! Concurrent generations on one model decode together, one llama.cpp batch per step, each in a
+//! sequence of its own with its own KV budget and sampler ([`batch`]: continuous batching, as
+//! `llama-server` runs parallel slots); requests join and leave between steps. The worker decodes
+//! one token ahead of the plugin: while the plugin handles token n, token n+1 is being computed,
+//! so the sandbox costs almost nothing in tokens/s. Dropping the context (the request ended, or
+//! the caller went away) frees its slot at the next step.
 //!
 //! Plaintext weights never touch a filesystem: llama.cpp loads GGUF only from a path, so the host
 //! writes the decrypted bytes into an anonymous memory file (`memfd_create`, sealed against
 //! writes), and llama.cpp maps it from `/proc/self/fd/N`; the caller's buffer is zeroised after.
 
 use std::io::Write as _;
-use std::num::NonZeroU32;
 use std::os::fd::{AsRawFd as _, OwnedFd};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use wasmtime_wasi_nn::backend::{
     BackendError, BackendExecutionContext, BackendFromDir, BackendGraph, BackendInner, Id, NamedTensor,
@@ -47,8 +40,13 @@ use wasmtime_wasi_nn::backend::{
 use wasmtime_wasi_nn::wit::{ExecutionTarget, GraphEncoding, TensorType};
 use wasmtime_wasi_nn::{ExecutionContext, Graph, Tensor};
 
-use crate::template::{ChatMessage, ChatTemplate, Segment};
+use crate::template::{ChatMessage, ChatTemplate};
 use crate::{NnError, RequestUsage};
+
+mod batch;
+mod prompt;
+
+pub use batch::{BatchStats, Generation, batch_stats};
 
 static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
 
@@ -69,6 +67,61 @@ fn backend() -> Result<&'static LlamaBackend, NnError> {
         })
         .as_ref()
         .map_err(|e| NnError::Runtime(format!("llama.cpp: {e}")))
+}
+
+/// The process is exiting: batch workers start no new decode.
+static EXITING: AtomicBool = AtomicBool::new(false);
+/// Decodes in flight, across every model.
+static DECODING: AtomicUsize = AtomicUsize::new(0);
+
+/// A decode in flight; `None` once the process has begun to exit.
+pub(crate) struct Decoding(());
+
+impl Decoding {
+    pub(crate) fn start() -> Option<Self> {
+        DECODING.fetch_add(1, Ordering::SeqCst);
+        if EXITING.load(Ordering::SeqCst) {
+            DECODING.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Self(()))
+    }
+}
+
+impl Drop for Decoding {
+    fn drop(&mut self) {
+        DECODING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// At process exit, C++ static destructors tear down ggml's CPU backend while a batch worker may
+/// be in the middle of a decode on another thread, which then crashes the exit (seen as SIGSEGV
+/// when a test binary or the host ends mid-generation). So exit first stops new decodes and waits
+/// (up to 10 s) for those in flight. Exit handlers run in reverse order of registration, and ggml
+/// registers some of its destructors lazily, during a model's first decode: so a batch worker
+/// registers this wait after its first decode, which puts it ahead of them (at most 64 times in a
+/// process's life; it is idempotent).
+pub(crate) fn register_exit_wait() {
+    static REGISTERED: AtomicUsize = AtomicUsize::new(0);
+    if REGISTERED.fetch_add(1, Ordering::SeqCst) < 64 {
+        atexit_wait();
+    }
+}
+
+#[allow(unsafe_code)]
+fn atexit_wait() {
+    extern "C" fn wait_for_decodes() {
+        EXITING.store(true, Ordering::SeqCst);
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while DECODING.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    // SAFETY: `atexit` only records a function pointer; `wait_for_decodes` touches atomics and
+    // sleeps, and cannot unwind.
+    unsafe {
+        libc::atexit(wait_for_decodes);
+    }
 }
 
 /// Decodes running at once across every model: ggml's workers spin while they wait for each
@@ -117,21 +170,23 @@ impl Drop for CoresHeld {
     }
 }
 
-/// How generation contexts are made.
+/// How a model's generations are decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GgmlConfig {
-    /// Context length in tokens (prompt + generation) of each request.
+    /// Context length in tokens (prompt + generation) of each request: its KV budget.
     pub n_ctx: u32,
-    /// Prompt tokens decoded per batch.
+    /// Tokens decoded per batch (every sequence's next token, then prompt chunks).
     pub n_batch: u32,
-    /// Threads each request's decoding uses.
+    /// Threads each decode step uses.
     pub threads: i32,
+    /// Generations decoded together per model; more wait for a free slot.
+    pub slots: u32,
 }
 
 impl Default for GgmlConfig {
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self { n_ctx: 2048, n_batch: 512, threads: i32::try_from(cores).unwrap_or(1) }
+        Self { n_ctx: 2048, n_batch: 512, threads: i32::try_from(cores).unwrap_or(1), slots: 4 }
     }
 }
 
@@ -176,20 +231,13 @@ struct Inner {
     specials: Vec<(Vec<u8>, LlamaToken)>,
 }
 
-/// A piece of a prompt on its way to tokens.
-enum Fragment {
-    /// Text, tokenized as text.
-    Raw(Vec<u8>),
-    /// A control token the template wrote.
-    Special(LlamaToken),
-}
-
-/// A loaded GGUF model, shared by every request on it.
+/// A loaded GGUF model, shared by every request on it, and its batched decoder (started on
+/// first use; it stops once the last clone is gone and no generation is left).
 #[derive(Clone)]
-pub struct GgmlGraph(Arc<Inner>);
+pub struct GgmlGraph(Arc<Inner>, Arc<OnceLock<Result<batch::Batcher, String>>>);
 
 /// What one generation is asked for.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GenOptions {
     /// Most tokens to generate.
@@ -200,11 +248,13 @@ pub struct GenOptions {
     pub top_p: f32,
     /// The sampler's seed (fixed seed + same prompt = same text).
     pub seed: u32,
+    /// A llama.cpp grammar (GBNF, rule `root`) the output must follow (structured output).
+    pub grammar: Option<String>,
 }
 
 impl Default for GenOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0 }
+        Self { max_tokens: 256, temperature: 0.0, top_p: 1.0, seed: 0, grammar: None }
     }
 }
 
@@ -260,88 +310,15 @@ impl GgmlGraph {
             v.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.0.cmp(&b.1.0)));
             v
         };
-        Ok(Self(Arc::new(Inner { model, create: Mutex::new(()), config, template, specials })))
-    }
-
-    /// Cuts template text at the control tokens it names (longest first, as llama.cpp does).
-    fn partition(&self, text: &[u8], out: &mut Vec<Fragment>) {
-        let mut frags = vec![Fragment::Raw(text.to_vec())];
-        for (special, token) in &self.0.specials {
-            let mut next = Vec::with_capacity(frags.len());
-            for f in frags {
-                let Fragment::Raw(raw) = f else {
-                    next.push(f);
-                    continue;
-                };
-                let mut rest: &[u8] = &raw;
-                while let Some(i) = find(rest, special) {
-                    if i > 0 {
-                        next.push(Fragment::Raw(rest[..i].to_vec()));
-                    }
-                    next.push(Fragment::Special(*token));
-                    rest = &rest[i + special.len()..];
-                }
-                if !rest.is_empty() {
-                    next.push(Fragment::Raw(rest.to_vec()));
-                }
-            }
-            frags = next;
-        }
-        out.extend(frags);
+        Ok(Self(
+            Arc::new(Inner { model, create: Mutex::new(()), config, template, specials }),
+            Arc::default(),
+        ))
     }
 
     /// The chat template requests on this model are rendered with, if it has one.
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.0.template.as_ref()
-    }
-
-    /// The prompt tokens of a conversation: rendered with the model's chat template, template
-    /// text tokenized with its special tokens, message text as plain text.
-    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<LlamaToken>, NnError> {
-        let template = self.0.template.as_ref().ok_or_else(|| {
-            NnError::InvalidInput(
-                "this model has no chat template (the GGUF has none and the manifest sets no \
-                 `extra.chat_template`): use /v1/completions"
-                    .into(),
-            )
-        })?;
-        let segments = template.render(messages, true).map_err(NnError::InvalidInput)?;
-        // the fragments llama.cpp would make of the whole rendered text, except that control
-        // tokens are only looked for in the template's own text; adjacent text (template and
-        // message) is joined again, so the tokens are exactly those of the whole prompt
-        let mut frags: Vec<Fragment> = Vec::new();
-        for seg in &segments {
-            match seg {
-                Segment::Template(t) => self.partition(t.as_bytes(), &mut frags),
-                Segment::Content(c) => frags.push(Fragment::Raw(c.as_bytes().to_vec())),
-            }
-        }
-        let mut merged: Vec<Fragment> = Vec::with_capacity(frags.len());
-        for f in frags {
-            match (merged.last_mut(), f) {
-                (Some(Fragment::Raw(prev)), Fragment::Raw(more)) => prev.extend_from_slice(&more),
-                (_, f) => merged.push(f),
-            }
-        }
-        let vocab = self.0.model.vocab();
-        let bos = vocab.bos();
-        let mut tokens = Vec::new();
-        // BOS as the model wants it, unless the template wrote it itself
-        if vocab.should_add_bos() && !matches!(merged.first(), Some(Fragment::Special(t)) if *t == bos) {
-            tokens.push(bos);
-        }
-        for f in &merged {
-            match f {
-                Fragment::Raw(text) => vocab.tokenize_into(text, &mut tokens, false, false),
-                Fragment::Special(t) => tokens.push(*t),
-            }
-        }
-        Ok(tokens)
-    }
-
-    /// The prompt tokens of a completion: plain text (no control tokens), after BOS.
-    pub fn prompt_tokens(&self, prompt: &[u8]) -> Vec<LlamaToken> {
-        self.0.model.vocab().tokenize(prompt, true, false)
     }
 
     /// Token ids of this model are below this.
@@ -374,56 +351,12 @@ impl GgmlGraph {
         self.prompt_tokens(text.as_bytes()).len()
     }
 
-    /// Starts generating from the `prompt` tokens on a worker of its own; the steps arrive in
+    /// Starts generating from the `prompt` tokens in the model's batch; the steps arrive in
     /// order.
     pub fn generate(&self, prompt: Vec<LlamaToken>, options: GenOptions) -> Generation {
-        let (tx, rx) = sync_channel(1);
-        let inner = self.0.clone();
-        let spawned = std::thread::Builder::new()
-            .name("div-llm".into())
-            .spawn(move || run_generation(&inner, &prompt, options, &tx));
-        match spawned {
-            Ok(handle) => Generation { rx: Mutex::new(Some(rx)), worker: Some(handle), finished: false },
-            Err(e) => {
-                let (tx, rx) = sync_channel(1);
-                let _ = tx.send(Err(NnError::Inference(format!("starting a generation thread: {e}"))));
-                Generation { rx: Mutex::new(Some(rx)), worker: None, finished: false }
-            }
-        }
-    }
-}
-
-/// The steps of one generation, in order. Dropping it stops the worker and waits for it (at
-/// most the one decode step in flight), so no llama.cpp work outlives the request.
-pub struct Generation {
-    /// In a mutex only to be `Sync` (wasi-nn's contexts must be); never contended.
-    rx: Mutex<Option<Receiver<Result<Step, NnError>>>>,
-    worker: Option<std::thread::JoinHandle<()>>,
-    finished: bool,
-}
-
-impl Generation {
-    /// The next step; after the one marked `done`, an error.
-    pub fn next_step(&mut self) -> Result<Step, NnError> {
-        if self.finished {
-            return Err(NnError::InvalidInput(
-                "the generation has ended; compute again with a new prompt".into(),
-            ));
-        }
-        let rx = self.rx.get_mut().unwrap_or_else(|p| p.into_inner());
-        let rx = rx.as_ref().ok_or_else(|| NnError::Inference("the generation was stopped".into()))?;
-        let step = rx.recv().map_err(|_| NnError::Inference("the generation thread stopped".into()))??;
-        self.finished = step.done;
-        Ok(step)
-    }
-}
-
-impl Drop for Generation {
-    fn drop(&mut self) {
-        // closing the channel first makes the worker's next send fail, and so end
-        drop(self.rx.get_mut().unwrap_or_else(|p| p.into_inner()).take());
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
+        match self.1.get_or_init(|| batch::Batcher::start(self.0.clone()).map_err(|e| e.to_string())) {
+            Ok(b) => b.submit(prompt, options),
+            Err(e) => Generation::failed(NnError::Inference(e.clone())),
         }
     }
 }
@@ -442,108 +375,6 @@ fn memfd_with(bytes: &[u8]) -> Result<OwnedFd, NnError> {
     )
     .map_err(|e| NnError::Load(format!("sealing the memory file: {e}")))?;
     Ok(fd)
-}
-
-fn run_generation(
-    inner: &Inner,
-    prompt: &[LlamaToken],
-    o: GenOptions,
-    tx: &SyncSender<Result<Step, NnError>>,
-) {
-    if let Err(e) = generate_steps(inner, prompt, o, tx) {
-        let _ = tx.send(Err(e));
-    }
-}
-
-fn generate_steps(
-    inner: &Inner,
-    tokens: &[LlamaToken],
-    o: GenOptions,
-    tx: &SyncSender<Result<Step, NnError>>,
-) -> Result<(), NnError> {
-    let backend = backend()?;
-    let model = &inner.model;
-    let vocab = model.vocab();
-    let n_ctx = inner.config.n_ctx.min(model.n_ctx_train().max(1));
-    if tokens.is_empty() {
-        return Err(NnError::InvalidInput("the prompt is empty".into()));
-    }
-    if tokens.len() >= n_ctx as usize {
-        return Err(NnError::InvalidInput(format!(
-            "the prompt has {} tokens; this model's context holds {n_ctx}",
-            tokens.len()
-        )));
-    }
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(n_ctx))
-        .with_n_batch(inner.config.n_batch)
-        .with_n_threads(inner.config.threads)
-        .with_n_threads_batch(inner.config.threads);
-    let mut ctx = {
-        let _one_at_a_time = inner.create.lock().unwrap_or_else(|p| p.into_inner());
-        model
-            .new_context(backend, params)
-            .map_err(|e| NnError::Inference(format!("llama.cpp context: {e}")))?
-    };
-    let decode_err = |e: llama_cpp_2::DecodeError| NnError::Inference(format!("llama.cpp decode: {e}"));
-    // the prompt, in batches; logits only for its last token
-    let n_batch = inner.config.n_batch.max(1) as usize;
-    let mut batch = LlamaBatch::new(n_batch, 1);
-    let last = tokens.len() - 1;
-    for (c, chunk) in tokens.chunks(n_batch).enumerate() {
-        batch.clear();
-        for (j, t) in chunk.iter().enumerate() {
-            let pos = c * n_batch + j;
-            batch.add(*t, pos as i32, &[0], pos == last).map_err(|e| NnError::Inference(e.to_string()))?;
-        }
-        let _cores = CoresHeld::take(inner.config.threads.max(1) as usize);
-        ctx.decode(&mut batch).map_err(decode_err)?;
-    }
-    let mut sampler = if o.temperature <= 0.0 {
-        LlamaSampler::greedy()
-    } else {
-        LlamaSampler::chain_simple([
-            LlamaSampler::top_p(o.top_p.clamp(0.0, 1.0), 1),
-            LlamaSampler::temp(o.temperature),
-            LlamaSampler::dist(o.seed),
-        ])
-    };
-    let prompt_tokens = tokens.len() as u32;
-    let mut n_past = tokens.len() as i32;
-    let mut generated = 0u32;
-    let mut pending: Vec<u8> = Vec::new();
-    loop {
-        let token: LlamaToken = sampler.sample(&ctx, batch.n_tokens() - 1);
-        sampler.accept(token);
-        generated += 1;
-        let eog = vocab.is_eog(token);
-        if !eog {
-            vocab.token_to_piece_into(token, &mut pending, false, None);
-        }
-        let full = n_past as u32 + 1 >= n_ctx;
-        let done = eog || generated >= o.max_tokens.max(1) || full;
-        let text = if done { std::mem::take(&mut pending) } else { take_whole_chars(&mut pending) };
-        // an end token is not text the caller receives, nor one they pay for
-        let counted = if eog { generated - 1 } else { generated };
-        if tx.send(Ok(Step { text, done, prompt_tokens, generated: counted })).is_err() || done {
-            // the request went away, or the generation is over: the context and its KV cache go
-            return Ok(());
-        }
-        batch.clear();
-        batch.add(token, n_past, &[0], true).map_err(|e| NnError::Inference(e.to_string()))?;
-        let cores = CoresHeld::take(inner.config.threads.max(1) as usize);
-        ctx.decode(&mut batch).map_err(decode_err)?;
-        drop(cores);
-        n_past += 1;
-    }
-}
-
-/// Where `needle` first occurs in `hay`.
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || needle.len() > hay.len() {
-        return None;
-    }
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Takes the longest prefix of `buf` that is whole UTF-8 characters, leaving an incomplete tail.
