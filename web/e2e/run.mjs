@@ -1,12 +1,18 @@
 // The dApp's whole story in Debian's chromium (playwright-core, no downloaded browser), against
 // the stack scripts/web-e2e.sh starts: a new user connects the dev wallet, is refused below the
 // token threshold (and sees why), buys tokens, deposits, signs a permit, runs the playground and
-// gets vectors with a verified receipt; a rejected transaction shows its decoded custom error;
-// the owner sees earnings rise after a settlement. A screenshot of every step lands in
-// web/e2e/artifacts, with the measured page timings in timings.json.
+// gets vectors with a verified receipt, then copies each code snippet from the page (curl, the
+// OpenAI Python and JavaScript clients, written for the model's task) and runs it against the
+// stack; streams a chat; signs in with Ethereum and reads their permits; deposits a token without
+// EIP-2612 by approve-then-deposit; a wallet on the wrong network sees the banner and switches;
+// a rejected transaction shows its decoded custom error; the owner, signed in, uses their own
+// model free, and sees earnings rise after a settlement. The first load is timed over fresh
+// browser contexts (cold caches) and held to the PRD's 200 ms. A screenshot of every step lands
+// in web/e2e/artifacts, with the page timings (and the machine's load) in timings.json.
 import { chromium } from 'playwright-core';
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
+import { loadavg, cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import assert from 'node:assert/strict';
@@ -17,6 +23,7 @@ mkdirSync(artifacts, { recursive: true });
 const url = process.env.DIV_WEB_URL;
 assert.ok(url, 'DIV_WEB_URL is not set (run scripts/web-e2e.sh)');
 const chromiumPath = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const root = join(here, '..', '..');
 
 const results = [];
 let step = 0;
@@ -60,6 +67,11 @@ async function confirmed(page, label) {
   assert.equal(t.status, 'confirmed', `${label}: ${t.error}`);
 }
 
+/** Waits until the full app (React, wallets) has taken over the first paint's plain page. */
+async function ready(page) {
+  await page.locator('#root[data-app="full"]').waitFor();
+}
+
 /** Time from asking for a route to its content on screen. */
 async function timed(page, name, go, ready) {
   const t0 = Date.now();
@@ -76,6 +88,84 @@ async function connect(page, index) {
   await connected.waitFor();
 }
 
+/** Runs a snippet copied from the page the way a user would: curl in a shell, Python with the
+ * project's venv (the stock `openai` package), JavaScript with node and the stock `openai` npm
+ * package. Returns its output; a non-zero exit fails the check with what it printed. */
+function runSnippet(kind, code) {
+  const opts = { encoding: 'utf8', timeout: 120_000, stdio: ['ignore', 'pipe', 'pipe'] };
+  try {
+    if (kind === 'curl') return execFileSync('bash', ['-c', code], opts);
+    if (kind === 'python') return execFileSync(join(root, '.venv', 'bin', 'python'), ['-c', code], opts);
+    if (kind === 'js') return execFileSync('node', ['--input-type=module', '-e', code], { ...opts, cwd: join(root, 'web') });
+  } catch (e) {
+    throw new Error(`the ${kind} snippet failed: ${e.message}\n${e.stdout ?? ''}\n${e.stderr ?? ''}\n--- snippet ---\n${code}`, { cause: e });
+  }
+  throw new Error(`unknown snippet kind ${kind}`);
+}
+
+/** Copies the page's three snippets and runs each; returns their outputs by kind. */
+async function runSnippets(page, task) {
+  const box = page.getByTestId('snippets').first();
+  assert.equal(await box.getAttribute('data-task'), task);
+  const out = {};
+  for (const kind of ['curl', 'python', 'js']) {
+    const code = await box.getByTestId(`snippet-${kind}`).textContent();
+    out[kind] = runSnippet(kind, code);
+  }
+  return out;
+}
+
+/** An EIP-1193 wallet injected into the page (window.ethereum) that starts on Ethereum mainnet
+ * (chain 1): it cannot switch while the dApp connects (a request is pending, as a real wallet's
+ * popup may be), and switches when asked again. Everything else goes to the local chain. */
+function wrongNetworkWallet({ rpc, account }) {
+  let chainId = '0x1';
+  let switches = 0;
+  const listeners = {};
+  const emit = (ev, v) => (listeners[ev] ?? []).slice().forEach((f) => f(v));
+  const fail = (code, message) => Object.assign(new Error(message), { code });
+  window.ethereum = {
+    async request({ method, params }) {
+      switch (method) {
+        case 'eth_chainId':
+          return chainId;
+        case 'eth_accounts':
+        case 'eth_requestAccounts':
+          return [account];
+        case 'wallet_requestPermissions':
+          throw fail(-32601, 'not supported');
+        case 'wallet_switchEthereumChain':
+          switches += 1;
+          if (switches === 1) throw fail(-32002, 'a request is already pending');
+          chainId = params[0].chainId;
+          setTimeout(() => emit('chainChanged', chainId), 0);
+          return null;
+        default: {
+          const res = await fetch(rpc, {
+            method: 'POST',
+            headers: { 'content-type': 'application/json' },
+            body: JSON.stringify({ jsonrpc: '2.0', id: 1, method, params }),
+          });
+          const json = await res.json();
+          if (json.error) throw fail(json.error.code, json.error.message);
+          return json.result;
+        }
+      }
+    },
+    on(ev, f) {
+      (listeners[ev] ??= []).push(f);
+    },
+    removeListener(ev, f) {
+      listeners[ev] = (listeners[ev] ?? []).filter((g) => g !== f);
+    },
+  };
+}
+
+function median(xs) {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)];
+}
+
 const browser = await chromium.launch({ executablePath: chromiumPath, args: ['--no-sandbox'] });
 let failed = false;
 try {
@@ -85,15 +175,53 @@ try {
   page.on('pageerror', (e) => consoleErrors.push(String(e)));
 
   await check('the marketplace lists the published model', async () => {
-    await timed(page, 'marketplace_first_load_ms', () => page.goto(url), () => page.getByTestId('model-row').first().waitFor());
-    const nav = await page.evaluate(() => {
-      const n = performance.getEntriesByType('navigation')[0];
-      return { document: n.responseEnd - n.requestStart, domContentLoaded: n.domContentLoadedEventEnd - n.startTime };
-    });
-    timings.document_response_ms = Math.round(nav.document);
-    timings.dom_content_loaded_ms = Math.round(nav.domContentLoaded);
+    // the first load of a new visitor: a fresh browser context each time (no cache, no storage);
+    // the median of seven, with the machine's load beside it
+    const runs = [];
+    const wall = [];
+    for (let i = 0; i < 8; i++) {
+      const fresh = await browser.newContext({ viewport: { width: 1200, height: 900 } });
+      const p = await fresh.newPage();
+      const t0 = Date.now();
+      await p.goto(url, { waitUntil: 'commit' });
+      await p.getByTestId('model-row').first().waitFor();
+      const ms = Date.now() - t0;
+      // the page's own clock: from navigation start to the frame that shows the models
+      const onScreen = await p.evaluate(async () => {
+        for (;;) {
+          const m = performance.getEntriesByName('div:models-on-screen')[0];
+          if (m) return m.startTime;
+          await new Promise((r) => setTimeout(r, 5));
+        }
+      });
+      // the first run also starts the browser's own machinery (its network and GPU processes): not a visit
+      if (i > 0) {
+        runs.push(Math.round(onScreen));
+        wall.push(ms);
+      }
+      if (i === 7) {
+        const nav = await p.evaluate(() => {
+          const n = performance.getEntriesByType('navigation')[0];
+          return { document: n.responseEnd - n.requestStart, domContentLoaded: n.domContentLoadedEventEnd - n.startTime };
+        });
+        timings.document_response_ms = Math.round(nav.document);
+        timings.dom_content_loaded_ms = Math.round(nav.domContentLoaded);
+        await ready(p);
+        timings.full_app_ready_ms = Math.round(await p.evaluate(() => performance.now()));
+      }
+      await fresh.close();
+    }
+    timings.marketplace_first_load_runs_ms = runs;
+    timings.marketplace_first_load_ms = median(runs);
+    timings.marketplace_first_load_wall_ms = median(wall);
+    timings.loadavg_1m = Number(loadavg()[0].toFixed(2));
+    timings.cores = cpus().length;
+    await page.goto(url);
+    await page.getByTestId('model-row').first().waitFor();
+    await ready(page);
     // a returning visitor: the bundle is cached, the chain is read again
     await timed(page, 'marketplace_reload_ms', () => page.reload(), () => page.getByTestId('model-row').first().waitFor());
+    await ready(page);
     const row = page.getByTestId('model-row').filter({ hasText: 'all-minilm-l6-v2' });
     await row.waitFor();
     assert.match(await row.textContent(), /embeddings/);
@@ -150,8 +278,8 @@ try {
       await page.waitForTimeout(500);
     }
     assert.match(await page.getByTestId('api-key').textContent(), /^div-/);
-    assert.match(await page.getByTestId('curl-snippet').textContent(), /Authorization: Bearer div-/);
-    assert.match(await page.getByTestId('python-snippet').textContent(), /OpenAI\(base_url=/);
+    assert.match(await page.getByTestId('snippet-curl').textContent(), /Authorization: Bearer div-/);
+    assert.match(await page.getByTestId('snippet-python').textContent(), /OpenAI\(base_url=/);
     const deadline = Date.now() + 20_000;
     for (;;) {
       await page.getByTestId('run').click();
@@ -175,9 +303,26 @@ try {
     await shot(page, 'playground');
   });
 
+  await check('the embeddings snippets, copied from the page, run against the host', async () => {
+    const box = page.getByTestId('snippets').first();
+    assert.match(await box.getByTestId('snippet-curl').textContent(), /\/v1\/embeddings[\s\S]*"input"/);
+    const out = await runSnippets(page, 'embeddings');
+    const curl = JSON.parse(out.curl);
+    assert.equal(curl.data[0].embedding.length, 384, out.curl.slice(0, 200));
+    assert.ok(curl.receipt?.amount, 'curl: a receipt');
+    assert.match(out.python, /^384 dimensions; \d+ tokens$/m);
+    assert.match(out.python, /receipt: paid 1000/);
+    assert.match(out.js, /models: .*all-minilm-l6-v2/);
+    assert.match(out.js, /^384 dimensions; \d+ tokens$/m);
+    assert.match(out.js, /receipt: paid 1000/);
+    await box.scrollIntoViewIfNeeded();
+    await shot(page, 'embeddings-snippets');
+  });
+
   await check('the user streams a chat completion token by token, priced per token', async () => {
     await page.goto(url);
-    await page.getByRole('link', { name: 'gemma-3-270m' }).click();
+    await ready(page);
+    await page.getByRole('link', { name: 'smollm2-135m-instruct' }).click();
     await page.getByTestId('tier').waitFor();
     await page.getByLabel('tokens to buy').fill('1');
     await page.getByTestId('buy').click();
@@ -206,6 +351,87 @@ try {
     await shot(page, 'chat-stream');
   });
 
+  await check('the chat snippets, copied from the page, stream a chat from the host', async () => {
+    const box = page.getByTestId('snippets').first();
+    for (const kind of ['curl', 'python', 'js']) {
+      const code = await box.getByTestId(`snippet-${kind}`).textContent();
+      assert.doesNotMatch(code, /embeddings/, `${kind}: a chat model's snippet calls chat`);
+      assert.match(code, /chat[/.]completions|chat\.completions/, kind);
+      assert.match(code, /messages/, kind);
+    }
+    const out = await runSnippets(page, 'chat');
+    assert.match(out.curl, /"object":"chat\.completion\.chunk"/);
+    assert.match(out.curl, /data: \[DONE\]/);
+    assert.match(out.curl, /"receipt":/);
+    for (const kind of ['python', 'js']) {
+      assert.match(out[kind], /usage: \d+ tokens/, `${kind}: ${out[kind]}`);
+      assert.match(out[kind], /receipt: paid \d+/, `${kind}: ${out[kind]}`);
+      assert.ok(out[kind].split('usage:')[0].trim().length > 0, `${kind} streamed no text: ${out[kind]}`);
+    }
+    await box.scrollIntoViewIfNeeded();
+    await shot(page, 'chat-snippets');
+  });
+
+  await check('the user signs in with Ethereum, sees their permits on this host, and signs out', async () => {
+    await page.goto(`${url}#/account`);
+    await ready(page);
+    await page.getByTestId('sign-in').click();
+    await page.getByTestId('signed-in').waitFor();
+    assert.match(await page.getByTestId('signed-in').textContent(), /signed in as 0x/);
+    const rows = page.getByTestId('my-permit');
+    await rows.nth(1).waitFor();
+    assert.equal(await rows.count(), 2, 'a permit for each model');
+    const minilm = rows.filter({ hasText: 'all-minilm-l6-v2' });
+    // two playground runs and three snippets at 0.001 each
+    assert.match(await minilm.getByTestId('permit-charged').textContent(), /0\.005 USDC \(5 requests\)/);
+    assert.match(await minilm.getByTestId('permit-settled').textContent(), /0\.00 USDC \(0 requests\)/);
+    await shot(page, 'signed-in-permits');
+    const token = await page.evaluate(() => JSON.parse(sessionStorage.getItem('div.session.31337')).token);
+    await page.getByTestId('sign-out').click();
+    await page.getByTestId('sign-in').waitFor();
+    const status = await page.evaluate(async (t) => (await fetch('/v1/me', { headers: { authorization: `Bearer ${t}` } })).status, token);
+    assert.equal(status, 401, 'the host forgot the session');
+  });
+
+  await check('a stablecoin without EIP-2612 is deposited by approve, then deposit', async () => {
+    await page.getByTestId('pay-with').selectOption({ label: 'USDT' });
+    await page.getByTestId('deposit-balance').filter({ hasText: 'USDT' }).waitFor();
+    await page.getByTestId('mint').click();
+    await confirmed(page, 'Mint 100 test USDT');
+    await page.getByLabel('deposit amount').fill('3');
+    await page.getByTestId('deposit').click();
+    await confirmed(page, 'Deposit 3 USDT');
+    const card = page.getByTestId('tx').filter({ hasText: 'Deposit 3 USDT' }).first();
+    assert.equal(await card.getAttribute('data-steps'), '2');
+    assert.match(await card.getByTestId('tx-steps').textContent(), /approve, then deposit/);
+    assert.match(await page.getByTestId('deposit-note').textContent(), /USDT has no EIP-2612 permit/);
+    await page.getByTestId('deposit-balance').filter({ hasText: '3.00 USDT' }).waitFor();
+    await shot(page, 'approve-then-deposit');
+    await page.getByTestId('pay-with').selectOption({ label: 'USDC' });
+    await page.getByTestId('deposit-balance').filter({ hasText: 'USDC' }).waitFor();
+    await page.goto(url);
+    await page.getByTestId('model-row').first().waitFor();
+    await ready(page);
+  });
+
+  await check('a wallet on the wrong network sees the banner and switches', async () => {
+    const ctx = await browser.newContext({ viewport: { width: 1200, height: 900 } });
+    await ctx.addInitScript(wrongNetworkWallet, { rpc: process.env.DIV_RPC_URL, account: process.env.DIV_USER });
+    const p = await ctx.newPage();
+    p.on('pageerror', (e) => consoleErrors.push(String(e)));
+    await p.goto(url);
+    await ready(p);
+    await p.getByRole('button', { name: 'Browser wallet' }).click();
+    const banner = p.getByTestId('wrong-network');
+    await banner.waitFor();
+    assert.match(await banner.textContent(), /on chain 1; DIV here runs on chain 31337/);
+    await shot(p, 'wrong-network');
+    await banner.getByRole('button', { name: 'Switch network' }).click();
+    await banner.waitFor({ state: 'detached' });
+    await p.getByTestId('wallet-address').waitFor();
+    await ctx.close();
+  });
+
   await check('a rejected transaction shows the decoded custom error', async () => {
     await timed(page, 'account_page_ms', () => page.goto(`${url}#/account`), () => page.getByTestId('deposit-balance').waitFor());
     await page.getByLabel('withdraw amount').fill('1000');
@@ -230,18 +456,19 @@ try {
 
   await check('the owner sees earnings rise after settlement', async () => {
     await page.goto(`${url}#/owner`);
+    await ready(page);
     await connect(page, 1);
     const card = page.getByTestId('owner-model').filter({ hasText: 'all-minilm-l6-v2' });
     const earned = card.getByTestId('earned');
     await timed(page, 'owner_page_ms', () => page.reload(), () => earned.filter({ hasText: 'USDC' }).waitFor());
     const before = Number((await earned.textContent()).split(' ')[0]);
-    await card.getByTestId('unsettled').filter({ hasText: '0.002' }).waitFor();
+    await card.getByTestId('unsettled').filter({ hasText: '0.005' }).waitFor();
     execFileSync(process.env.DIV_BIN, ['settle', '--now', '--url', process.env.DIV_URL, '--state-dir', process.env.DIV_HOST_STATE], { stdio: 'inherit' });
     await page.waitForFunction(
       (b) => {
         const cards = [...document.querySelectorAll('[data-testid="owner-model"]')].filter((c) => c.textContent.includes('all-minilm-l6-v2'));
         const e = cards[0]?.querySelector('[data-testid="earned"]');
-        return e && Number(e.textContent.split(' ')[0]) >= b + 0.002 - 1e-9;
+        return e && Number(e.textContent.split(' ')[0]) >= b + 0.005 - 1e-9;
       },
       before,
       { timeout: 20_000 },
@@ -260,11 +487,32 @@ try {
     await shot(page, 'owner-decoded-error');
   });
 
+  await check('the owner, signed in with Ethereum, uses their own model free', async () => {
+    await page.getByTestId('sign-in').click();
+    await page.getByTestId('signed-in').waitFor();
+    await page.goto(url);
+    await ready(page);
+    await page.getByRole('link', { name: 'smollm2-135m-instruct' }).click();
+    await page.getByTestId('owner-free').waitFor();
+    const usage = async () =>
+      (await page.evaluate(async () => (await fetch('/v1/models/smollm2-135m-instruct')).json())).usage;
+    const before = await usage();
+    await page.getByLabel('max tokens').fill('12');
+    await page.getByTestId('send').click();
+    await page.getByTestId('chat-stats').filter({ hasText: /\((stop|length)\)/ }).waitFor({ timeout: 60_000 });
+    assert.ok((await page.getByTestId('chat-output').textContent()).trim().length > 0, 'the owner got an answer');
+    assert.equal(await page.getByTestId('receipt').count(), 0, 'nothing charged, no receipt');
+    assert.deepEqual(await usage(), before, 'the model charged nobody for the owner');
+    await shot(page, 'owner-free');
+    await page.getByTestId('sign-out').click();
+    await page.getByTestId('owner-hint').waitFor();
+  });
+
   await check('pages answer within the PRD budget of 200 ms', async () => {
-    // the host's answer for the page, and every in-app page switch to its data on screen; the
-    // very first load (bundle parse and four JSON-RPC rounds) is reported, not held to it
-    for (const k of ['document_response_ms', 'model_page_ms', 'account_page_ms']) {
-      assert.ok(timings[k] < 200, `${k} = ${timings[k]} ms`);
+    // the first load of a new visitor (median of five cold loads), the host's answer for the
+    // page, and every in-app page switch to its data on screen
+    for (const k of ['marketplace_first_load_ms', 'document_response_ms', 'model_page_ms', 'account_page_ms']) {
+      assert.ok(timings[k] <= 200, `${k} = ${timings[k]} ms (load ${timings.loadavg_1m} on ${timings.cores} cores)`);
     }
   });
 

@@ -1,13 +1,52 @@
-import { useState } from 'react';
+import { createElement, lazy, Suspense, useEffect, useState, type ComponentType } from 'react';
 import { useConnect, useConnection, useConnectors, useDisconnect, useSwitchChain } from 'wagmi';
 import { useApp, useRoute } from './context';
 import { DEV_ROLES } from './devWallet';
 import { short, describeError } from './format';
 import { TxPanel } from './tx';
+import { SignIn } from './session';
 import { Marketplace } from './pages/Marketplace';
-import { ModelPage } from './pages/ModelPage';
-import { Account } from './pages/Account';
-import { Owner } from './pages/Owner';
+
+// the marketplace is the first page most visitors see: it is in the main bundle; every other
+// page is a chunk of its own, fetched when the browser is idle after the first render. A page
+// whose chunk has arrived renders at once: React.lazy would still suspend on its first render,
+// and React holds a revealed boundary back a few hundred milliseconds.
+function lazyPage<P extends object>(load: () => Promise<ComponentType<P>>) {
+  let loaded: ComponentType<P> | undefined;
+  const prefetch = () => load().then((c) => (loaded = c));
+  const Lazy = lazy(() => prefetch().then((c) => ({ default: c })));
+  function Page(props: P) {
+    return loaded ? createElement(loaded, props) : createElement(Lazy as ComponentType<P>, props);
+  }
+  return { Page, prefetch };
+}
+
+const modelPage = lazyPage(() => import('./pages/ModelPage').then((m) => m.ModelPage));
+const account = lazyPage(() => import('./pages/Account').then((m) => m.Account));
+const owner = lazyPage(() => import('./pages/Owner').then((m) => m.Owner));
+const ModelPage = modelPage.Page;
+const Account = account.Page;
+const Owner = owner.Page;
+
+/** Loads the chunk of the page a route shows (before the first render of a deep link, so it
+ * renders without a fallback). */
+export function preloadRoute(page: string): Promise<unknown> {
+  if (page === 'model') return modelPage.prefetch();
+  if (page === 'account') return account.prefetch();
+  if (page === 'owner') return owner.prefetch();
+  return Promise.resolve();
+}
+
+function usePrefetchPages() {
+  useEffect(() => {
+    const later = window.requestIdleCallback ?? ((f: () => void) => window.setTimeout(f, 200));
+    later(() => {
+      void modelPage.prefetch();
+      void account.prefetch();
+      void owner.prefetch();
+    });
+  }, []);
+}
 import type { Hex } from 'viem';
 
 function Wallet() {
@@ -58,6 +97,29 @@ function Wallet() {
   );
 }
 
+/** Which of the deployment's stablecoins the user pays with (deposits, permits, balances). */
+function PayWith() {
+  const { deployment, stablecoin, setStablecoin } = useApp();
+  if (deployment.stablecoins.length < 2) return null;
+  return (
+    <label className="pay-with">
+      pay with{' '}
+      <select
+        value={stablecoin.address}
+        onChange={(e) => setStablecoin(e.target.value as Hex)}
+        aria-label="pay with"
+        data-testid="pay-with"
+      >
+        {deployment.stablecoins.map((c) => (
+          <option key={c.address} value={c.address}>
+            {c.symbol}
+          </option>
+        ))}
+      </select>
+    </label>
+  );
+}
+
 function NetworkBanner() {
   const { deployment } = useApp();
   const { isConnected, chainId } = useConnection();
@@ -73,6 +135,7 @@ function NetworkBanner() {
 }
 
 export function App() {
+  usePrefetchPages();
   const route = useRoute();
   const [page, arg] = route;
   return (
@@ -86,15 +149,19 @@ export function App() {
           <a href="#/account" className={page === 'account' ? 'active' : ''}>Account</a>
           <a href="#/owner" className={page === 'owner' ? 'active' : ''}>Owner</a>
         </nav>
+        <PayWith />
         <Wallet />
+        <SignIn />
       </header>
       <NetworkBanner />
       <main>
-        {!page && <Marketplace />}
-        {page === 'model' && arg && <ModelPage id={arg as Hex} />}
-        {page === 'account' && <Account />}
-        {page === 'owner' && <Owner />}
-        {page && !['model', 'account', 'owner'].includes(page) && <p className="empty">No such page.</p>}
+        <Suspense fallback={<p className="loading">Loading the page…</p>}>
+          {!page && <Marketplace />}
+          {page === 'model' && arg && <ModelPage id={arg as Hex} />}
+          {page === 'account' && <Account />}
+          {page === 'owner' && <Owner />}
+          {page && !['model', 'account', 'owner'].includes(page) && <p className="empty">No such page.</p>}
+        </Suspense>
       </main>
       <TxPanel />
     </>

@@ -12,7 +12,7 @@ import {
   type Chain,
   type EIP1193RequestFn,
 } from 'viem';
-import { privateKeyToAccount } from 'viem/accounts';
+import type { PrivateKeyAccount } from 'viem/accounts';
 
 /** `test test … junk` at m/44'/60'/0'/0/i, as `cast wallet private-key` derives them: listed, because
  * deriving in the page costs a PBKDF2 (tens of ms) per account at every start. */
@@ -28,6 +28,20 @@ const ANVIL_KEYS = [
   '0xdbda1821b80551c9d65939329250298aa3472ba22feea921c0cf5d620ea67b97',
   '0x2a871d0798f97d79848a013d4936a73bf4cc922c825d33c1cf7073dff6d409c6',
 ] as const;
+/** Their addresses, listed too: showing and connecting a dev wallet needs no key maths; the
+ * signing code (secp256k1) is fetched only when a dev wallet first signs. */
+const ANVIL_ADDRESSES = [
+  '0xf39Fd6e51aad88F6F4ce6aB8827279cffFb92266',
+  '0x70997970C51812dc3A010C7d01b50e0d17dc79C8',
+  '0x3C44CdDdB6a900fa2b585dd299e03d12FA4293BC',
+  '0x90F79bf6EB2c4f870365E785982E1f101E93b906',
+  '0x15d34AAf54267DB7D7c367839AAf71A00a2C6A65',
+  '0x9965507D1a55bcC2695C58ba16FB37d819B0A4dc',
+  '0x976EA74026E726554dB657fA54763abd0C3a0aa9',
+  '0x14dC79964da2C08b23698B3D3cc7Ca32193d9955',
+  '0x23618e81E3f5cdF7f54C3d65f7FBc0aBf5B21E8f',
+  '0xa0Ee7A142d267C1f36714E4a8F75612F20a79720',
+] as const;
 export const DEV_ACCOUNTS = ANVIL_KEYS.length;
 export const DEV_CHAIN_ID = 31337;
 /** The roles `make demo` gives anvil's accounts. */
@@ -41,11 +55,13 @@ export const DEV_ROLES: Record<number, string> = {
   6: 'custodian 3',
 };
 
-const accounts = new Map<number, ReturnType<typeof privateKeyToAccount>>();
-export function devAccount(index: number) {
+const accounts = new Map<number, PrivateKeyAccount>();
+export async function devAccount(index: number): Promise<PrivateKeyAccount> {
   let a = accounts.get(index);
   if (!a) {
+    const { privateKeyToAccount } = await import('viem/accounts');
     a = privateKeyToAccount(ANVIL_KEYS[index]!);
+    if (a.address !== ANVIL_ADDRESSES[index]) throw new Error(`dev wallet #${index}: the key and the address disagree`);
     accounts.set(index, a);
   }
   return a;
@@ -57,8 +73,8 @@ export function devWallet(index: number, chain: Chain) {
   return createConnector((config) => {
     const rpc = chain.rpcUrls.default.http[0]!;
     let client: ReturnType<typeof createWalletClient> | undefined;
-    const wallet = () => (client ??= createWalletClient({ account: devAccount(index), chain, transport: http(rpc) }));
-    const account = { get address() { return devAccount(index).address; } };
+    const wallet = async () => (client ??= createWalletClient({ account: await devAccount(index), chain, transport: http(rpc) }));
+    const account = { address: ANVIL_ADDRESSES[index]! };
     // everything but accounts and signing goes to the chain's RPC
     const forward = custom({
       async request({ method, params }) {
@@ -80,7 +96,7 @@ export function devWallet(index: number, chain: Chain) {
         case 'eth_requestAccounts':
           return [account.address];
         case 'personal_sign':
-          return devAccount(index).signMessage({ message: { raw: (params as [`0x${string}`])[0] } });
+          return (await devAccount(index)).signMessage({ message: { raw: (params as [`0x${string}`])[0] } });
         default:
           return forward.request({ method, params } as never);
       }

@@ -1,21 +1,9 @@
 // Numbers and errors as people read them.
-import {
-  BaseError,
-  ContractFunctionRevertedError,
-  UserRejectedRequestError,
-  formatUnits,
-  type Address,
-} from 'viem';
+import { BaseError, ContractFunctionRevertedError, UserRejectedRequestError, type Address } from 'viem';
 
-export const short = (a?: string | null) => (a ? `${a.slice(0, 6)}…${a.slice(-4)}` : '—');
+import { amount, short } from './units';
 
-export function amount(v: bigint | string | undefined, decimals: number, symbol = ''): string {
-  if (v === undefined) return '—';
-  const n = formatUnits(BigInt(v), decimals);
-  const [i, f = ''] = n.split('.');
-  const frac = f.slice(0, Math.max(2, Math.min(6, f.replace(/0+$/, '').length)));
-  return `${i}${frac ? `.${frac.padEnd(2, '0')}` : '.00'}${symbol ? ` ${symbol}` : ''}`;
-}
+export { amount, short };
 
 export function duration(seconds: number): string {
   if (seconds <= 0) return 'now';

@@ -49,26 +49,50 @@ export class HostError extends Error {
   }
 }
 
-export async function hostFetch<T>(path: string, init?: RequestInit): Promise<{ body: T; headers: Headers }> {
-  const res = await fetch(path, init);
-  const text = await res.text();
+/** The host's answer as JSON, or its JSON error as a [`HostError`]. */
+function parseAnswer<T>(status: number, ok: boolean, text: string): T {
   let body: unknown;
   try {
     body = text ? JSON.parse(text) : undefined;
   } catch {
-    throw new HostError(res.status, `the host answered ${res.status} with a body that is not JSON`);
+    throw new HostError(status, `the host answered ${status} with a body that is not JSON`);
   }
-  if (!res.ok) {
+  if (!ok) {
     const err = (body as { error?: { message?: string; code?: string } } | undefined)?.error;
-    throw new HostError(res.status, err?.message ?? `the host answered ${res.status}`, err?.code);
+    throw new HostError(status, err?.message ?? `the host answered ${status}`, err?.code);
   }
-  return { body: body as T, headers: res.headers };
+  return body as T;
 }
 
-export async function loadHostInfo(): Promise<HostInfo> {
-  return (await hostFetch<HostInfo>('/v1/host')).body;
+export async function hostFetch<T>(path: string, init?: RequestInit): Promise<{ body: T; headers: Headers }> {
+  const res = await fetch(path, init);
+  return { body: parseAnswer<T>(res.status, res.ok, await res.text()), headers: res.headers };
 }
 
-export async function loadHostModels(): Promise<HostModel[]> {
-  return (await hostFetch<{ data: HostModel[] }>('/v1/models')).body.data;
+type Raw = { ok: boolean; status: number; text: string };
+
+declare global {
+  interface Window {
+    /** `GET /v1/host` and `GET /v1/models`, asked by index.html before the app's code loads. */
+    __divBoot?: Promise<[Raw, Raw]>;
+  }
+}
+
+/** What the host says about itself and the models it serves: the answers index.html asked for
+ * early when there are some, else asked now. */
+export async function loadBoot(): Promise<{ info: HostInfo; hostModels: HostModel[] }> {
+  const early = window.__divBoot;
+  window.__divBoot = undefined;
+  const [host, models] = early
+    ? await early
+    : await Promise.all(
+        ['/v1/host', '/v1/models'].map(async (u): Promise<Raw> => {
+          const r = await fetch(u);
+          return { ok: r.ok, status: r.status, text: await r.text() };
+        }),
+      );
+  return {
+    info: parseAnswer<HostInfo>(host!.status, host!.ok, host!.text),
+    hostModels: parseAnswer<{ data: HostModel[] }>(models!.status, models!.ok, models!.text).data,
+  };
 }

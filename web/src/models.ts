@@ -1,89 +1,34 @@
-// Reading models from ModelVault and their access tokens, batched over JSON-RPC.
-import { useQuery } from '@tanstack/react-query';
+// Reading models from ModelVault and their access tokens: the whole catalogue in one eth_call
+// (CatalogLens, deployless), a model's authorised hosts from the vault's events.
+import { useQuery, useQueryClient } from '@tanstack/react-query';
 import { usePublicClient } from 'wagmi';
 import type { Address, Hex, PublicClient } from 'viem';
-import { modelAccessTokenAbi, modelVaultAbi } from './contracts';
+import { modelVaultAbi } from './contracts';
+import { readCatalog, readModel, type ChainModel } from './catalog';
 import { useApp } from './context';
 
-export type ChainModel = {
-  id: Hex;
-  name: string;
-  owner: Address;
-  payout: Address;
-  accessToken: Address;
-  active: boolean;
-  totalInferences: bigint;
-  pricePerRequest: bigint;
-  pricePer1kTokens: bigint;
-  cid: string;
-  pluginCid: string;
-  custodians: readonly Address[];
-  threshold: number;
-  token: {
-    symbol: string;
-    accessThreshold: bigint;
-    premiumThreshold: bigint;
-    pricePerToken: bigint;
-    paymentToken: Address;
-    totalSupply: bigint;
-  };
-};
-
-async function readModel(client: PublicClient, vault: Address, id: Hex): Promise<ChainModel> {
-  const m = await client.readContract({ address: vault, abi: modelVaultAbi, functionName: 'getModel', args: [id] });
-  const t = { address: m.accessToken, abi: modelAccessTokenAbi } as const;
-  const [symbol, accessThreshold, premiumThreshold, pricePerToken, paymentToken, totalSupply] = await Promise.all([
-    client.readContract({ ...t, functionName: 'symbol' }),
-    client.readContract({ ...t, functionName: 'accessThreshold' }),
-    client.readContract({ ...t, functionName: 'premiumThreshold' }),
-    client.readContract({ ...t, functionName: 'pricePerToken' }),
-    client.readContract({ ...t, functionName: 'paymentToken' }),
-    client.readContract({ ...t, functionName: 'totalSupply' }),
-  ]);
-  return {
-    id,
-    name: m.name,
-    owner: m.owner,
-    payout: m.payout,
-    accessToken: m.accessToken,
-    active: m.active,
-    totalInferences: m.totalInferences,
-    pricePerRequest: m.pricePerRequest,
-    pricePer1kTokens: m.pricePer1kTokens,
-    cid: m.cid,
-    pluginCid: m.pluginCid,
-    custodians: m.custodians,
-    threshold: m.threshold,
-    token: { symbol, accessThreshold, premiumThreshold, pricePerToken, paymentToken, totalSupply },
-  };
-}
+export type { ChainModel };
 
 export function useModels() {
-  const client = usePublicClient();
   const { deployment } = useApp();
   return useQuery({
     queryKey: ['models', deployment.modelVault],
-    enabled: !!client,
-    queryFn: async () => {
-      const c = client as PublicClient;
-      const n = await c.readContract({ address: deployment.modelVault, abi: modelVaultAbi, functionName: 'modelCount' });
-      const ids = await Promise.all(
-        Array.from({ length: Number(n) }, (_, i) =>
-          c.readContract({ address: deployment.modelVault, abi: modelVaultAbi, functionName: 'modelIdAt', args: [BigInt(i)] }),
-        ),
-      );
-      return Promise.all(ids.map((id) => readModel(c, deployment.modelVault, id)));
-    },
+    queryFn: () => readCatalog(deployment.rpcUrl, deployment.modelVault),
   });
 }
 
 export function useModel(id: Hex) {
-  const client = usePublicClient();
   const { deployment } = useApp();
+  const queries = useQueryClient();
   return useQuery({
     queryKey: ['model', id],
-    enabled: !!client,
-    queryFn: () => readModel(client as PublicClient, deployment.modelVault, id),
+    queryFn: () => readModel(deployment.rpcUrl, deployment.modelVault, id),
+    // the marketplace already read it: show that at once, and refresh behind it
+    initialData: () =>
+      queries
+        .getQueryData<ChainModel[]>(['models', deployment.modelVault])
+        ?.find((m) => m.id.toLowerCase() === id.toLowerCase()),
+    initialDataUpdatedAt: () => queries.getQueryState(['models', deployment.modelVault])?.dataUpdatedAt,
   });
 }
 

@@ -14,6 +14,10 @@ export type TxState = {
   status: 'signing' | 'pending' | 'confirmed' | 'failed';
   hash?: Hash;
   error?: string;
+  /** The transactions this action sends, in order (more than one: approve, then deposit). */
+  steps?: string[];
+  /** Which of them is on its way (0-based). */
+  step?: number;
 };
 
 type Ctx = { txs: TxState[]; update: (t: TxState) => void };
@@ -37,6 +41,8 @@ export type Call = {
   abi: Abi;
   functionName: string;
   args?: readonly unknown[];
+  /** What this transaction does, when an action takes several. */
+  label?: string;
 };
 
 /** Runs contract calls as transactions, one after another; resolves true when all confirmed. */
@@ -53,7 +59,9 @@ export function useTx() {
         if (!wallet || !publicClient) throw new Error('Connect a wallet first');
         const list = typeof calls === 'function' ? await calls() : calls;
         let hash: Hash | undefined;
-        for (const c of list) {
+        const steps = list.map((c) => c.label ?? c.functionName);
+        for (const [step, c] of list.entries()) {
+          if (list.length > 1) update({ id, label, status: 'signing', hash, steps, step });
           const abi = [...c.abi, ...allErrors] as Abi;
           const { request } = await publicClient.simulateContract({
             ...c,
@@ -61,11 +69,11 @@ export function useTx() {
             account: wallet.account,
           } as never);
           hash = await wallet.writeContract(request as never);
-          update({ id, label, status: 'pending', hash });
+          update({ id, label, status: 'pending', hash, steps, step });
           const receipt = await publicClient.waitForTransactionReceipt({ hash });
           if (receipt.status !== 'success') throw new Error(`the transaction ${short(hash)} reverted`);
         }
-        update({ id, label, status: 'confirmed', hash });
+        update({ id, label, status: 'confirmed', hash, steps });
         await queries.invalidateQueries();
         return true;
       } catch (e) {
@@ -83,8 +91,13 @@ export function TxPanel() {
   return (
     <aside className="txs" aria-label="transactions">
       {txs.map((t) => (
-        <div key={t.id} className={`tx tx-${t.status}`} data-testid="tx" data-status={t.status}>
+        <div key={t.id} className={`tx tx-${t.status}`} data-testid="tx" data-status={t.status} data-steps={t.steps?.length ?? 1}>
           <strong>{t.label}</strong>{' '}
+          {t.steps && t.steps.length > 1 && (
+            <span className="muted" data-testid="tx-steps">
+              {t.status === 'confirmed' ? t.steps.join(', then ') : `step ${(t.step ?? 0) + 1} of ${t.steps.length}: ${t.steps[t.step ?? 0]}`}
+            </span>
+          )}{' '}
           <span className="tx-status">
             {t.status === 'signing' && 'waiting for signature…'}
             {t.status === 'pending' && `pending ${short(t.hash)}…`}

@@ -36,6 +36,13 @@ sol!(
 sol!(
     #[sol(rpc)]
     #[derive(Debug, PartialEq, Eq)]
+    DevPlainStablecoin,
+    "abi/DevPlainStablecoin.json"
+);
+
+sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
     DivProxy,
     "abi/DivProxy.json"
 );

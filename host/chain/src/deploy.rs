@@ -15,7 +15,9 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::SolCall;
 
 use crate::addresses::{Deployment, Stablecoin};
-use crate::bindings::{DevStablecoin, DivProxy, IModelVault, ModelAccessToken, ModelVault, PaymentStream};
+use crate::bindings::{
+    DevPlainStablecoin, DevStablecoin, DivProxy, IModelVault, ModelAccessToken, ModelVault, PaymentStream,
+};
 use crate::error::ChainError;
 
 /// A wallet-backed connection to the chain: deploys, registers, and sends as one account.
@@ -117,7 +119,8 @@ impl Client {
     }
 
     /// Deploys the whole contract set. `stablecoins` are existing tokens to accept; when empty,
-    /// USDC (6 decimals) and USDFC (18 decimals) stand-ins are deployed.
+    /// USDC (6 decimals) and USDFC (18 decimals) stand-ins with EIP-2612 permits are deployed,
+    /// and a USDT stand-in (6 decimals) without.
     pub async fn deploy_all(&self, stablecoins: &[Stablecoin]) -> Result<Deployment, ChainError> {
         let p = &self.provider;
         let chain_id = p.get_chain_id().await.map_err(ChainError::rpc("reading the chain id"))?;
@@ -131,6 +134,12 @@ impl Client {
                     .map_err(ChainError::contract("deploying a stablecoin stand-in"))?;
                 coins.push(Stablecoin { symbol: symbol.into(), address: *c.address(), decimals, dev: true });
             }
+            // a stablecoin without EIP-2612 permits (as USDT has none): wallets approve, then deposit
+            let c =
+                DevPlainStablecoin::deploy(p, "Tether USD (DIV dev)".to_string(), "USDT".to_string(), 6u8)
+                    .await
+                    .map_err(ChainError::contract("deploying a stablecoin stand-in"))?;
+            coins.push(Stablecoin { symbol: "USDT".into(), address: *c.address(), decimals: 6, dev: true });
         }
 
         let vault_impl = ModelVault::deploy(p).await.map_err(ChainError::contract("deploying ModelVault"))?;

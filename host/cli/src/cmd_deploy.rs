@@ -19,7 +19,8 @@ pub struct DeployArgs {
     #[arg(long, env = "DIV_PRIVATE_KEY", hide_env_values = true)]
     private_key: String,
     /// An existing stablecoin to accept, as SYMBOL:ADDRESS:DECIMALS (repeatable). Without any,
-    /// USDC and USDFC stand-ins are deployed (local chains only).
+    /// USDC and USDFC stand-ins (with EIP-2612 permits) and a USDT one (without) are deployed
+    /// (local chains only).
     #[arg(long = "stablecoin", value_name = "SYMBOL:ADDRESS:DECIMALS")]
     stablecoins: Vec<String>,
     /// Where to write the address book.

@@ -2,9 +2,9 @@
 // PaymentStream (EIP-2612: one signature and one transaction where the token supports it).
 import { useState } from 'react';
 import { useConnection, usePublicClient, useWalletClient } from 'wagmi';
-import { formatUnits, parseSignature, parseUnits, type Address, type PublicClient } from 'viem';
+import { formatUnits, parseSignature, parseUnits, type Address, type Hex, type PublicClient } from 'viem';
 import { useQuery } from '@tanstack/react-query';
-import { useApp } from '../context';
+import { useApp, useCoin } from '../context';
 import { modelAccessTokenAbi, paymentStreamAbi, stablecoinAbi } from '../contracts';
 import { amount, describeError } from '../format';
 import { useStanding } from '../balances';
@@ -57,14 +57,31 @@ export function DepositForm() {
       if (!wallet || !client || !address) throw new Error('Connect a wallet first');
       const c = client as PublicClient;
       const token = { address: stablecoin.address, abi: stablecoinAbi } as const;
+      const approveThenDeposit = [
+        { ...token, functionName: 'approve', args: [deployment.paymentStream, units], label: 'approve' },
+        {
+          address: deployment.paymentStream,
+          abi: paymentStreamAbi,
+          functionName: 'deposit',
+          args: [stablecoin.address, units],
+          label: 'deposit',
+        },
+      ];
+      // EIP-2612 when the token has it: sign the allowance, and one transaction deposits
+      const terms = await Promise.all([
+        c.readContract({ ...token, functionName: 'name' }),
+        c.readContract({ ...token, functionName: 'nonces', args: [address] }),
+        c.readContract({ ...token, functionName: 'DOMAIN_SEPARATOR' }),
+      ]).catch(() => undefined);
+      if (!terms) {
+        setNote(`${stablecoin.symbol} has no EIP-2612 permit: approve, then deposit (two transactions)`);
+        return approveThenDeposit;
+      }
+      const [name, nonce] = terms;
+      const deadline = BigInt(Math.floor(Date.now() / 1000) + 3600);
+      let signature: Hex;
       try {
-        // EIP-2612: sign the allowance, then one transaction deposits
-        const [name, nonce] = await Promise.all([
-          c.readContract({ ...token, functionName: 'name' }),
-          c.readContract({ ...token, functionName: 'nonces', args: [address] }),
-        ]);
-        const deadline = BigInt(Math.floor(Date.now() / 1000) + 3600);
-        const signature = await wallet.signTypedData({
+        signature = await wallet.signTypedData({
           account: wallet.account!,
           domain: { name, version: '1', chainId: deployment.chainId, verifyingContract: stablecoin.address },
           types: {
@@ -79,24 +96,22 @@ export function DepositForm() {
           primaryType: 'Permit',
           message: { owner: address, spender: deployment.paymentStream, value: units, nonce, deadline },
         });
-        const { r, s, v, yParity } = parseSignature(signature);
-        const vv = Number(v ?? BigInt(yParity + 27));
-        return [
-          {
-            address: deployment.paymentStream,
-            abi: paymentStreamAbi,
-            functionName: 'depositWithPermit',
-            args: [stablecoin.address, units, deadline, vv, r, s],
-          },
-        ];
       } catch (e) {
         if (describeError(e).includes('rejected')) throw e;
-        // a wallet or token without EIP-712 permits: approve, then deposit
-        return [
-          { ...token, functionName: 'approve', args: [deployment.paymentStream, units] },
-          { address: deployment.paymentStream, abi: paymentStreamAbi, functionName: 'deposit', args: [stablecoin.address, units] },
-        ];
+        // a wallet that cannot sign typed data: approve, then deposit
+        setNote('this wallet cannot sign an EIP-2612 permit: approve, then deposit (two transactions)');
+        return approveThenDeposit;
       }
+      const { r, s, v, yParity } = parseSignature(signature);
+      const vv = Number(v ?? BigInt(yParity + 27));
+      return [
+        {
+          address: deployment.paymentStream,
+          abi: paymentStreamAbi,
+          functionName: 'depositWithPermit',
+          args: [stablecoin.address, units, deadline, vv, r, s],
+        },
+      ];
     });
   };
   return (
@@ -107,13 +122,15 @@ export function DepositForm() {
         {stablecoin.symbol}
       </label>
       <button onClick={deposit} data-testid="deposit">Deposit</button>
-      {note && <span className="error">{note}</span>}
+      {note && <span className="muted" data-testid="deposit-note">{note}</span>}
     </div>
   );
 }
 
 export function AccessPanel({ model }: { model: ChainModel }) {
   const { stablecoin } = useApp();
+  // the sale is priced in the token's own payment token, whatever the user pays hosts with
+  const saleCoin = useCoin(model.token.paymentToken);
   const { address } = useConnection();
   const standing = useStanding(model.accessToken);
   const client = usePublicClient();
@@ -153,8 +170,9 @@ export function AccessPanel({ model }: { model: ChainModel }) {
           abi: stablecoinAbi,
           functionName: 'approve',
           args: [model.accessToken, cost],
+          label: 'approve',
         },
-        { address: model.accessToken, abi: modelAccessTokenAbi, functionName: 'buy', args: [units] },
+        { address: model.accessToken, abi: modelAccessTokenAbi, functionName: 'buy', args: [units], label: 'buy' },
       ];
     });
   return (
@@ -184,7 +202,7 @@ export function AccessPanel({ model }: { model: ChainModel }) {
           {model.token.symbol}
         </label>
         <span className="muted">
-          {quote.data !== undefined ? `costs ${amount(quote.data, stablecoin.decimals, stablecoin.symbol)}` : ''}
+          {quote.data !== undefined ? `costs ${amount(quote.data, saleCoin.decimals, saleCoin.symbol)}` : ''}
         </span>
         <button onClick={buy} data-testid="buy" disabled={units === undefined || units <= 0n}>
           Buy tokens

@@ -1,11 +1,15 @@
 // The user's money in PaymentStream: deposit, and withdraw after the delay (shown as a countdown;
-// the balance stays chargeable by hosts until then, which is what lets them serve before settling).
+// the balance stays chargeable by hosts until then, which is what lets them serve before settling);
+// and, signed in with Ethereum, their permits on this host with what each has charged and settled.
 import { useEffect, useState } from 'react';
+import { useQuery } from '@tanstack/react-query';
 import { useConnection } from 'wagmi';
 import { parseUnits } from 'viem';
 import { useApp } from '../context';
 import { paymentStreamAbi } from '../contracts';
-import { amount, duration } from '../format';
+import { amount, describeError, duration, short } from '../format';
+import { hostFetch } from '../host';
+import { useSession } from '../session';
 import { useStanding } from '../balances';
 import { useTx } from '../tx';
 import { DepositForm, MintTestTokens } from './Access';
@@ -17,6 +21,91 @@ function useNow() {
     return () => clearInterval(t);
   }, []);
   return now;
+}
+
+type MyPermit = {
+  permit_hash: string;
+  model: string;
+  model_id: string;
+  token: string;
+  max_amount: string;
+  expiry: number;
+  charged_amount: string;
+  charged_requests: number;
+  settled_amount: string;
+  settled_requests: number;
+  rejected?: string | null;
+};
+
+/** The signed-in user's permits on this host (`GET /v1/me`). */
+function MyPermits() {
+  const { deployment } = useApp();
+  const { session, signIn, busy } = useSession();
+  const me = useQuery({
+    queryKey: ['me', session?.token],
+    enabled: !!session,
+    refetchInterval: 5_000,
+    queryFn: async () =>
+      (await hostFetch<{ address: string; permits: MyPermit[] }>('/v1/me', { headers: { authorization: `Bearer ${session!.token}` } })).body,
+  });
+  const coin = (t: string) => deployment.stablecoins.find((c) => c.address.toLowerCase() === t.toLowerCase());
+  const money = (v: string, t: string) => {
+    const c = coin(t);
+    return c ? amount(v, c.decimals, c.symbol) : `${v} (token ${short(t)})`;
+  };
+  if (!session) {
+    return (
+      <div className="panel">
+        <h2>Your permits on this host</h2>
+        <p className="empty">
+          Sign in with Ethereum to see what each of your permits has been charged and what has been settled.{' '}
+          <button onClick={() => void signIn()} disabled={busy}>
+            Sign in
+          </button>
+        </p>
+      </div>
+    );
+  }
+  const permits = me.data?.permits ?? [];
+  return (
+    <div className="panel" data-testid="my-permits">
+      <h2>Your permits on this host</h2>
+      {me.isPending && <p className="loading">Asking the host…</p>}
+      {me.error && <p className="error">{describeError(me.error)}</p>}
+      {me.data && permits.length === 0 && <p className="empty">No permit on this host yet.</p>}
+      {permits.length > 0 && (
+        <table className="permits">
+          <thead>
+            <tr>
+              <th>Model</th>
+              <th>Permit</th>
+              <th>Cap</th>
+              <th>Charged</th>
+              <th>Settled</th>
+              <th>Expires</th>
+            </tr>
+          </thead>
+          <tbody>
+            {permits.map((p) => (
+              <tr key={p.permit_hash} data-testid="my-permit">
+                <td>{p.model}</td>
+                <td title={p.permit_hash}>{short(p.permit_hash)}</td>
+                <td>{money(p.max_amount, p.token)}</td>
+                <td data-testid="permit-charged">
+                  {money(p.charged_amount, p.token)} ({p.charged_requests} requests)
+                </td>
+                <td data-testid="permit-settled">
+                  {money(p.settled_amount, p.token)} ({p.settled_requests} requests)
+                  {p.rejected && <span className="error"> refused on chain: {p.rejected}</span>}
+                </td>
+                <td>{new Date(p.expiry * 1000).toLocaleString()}</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      )}
+    </div>
+  );
 }
 
 export function Account() {
@@ -79,6 +168,7 @@ export function Account() {
           </div>
         )}
       </div>
+      <MyPermits />
     </section>
   );
 }

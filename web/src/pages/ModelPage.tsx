@@ -28,7 +28,10 @@ export function ModelPage({ id }: { id: Hex }) {
           <dt>Task</dt>
           <dd>{served ? `${served.task}${served.dimensions ? ` (${served.dimensions} dimensions)` : ''}` : '—'}</dd>
           <dt>Price</dt>
-          <dd>{amount(m.pricePerRequest, stablecoin.decimals, stablecoin.symbol)} per request</dd>
+          <dd data-testid="price">
+            {amount(m.pricePerRequest, stablecoin.decimals, stablecoin.symbol)} per request
+            {m.pricePer1kTokens > 0n && ` + ${amount(m.pricePer1kTokens, stablecoin.decimals, stablecoin.symbol)} per 1000 tokens`}
+          </dd>
           <dt>Access token</dt>
           <dd>
             {m.token.symbol} <span className="muted">{short(m.accessToken)}</span>: {formatUnits(m.token.accessThreshold, 18)} for access,{' '}

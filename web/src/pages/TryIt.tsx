@@ -8,6 +8,8 @@ import { useApp } from '../context';
 import { HostError, hostFetch, type HostModel } from '../host';
 import { amount, describeError, short } from '../format';
 import type { ChainModel } from '../models';
+import { snippetsFor } from '../snippets';
+import { useSession } from '../session';
 
 type SavedKey = { key: string; cap: string; permitHash: Hex; expiry: number };
 
@@ -84,16 +86,21 @@ function cosine(a: number[], b: number[]): number {
   return dot / Math.sqrt(na * nb || 1);
 }
 
-function Snippets({ apiKey, model }: { apiKey: string; model: string }) {
-  const origin = window.location.origin;
-  const curl = `curl ${origin}/v1/embeddings \\\n  -H "Authorization: Bearer ${apiKey}" \\\n  -H "Content-Type: application/json" \\\n  -d '{"model": "${model}", "input": ["The vault keeps weights encrypted."]}'`;
-  const python = `from openai import OpenAI\n\nclient = OpenAI(base_url="${origin}/v1", api_key="${apiKey}")\nr = client.embeddings.create(model="${model}", input=["The vault keeps weights encrypted."])\nprint(len(r.data[0].embedding))`;
+function Snippets({ apiKey, model, task }: { apiKey: string; model: string; task: string }) {
+  const list = snippetsFor(task, window.location.origin, apiKey, model);
   return (
-    <div className="snippets">
-      <h3>curl</h3>
-      <pre data-testid="curl-snippet">{curl}</pre>
-      <h3>Python (openai)</h3>
-      <pre data-testid="python-snippet">{python}</pre>
+    <div className="snippets" data-testid="snippets" data-task={task}>
+      {list.map((s) => (
+        <div key={s.id}>
+          <h3>
+            {s.title}{' '}
+            <button className="small" onClick={() => void navigator.clipboard?.writeText(s.code)}>
+              Copy
+            </button>
+          </h3>
+          <pre data-testid={`snippet-${s.id}`}>{s.code}</pre>
+        </div>
+      ))}
     </div>
   );
 }
@@ -102,6 +109,7 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
   const { info, deployment, stablecoin } = useApp();
   const { address } = useConnection();
   const { data: wallet } = useWalletClient();
+  const { session } = useSession();
   const k = address ? storageKey(deployment.chainId, address, model.id) : '';
   const [saved, setSaved] = useState<SavedKey | undefined>(() => (k ? loadKey(k) : undefined));
   const [freshKey, setFreshKey] = useState<string>();
@@ -129,6 +137,24 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
     );
   }
   if (!address || !wallet) return <div className="panel"><h2>Try it</h2><p className="empty">Connect a wallet to sign a spending permit.</p></div>;
+  const isOwner = address.toLowerCase() === model.owner.toLowerCase();
+  if (isOwner && session && session.address.toLowerCase() === address.toLowerCase()) {
+    // the owner, signed in: their own model is free, no permit, the session is the key
+    return (
+      <div className="panel" data-testid="try-panel">
+        <h2>Try it</h2>
+        <p data-testid="owner-free">
+          You own {model.name} and are signed in: you use it free, with your session as the key (no permit, nothing
+          charged).
+        </p>
+        {served.task === 'chat' ? <ChatPlayground model={served} apiKey={session.token} /> : <Playground model={served} apiKey={session.token} />}
+        <details>
+          <summary>Call it from code (with your session token; it ends when you sign out)</summary>
+          <Snippets apiKey={session.token} model={served.id} task={served.task} />
+        </details>
+      </div>
+    );
+  }
 
   const forget = () => {
     localStorage.removeItem(k);
@@ -210,6 +236,11 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
           {signing ? 'Signing…' : current ? 'Sign a new permit' : 'Sign permit & get API key'}
         </button>
       </div>
+      {isOwner && (
+        <p className="muted" data-testid="owner-hint">
+          You own this model: sign in (top right) to use it free, without a permit.
+        </p>
+      )}
       <p className="muted">
         The permit lets host {short(info.host)} charge you up to the cap for {model.name}, settled on chain with 100 % to the owner.
         It pays for exactly this model: <code data-testid="permit-model-id">{model.id}</code> of owner{' '}
@@ -223,8 +254,14 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
           </p>
           <code data-testid="api-key">{freshKey}</code>{' '}
           <button onClick={() => void navigator.clipboard?.writeText(freshKey)}>Copy</button>
-          <Snippets apiKey={freshKey} model={served.id} />
+          <Snippets apiKey={freshKey} model={served.id} task={served.task} />
         </div>
+      )}
+      {current && !freshKey && (
+        <details>
+          <summary>Call it from code (with the key this browser keeps)</summary>
+          <Snippets apiKey={current.key} model={served.id} task={served.task} />
+        </details>
       )}
       {current && served.task === 'chat' && (
         <ChatPlayground
@@ -375,7 +412,7 @@ async function readEvents(body: ReadableStream<Uint8Array>, onData: (data: strin
 
 function ChatPlayground({ model, apiKey, cap, onForget }: { model: HostModel; apiKey?: string; cap?: bigint; onForget?: () => void }) {
   const { info } = useApp();
-  const [message, setMessage] = useState('Write a haiku about vaults.');
+  const [message, setMessage] = useState('What is the capital of France?');
   const [maxTokens, setMaxTokens] = useState('64');
   const [output, setOutput] = useState('');
   const [chunks, setChunks] = useState(0);

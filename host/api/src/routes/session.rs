@@ -81,6 +81,7 @@ pub async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
                     "permit_hash": format!("{h:#x}"),
                     "model": a.model,
                     "model_id": format!("{:#x}", a.permit.model_id),
+                    "token": a.permit.token,
                     "max_amount": a.permit.max_amount.to_string(),
                     "expiry": a.permit.expiry,
                     "charged_amount": a.charged_amount.to_string(),
