@@ -158,8 +158,22 @@ impl TestHost {
         mode: &str,
         max_instances: Option<u32>,
     ) -> anyhow::Result<()> {
+        self.load_misbehave_limits(name, mode, max_instances, None).await
+    }
+
+    /// [`TestHost::load_misbehave`] with an instance limit and a deadline of its own.
+    pub async fn load_misbehave_limits(
+        &self,
+        name: &str,
+        mode: &str,
+        max_instances: Option<u32>,
+        deadline_ms: Option<u64>,
+    ) -> anyhow::Result<()> {
         let mut files = div_models::ModelFiles::read_dir(&workspace_root().join("build/models/tiny-echo"))?;
         files.manifest.limits.max_instances = max_instances;
+        if deadline_ms.is_some() {
+            files.manifest.limits.deadline_ms = deadline_ms;
+        }
         files.manifest.name = name.to_string();
         files.manifest.extra.insert("mode".into(), serde_json::Value::String(mode.to_string()));
         self.store.load(files, &test_plugin_wasm("div_misbehave")?).await?;

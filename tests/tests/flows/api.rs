@@ -162,8 +162,9 @@ async fn misbehaving_plugins_fail_alone_and_within_the_deadline() -> anyhow::Res
         let started = Instant::now();
         let (s, b, _) = post(&host.url, call(model)).await?;
         assert_error(s, &b, status, code);
-        // the manifest's deadline is 1 s; the answer comes within it plus scheduling slack
-        assert!(started.elapsed() < Duration::from_secs(5), "{model} took {:?}", started.elapsed());
+        // the manifest's deadline is 1 s and the sandbox's wall bound 4 s: a runaway plugin is
+        // stopped by them, not by the test's patience (the bound leaves room for a busy machine)
+        assert!(started.elapsed() < Duration::from_secs(30), "{model} took {:?}", started.elapsed());
         let m = b["error"]["message"].as_str().unwrap_or_default();
         if model == "bad-wrong-type" {
             assert!(m.contains("input_ids") && m.contains("FP32"), "{m}");
@@ -188,16 +189,25 @@ async fn misbehaving_plugins_fail_alone_and_within_the_deadline() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread")]
 async fn past_the_concurrency_limit_callers_get_503_at_once() -> anyhow::Result<()> {
     let host = TestHost::start(ApiConfig { max_concurrency: 1, ..ApiConfig::default() }).await?;
-    host.load_misbehave("slow", "loop").await?;
+    // a plugin that spins for its whole (generous) deadline holds the one slot
+    host.load_misbehave_limits("slow", "loop", None, Some(8_000)).await?;
     let url = host.url.clone();
     let busy =
         tokio::spawn(async move { post(&url, json!({"model": "slow", "input": "x"}).to_string()).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
+    // wait until it is in flight, however long the machine takes to get there
+    loop {
+        let m = reqwest::get(format!("{}/metrics", host.url)).await?.text().await?;
+        if m.lines().any(|l| l.starts_with("div_requests_in_flight") && l.ends_with(" 1")) {
+            break;
+        }
+        anyhow::ensure!(!busy.is_finished(), "the slow request ended before it was seen in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let (s, b, headers) = post(&host.url, json!({"model": "slow", "input": "y"}).to_string()).await?;
     assert_error(s, &b, 503, "overloaded");
     assert_eq!(headers.get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
-    assert!(started.elapsed() < Duration::from_millis(500), "refused at once, not queued");
+    // refused at once, not queued: the answer came while the slot's holder still runs
+    assert!(!busy.is_finished(), "the 503 waited for the busy request");
     let (s, b, _) = busy.await??;
     assert_error(s, &b, 504, "plugin_timeout");
     Ok(())

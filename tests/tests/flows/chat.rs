@@ -163,7 +163,7 @@ async fn a_plugin_that_traps_or_loops_mid_stream_ends_the_stream_with_an_error_e
         let last: Value = serde_json::from_str(ev.last().map_or("", String::as_str))?;
         assert_eq!(last["error"]["code"], code, "{body}");
         assert!(!body.contains("[DONE]"), "a failed stream does not claim to be done: {body}");
-        assert!(started.elapsed() < Duration::from_secs(10), "{model} took {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(30), "{model} took {:?}", started.elapsed());
     }
     // the host goes on
     let (s, b) = post(
@@ -208,8 +208,9 @@ async fn a_caller_who_hangs_up_stops_the_generation_at_once() -> anyhow::Result<
         }
     }
     drop(r);
-    // the sandbox is released within a token or two, far sooner than 1500 tokens would take
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // the sandbox is released within a token or two: counted in tokens, not time (the wait is
+    // only a bound for a stuck test)
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let m = reqwest::get(format!("{}/metrics", host.url)).await?.text().await?;
         if metric(&m, "div_generations_cancelled_total", "") >= 1.0
