@@ -333,11 +333,22 @@ impl Ledger {
     /// Opens (or creates) the ledger in `dir`, reads its totals back and checks them against the
     /// journal (the larger wins: a total never goes backwards).
     pub fn open(dir: &Path) -> Result<Self, MeterError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| MeterError::Ledger(format!("opening {}: {e}", dir.display())))?;
+        // the database's file lock outlives a dropped handle by a moment (sled's flusher thread
+        // lets go of it last), so a ledger reopened at once by the same process waits for it;
+        // another live process holding it is still refused, after two seconds
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(MeterError::Ledger(format!("opening {}: {e}", dir.display()))),
+            }
+        };
         let hot_tree = db.open_tree(b"charges").map_err(db_err)?;
         let mut accounts: HashMap<B256, PermitAccount> = HashMap::new();
         for kv in db.scan_prefix(b"p/") {

@@ -26,7 +26,7 @@ pub use ggml::{
 pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime, locate_onnx_runtime};
 pub use registry::ModelGraphs;
 pub use template::{ChatMessage, ChatTemplate, Segment};
-pub use usage::{Refusal, RequestUsage};
+pub use usage::{Refusal, RequestUsage, Waiting};
 pub use wasmtime_wasi_nn::backend::NamedTensor;
 pub use wasmtime_wasi_nn::wit::TensorType;
 pub use wasmtime_wasi_nn::{Graph, Tensor};

@@ -5,10 +5,13 @@
 //! request's [`RequestUsage`], which the host reads after the call to charge and to answer
 //! `usage`. A backend also records here when it refused an input for the caller's own fault
 //! (a prompt longer than the context), so the host answers 400 naming the field instead of
-//! blaming the plugin or the backend.
+//! blaming the plugin or the backend. And a backend that makes the request's thread wait for work
+//! done elsewhere (text generation: the batch worker decodes every request's next token) says so
+//! through [`RequestUsage::waiting`], so the host's fair share of cores does not count a sandbox
+//! that is only waiting as one using a core.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 /// An input the backend refused because of what the caller sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,12 +22,30 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// Told when a request's thread waits on work done elsewhere, and when it runs again.
+pub trait Waiting: Send + Sync {
+    /// The thread starts waiting (it uses no core until [`Waiting::end`]).
+    fn begin(&self);
+    /// The thread runs again.
+    fn end(&self);
+}
+
 /// One request's measured usage.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct RequestUsage {
     prompt_tokens: AtomicU32,
     generated_tokens: AtomicU32,
     refusal: Mutex<Option<Refusal>>,
+    waiting: OnceLock<Box<dyn Waiting>>,
+}
+
+impl std::fmt::Debug for RequestUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestUsage")
+            .field("tokens", &self.tokens())
+            .field("refusal", &self.refusal())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RequestUsage {
@@ -48,5 +69,19 @@ impl RequestUsage {
     /// The refusal, if the backend refused the caller's input.
     pub fn refusal(&self) -> Option<Refusal> {
         self.refusal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whom to tell when this request's thread waits (set once, by the host, per request).
+    pub fn set_waiting(&self, w: Box<dyn Waiting>) {
+        let _ = self.waiting.set(w);
+    }
+
+    /// Runs `f`, a wait on work done elsewhere, telling the host the thread uses no core meanwhile.
+    pub fn waiting<T>(&self, f: impl FnOnce() -> T) -> T {
+        let Some(w) = self.waiting.get() else { return f() };
+        w.begin();
+        let out = f();
+        w.end();
+        out
     }
 }

@@ -27,13 +27,16 @@ pub const DEMAND_WINDOW: Duration = Duration::from_millis(250);
 struct Counts {
     running: usize,
     parked: usize,
+    /// Sandboxes in a host call that waits on work done elsewhere (no core used).
+    waiting: usize,
     /// When its last sandbox ended (while it has none).
     idle_since: Option<Instant>,
 }
 
 impl Counts {
     fn wants(&self) -> bool {
-        self.running + self.parked > 0 || self.idle_since.is_some_and(|t| t.elapsed() < DEMAND_WINDOW)
+        self.running + self.parked + self.waiting > 0
+            || self.idle_since.is_some_and(|t| t.elapsed() < DEMAND_WINDOW)
     }
 }
 
@@ -50,14 +53,20 @@ impl State {
         (slots / wanting).max(1)
     }
 
+    /// Whether a model other than `model` wants cores now.
+    fn others_want(&self, model: &str) -> bool {
+        self.models.iter().any(|(m, c)| &**m != model && c.wants())
+    }
+
     fn must_park(&self, model: &str, slots: usize) -> bool {
         let mine = self.models.get(model).map_or(0, |c| c.running);
-        self.running > slots && mine > self.share(slots)
+        // a model alone may use every core: parking helps only a model that waits for one
+        self.running > slots && mine > self.share(slots) && self.others_want(model)
     }
 
     fn may_resume(&self, model: &str, slots: usize) -> bool {
         let mine = self.models.get(model).map_or(0, |c| c.running);
-        self.running < slots || mine < self.share(slots)
+        self.running < slots || mine < self.share(slots) || !self.others_want(model)
     }
 }
 
@@ -98,6 +107,45 @@ impl FairShare {
     /// Sandboxes running and parked for `model` (for tests and metrics).
     pub fn counts(&self, model: &str) -> (usize, usize) {
         self.lock().models.get(model).map_or((0, 0), |c| (c.running, c.parked))
+    }
+}
+
+/// A sandbox of `model` steps out of the running count while it waits in a host call for work
+/// done elsewhere (text generation: the batch worker's decode), and back in after; the model
+/// keeps its demand meanwhile.
+pub struct Waiter {
+    share: Arc<FairShare>,
+    model: Arc<str>,
+}
+
+impl Waiter {
+    /// The waiter for sandboxes of `model`.
+    pub fn new(share: Arc<FairShare>, model: Arc<str>) -> Self {
+        Self { share, model }
+    }
+}
+
+impl div_nn::Waiting for Waiter {
+    fn begin(&self) {
+        let fs = &self.share;
+        let mut s = fs.lock();
+        if let Some(c) = s.models.get_mut(&self.model) {
+            c.running = c.running.saturating_sub(1);
+            c.waiting += 1;
+        }
+        s.running = s.running.saturating_sub(1);
+        fs.changed.notify_all();
+    }
+
+    fn end(&self) {
+        let fs = &self.share;
+        let mut s = fs.lock();
+        if let Some(c) = s.models.get_mut(&self.model) {
+            c.waiting = c.waiting.saturating_sub(1);
+            c.running += 1;
+        }
+        // back to running; it parks at its next yield point if it is now above its share
+        s.running += 1;
     }
 }
 
@@ -231,6 +279,27 @@ mod tests {
         let parked_for = parker.join().unwrap_or_default();
         assert!(parked_for > Duration::ZERO && parked_for < Duration::from_secs(120));
         assert_eq!(fs.counts("greedy"), (0, 0));
+    }
+
+    #[test]
+    fn a_sandbox_waiting_on_the_backend_leaves_its_core_to_others() {
+        use div_nn::Waiting as _;
+        let fs = FairShare::new(2);
+        let _other = fs.enter(Arc::from("other"));
+        // a chat model with three sandboxes, two of them waiting for the batch worker's decode
+        let chat: Vec<Running> = (0..3).map(|_| fs.enter(Arc::from("chat"))).collect();
+        let waiter = Waiter::new(fs.clone(), Arc::from("chat"));
+        waiter.begin();
+        waiter.begin();
+        // running: other 1 + chat 1 = 2 on 2 slots: nobody parks
+        let soon = Instant::now() + Duration::from_millis(50);
+        assert_eq!(chat[0].yield_point(soon), Duration::ZERO, "waiting sandboxes use no core");
+        assert_eq!(fs.counts("chat"), (1, 0));
+        waiter.end();
+        waiter.end();
+        assert_eq!(fs.counts("chat"), (3, 0));
+        // back to three running beside another model: above its share (1 of 2), it parks
+        assert!(chat[0].yield_point(Instant::now() + Duration::from_millis(20)) > Duration::ZERO);
     }
 
     #[test]

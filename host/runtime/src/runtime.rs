@@ -524,6 +524,10 @@ impl Plugin {
         };
         let instantiated = Instant::now();
         store.data_mut().running = Some(self.fair.enter(self.key.clone()));
+        store
+            .data()
+            .usage
+            .set_waiting(Box::new(crate::fair::Waiter::new(self.fair.clone(), self.key.clone())));
         if !self.snapshotted
             && let Err(e) = world.call_initialize(&mut store)
         {

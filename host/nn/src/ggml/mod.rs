@@ -480,7 +480,8 @@ impl GgmlContext {
         let generation = generation.as_mut().ok_or_else(|| {
             NnError::InvalidInput("no prompt: the first compute needs a `prompt` input".into())
         })?;
-        let s = generation.next_step()?;
+        // the batch worker computes the step on its own thread: this one only waits
+        let s = usage.waiting(|| generation.next_step())?;
         usage.record(s.prompt_tokens, s.generated);
         let len = u32::try_from(s.text.len()).unwrap_or(u32::MAX);
         let usage = [s.prompt_tokens as i32, s.generated as i32];
