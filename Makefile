@@ -28,7 +28,7 @@ test: bootstrap
 	cargo clippy --workspace --all-targets --locked -- -D warnings
 	$(MAKE) --no-print-directory clippy-wasm
 	$(MAKE) --no-print-directory plugins
-	cargo test --workspace --locked
+	cargo test --workspace --locked --no-fail-fast
 	cd web && npm run --silent lint && npm run --silent typecheck
 	$(MAKE) --no-print-directory web
 	cargo build --bin div --locked
