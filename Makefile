@@ -45,9 +45,9 @@ check:
 ## bench: every benchmark; prints ratios and writes bench/results.json and bench/RESULTS.md
 bench: bootstrap contracts
 	rm -rf bench/out
+	$(MAKE) --no-print-directory plugins
 	cargo bench -p div-meter --locked
 	cargo bench -p div-tests --locked
-	$(MAKE) --no-print-directory plugins
 	cargo bench -p div-cli --bench soak --locked
 	scripts/bench-report.py
 

@@ -12,6 +12,8 @@ use anyhow::Context;
 use div_chain::bindings::DevStablecoin;
 use div_chain::{Client, Deployment, ModelRegistration, RegisteredModel};
 
+pub mod load;
+
 /// The workspace root (where `Cargo.toml`, `contracts/` and `bench/` are).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()

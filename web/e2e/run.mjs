@@ -11,7 +11,7 @@
 // in web/e2e/artifacts, with the page timings (and the machine's load) in timings.json.
 import { chromium } from 'playwright-core';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { loadavg, cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -166,6 +166,32 @@ function median(xs) {
   return s[Math.floor(s.length / 2)];
 }
 
+// The machine's idle share over `ms`, from /proc/stat (all cores).
+async function idleShare(ms) {
+  const read = () => {
+    const f = readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1).map(Number);
+    return { idle: f[3] + (f[4] ?? 0), total: f.reduce((a, b) => a + b, 0) };
+  };
+  const a = read();
+  await new Promise((r) => setTimeout(r, ms));
+  const b = read();
+  return b.total > a.total ? (b.idle - a.idle) / (b.total - a.total) : 1;
+}
+
+// The page budget is about the page, not about the step before it: the demo that started this
+// stack has just run a dozen CLI processes. Wait (at most 60 s) until the machine is quiet — the
+// host, chain and custodians idle — and note how long that took and how idle it was.
+async function quietMachine() {
+  const t0 = Date.now();
+  let idle = 0;
+  while (Date.now() - t0 < 60_000) {
+    idle = await idleShare(500);
+    if (idle >= 0.9) break;
+  }
+  timings.quiet_wait_ms = Date.now() - t0;
+  timings.cpu_idle_before_timing = Number(idle.toFixed(2));
+}
+
 const browser = await chromium.launch({ executablePath: chromiumPath, args: ['--no-sandbox'] });
 let failed = false;
 try {
@@ -176,10 +202,11 @@ try {
 
   await check('the marketplace lists the published model', async () => {
     // the first load of a new visitor: a fresh browser context each time (no cache, no storage);
-    // the median of seven, with the machine's load beside it
+    // the median of eleven, with the machine's load beside it
+    await quietMachine();
     const runs = [];
     const wall = [];
-    for (let i = 0; i < 8; i++) {
+    for (let i = 0; i < 12; i++) {
       const fresh = await browser.newContext({ viewport: { width: 1200, height: 900 } });
       const p = await fresh.newPage();
       const t0 = Date.now();
@@ -199,7 +226,7 @@ try {
         runs.push(Math.round(onScreen));
         wall.push(ms);
       }
-      if (i === 7) {
+      if (i === 11) {
         const nav = await p.evaluate(() => {
           const n = performance.getEntriesByType('navigation')[0];
           return { document: n.responseEnd - n.requestStart, domContentLoaded: n.domContentLoadedEventEnd - n.startTime };
@@ -509,10 +536,13 @@ try {
   });
 
   await check('pages answer within the PRD budget of 200 ms', async () => {
-    // the first load of a new visitor (median of five cold loads), the host's answer for the
+    // the first load of a new visitor (median of eleven cold loads), the host's answer for the
     // page, and every in-app page switch to its data on screen
     for (const k of ['marketplace_first_load_ms', 'document_response_ms', 'model_page_ms', 'account_page_ms']) {
-      assert.ok(timings[k] <= 200, `${k} = ${timings[k]} ms (load ${timings.loadavg_1m} on ${timings.cores} cores)`);
+      assert.ok(
+        timings[k] <= 200,
+        `${k} = ${timings[k]} ms (load ${timings.loadavg_1m} on ${timings.cores} cores, ${timings.cpu_idle_before_timing} idle before)`,
+      );
     }
   });
 

@@ -55,9 +55,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/siwe", post(routes::session::siwe_sign_in).delete(routes::session::siwe_sign_out))
         .route("/v1/me", get(routes::session::me))
         .route("/v1/host/settle", post(routes::host::settle_now))
-        .fallback_service(tower::service_fn(move |req: Request<Body>| {
-            let web = web.clone();
-            async move { Ok::<_, std::convert::Infallible>(routes::web::fallback(web, req).await) }
+        .fallback_service(tower::service_fn({
+            let state = state.clone();
+            move |req: Request<Body>| {
+                let (web, state) = (web.clone(), state.clone());
+                async move { Ok::<_, std::convert::Infallible>(routes::web::fallback(web, &state, req).await) }
+            }
         }))
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

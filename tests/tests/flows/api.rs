@@ -237,3 +237,31 @@ async fn a_model_past_its_own_instance_limit_gets_503_while_others_serve() -> an
     assert_error(s, &b, 504, "plugin_timeout");
     Ok(())
 }
+
+/// The load generator that ships with the project (`cargo bench -p div-tests --bench load`)
+/// counts what the host really answered: every answer of a served model, and the precise error
+/// of an unknown one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_load_generator_counts_answers_and_names_errors() -> anyhow::Result<()> {
+    use div_tests::load::{LoadSpec, run};
+    let host = TestHost::start(ApiConfig::default()).await?;
+    host.load_misbehave("echo", "echo").await?;
+    let spec = |model: &str| LoadSpec {
+        base: host.url.clone(),
+        path: "/v1/embeddings".into(),
+        body: json!({"model": model, "input": "hi"}).to_string().into(),
+        bearer: None,
+        clients: 4,
+        duration: Duration::from_millis(500),
+    };
+    let served = run(&spec("echo")).await?;
+    assert!(served.ok > 0, "{served:?}");
+    assert_eq!(served.errors, 0, "{served:?}");
+    assert!(served.p99 >= served.p50, "{served:?}");
+    let unknown = run(&spec("no-such-model")).await?;
+    assert_eq!(unknown.ok, 0, "{unknown:?}");
+    assert!(unknown.errors > 0, "{unknown:?}");
+    let first = unknown.first_error.unwrap_or_default();
+    assert!(first.starts_with("404") && first.contains("model_not_found"), "{first}");
+    Ok(())
+}

@@ -13,6 +13,11 @@ use crate::state::{AppState, bearer, siwe_domain};
 
 /// `GET /v1/host`.
 pub async fn host_info(State(s): State<AppState>) -> Response {
+    axum::Json(info_of(&s)).into_response()
+}
+
+/// What `GET /v1/host` answers (also written into the dApp's page, so its first load need not ask).
+pub(crate) fn info_of(s: &AppState) -> serde_json::Value {
     let mut info = match &s.meter {
         Some(m) => json!({
             "host": m.config().host.address(),
@@ -31,7 +36,7 @@ pub async fn host_info(State(s): State<AppState>) -> Response {
     if let Some(d) = &s.deployment {
         info["deployment"] = (**d).clone();
     }
-    axum::Json(info).into_response()
+    info
 }
 
 /// `POST /v1/host/settle`: the operator settles now instead of waiting for the next round. A
