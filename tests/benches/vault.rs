@@ -241,6 +241,8 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(dir.join("vault.md"), md)?;
 
     // ---- gated + metered + journaled vs ungated, 32 concurrent clients ------------------------
+    // names are unique per host: the plaintext copy goes before the encrypted one is served
+    models.unload(name);
     sync.load(registered.model_id).await?;
     payments(&chain, &models, registered.model_id, &scratch, &dir).await?;
     let _ = std::fs::remove_dir_all(&scratch);
