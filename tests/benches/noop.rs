@@ -12,12 +12,11 @@
 //! `bench/out/noop.md`.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use div_tests::load::{self, LoadReport, LoadSpec};
-use div_tests::{ort_dylib, test_plugin_wasm, workspace_root};
+use div_tests::{TestHost, workspace_root};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -64,22 +63,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    div_nn::init_onnx_runtime(&ort_dylib()?)?;
-    let runtime = div_runtime::Runtime::new(div_runtime::RuntimeConfig::default())?;
-    let metrics = Arc::new(div_api::Metrics::default());
-    let options =
-        div_models::LoadOptions { backend_observer: Some(metrics.backend_observer()), ..Default::default() };
-    let store = Arc::new(div_models::ModelStore::new(runtime, options));
-    let mut files = div_models::ModelFiles::read_dir(&workspace_root().join("build/models/tiny-echo"))?;
-    files.manifest.name = "noop".into();
-    files.manifest.task = "chat".into();
-    files.manifest.limits.deadline_ms = Some(10_000);
-    files.manifest.extra.insert("mode".into(), serde_json::Value::String("echo".into()));
-    store.load(files, &test_plugin_wasm("div_misbehave")?).await?;
-    let app = div_api::router(div_api::AppState::new(store.clone(), metrics, div_api::ApiConfig::default()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let host = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(div_api::serve(listener, app, div_api::ServeConfig::default(), std::future::pending()));
+    let served = TestHost::start(div_api::ApiConfig::default()).await?;
+    served.load_misbehaving_chat("noop", "echo", 10_000).await?;
+    let host = served.url.clone();
 
     let body = Bytes::from(
         json!({"model": "noop", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})

@@ -78,7 +78,7 @@ pub fn test_plugin_wasm(name: &str) -> anyhow::Result<Vec<u8>> {
 }
 
 /// A DIV host running in this process on a loopback port: the real router, model store,
-/// runtime and backend behind a real hyper server.
+/// runtime and backend behind the host's own hyper server loop.
 pub struct TestHost {
     /// `http://127.0.0.1:PORT`.
     pub url: String,
@@ -111,8 +111,10 @@ impl TestHost {
         let app = div_api::router(div_api::AppState::new(store.clone(), metrics, api));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
+        // the host's own server loop (header, idle and connection limits), as `div serve` runs it
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ =
+                div_api::serve(listener, app, div_api::ServeConfig::default(), std::future::pending()).await;
         });
         Ok(Self { url, store, task })
     }

@@ -77,11 +77,17 @@ impl RequestUsage {
     }
 
     /// Runs `f`, a wait on work done elsewhere, telling the host the thread uses no core meanwhile.
+    /// The end is told even if `f` unwinds, so a sandbox is never left counted as waiting.
     pub fn waiting<T>(&self, f: impl FnOnce() -> T) -> T {
+        struct Ends<'a>(&'a dyn Waiting);
+        impl Drop for Ends<'_> {
+            fn drop(&mut self) {
+                self.0.end();
+            }
+        }
         let Some(w) = self.waiting.get() else { return f() };
         w.begin();
-        let out = f();
-        w.end();
-        out
+        let _ends = Ends(w.as_ref());
+        f()
     }
 }
