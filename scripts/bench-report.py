@@ -62,6 +62,10 @@ GOALS = [
     ("llm_tokens_ratio", ">=", 0.95, "text generation tokens/s through HTTP + plugin ÷ llama-cpp-2 directly"),
     ("llm_batch4_vs_single", ">=", 2.0, "four concurrent streams (batched) ÷ one stream, aggregate tokens/s"),
     ("noop_plugin_vs_native_c16", ">=", 0.25, "a no-op plugin through the host ÷ native hyper, 16 clients"),
+    ("concurrent64_vs_batch64", ">=", 0.9, "64 concurrent single-sentence requests ÷ one batch-64 request"),
+    ("int8_min_cosine", ">=", 0.999, "int8 MiniLM: worst cosine against sentence-transformers"),
+    ("int8_vs_f32_b32", ">=", 2.0, "int8 ÷ F32 MiniLM speed at batch 32, graphs called directly"),
+    ("paid_rps_c64_int8", ">=", 1000, "full paid path, 64 clients, int8 MiniLM (req/s on these cores)"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
 for key, op, target, what in GOALS:

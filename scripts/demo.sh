@@ -84,6 +84,13 @@ div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
   --threshold 2 --price 0.001 --token-price 1 --authorize "$DIV_HOST" --store "$STATE/store" \
   --work-dir "$STATE/publish/all-minilm-l6-v2"
 
+# its int8 variant as a model of its own (same plugin, a lower price)
+echo "== publishing $MODEL_DIR-int8 encrypted =="
+div publish "$MODEL_DIR-int8" --plugin "$PLUGIN" --quiet \
+  --custodian "${CUSTODIAN_URLS[0]}" --custodian "${CUSTODIAN_URLS[1]}" --custodian "${CUSTODIAN_URLS[2]}" \
+  --threshold 2 --price 0.0005 --token-price 1 --authorize "$DIV_HOST" --store "$STATE/store" \
+  --work-dir "$STATE/publish/all-minilm-l6-v2-int8"
+
 # and SmolLM2-135M-Instruct for chat (GGUF on llama.cpp, its own ChatML template), with the chat plugin, priced per
 # request plus per 1000 tokens
 CHAT_DIR=build/models/smollm2-135m-instruct

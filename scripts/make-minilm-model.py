@@ -330,6 +330,9 @@ def main():
                      "shape": ["batch", "sequence", hidden]}],
         "files": [{"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
                   for n, d in files.items()],
+        # concurrent requests may share one ONNX Runtime run (padded, masked): their sandboxes
+        # stay apart; the host caps the window (see host/nn/src/onnx/batch.rs)
+        "batching": {"max_batch": 64, "window_us": 2000},
         "source": source,
     }
     write_atomic(out / "manifest.json", json_bytes(manifest))

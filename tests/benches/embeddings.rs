@@ -213,29 +213,83 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
-    // 32 concurrent callers, one sentence each, through HTTP
-    let total = 640usize;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..32 {
-        let (client, url, s) = (client.clone(), url.clone(), sentences[c % sentences.len()].clone());
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..total / 32 {
-                let r =
-                    client.post(&url).body(json!({"model": MODEL, "input": s}).to_string()).send().await?;
+    // concurrent callers, one sentence each, through HTTP, against one batch request of as many
+    let concurrent = |clients: usize, model: &'static str, per_client: usize| {
+        let (client, url, sentences) = (client.clone(), url.clone(), sentences.clone());
+        async move {
+            let started = Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..clients {
+                let (client, url, s) = (client.clone(), url.clone(), sentences[c % sentences.len()].clone());
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..per_client {
+                        let r = client
+                            .post(&url)
+                            .body(json!({"model": model, "input": s}).to_string())
+                            .send()
+                            .await?;
+                        anyhow::ensure!(r.status().is_success(), "HTTP {}", r.status());
+                        let _ = r.bytes().await?;
+                    }
+                    Ok(())
+                }));
+            }
+            for t in tasks {
+                t.await??;
+            }
+            Ok::<_, anyhow::Error>((clients * per_client) as f64 / started.elapsed().as_secs_f64())
+        }
+    };
+    let batch_rate = |n: usize, model: &'static str, rounds: usize| {
+        let (client, url, body) =
+            (client.clone(), url.clone(), json!({"model": model, "input": batch_of(n)}).to_string());
+        async move {
+            let mut took = Vec::new();
+            for _ in 0..rounds {
+                let t = Instant::now();
+                let r = client.post(&url).body(body.clone()).send().await?;
                 anyhow::ensure!(r.status().is_success(), "HTTP {}", r.status());
                 let _ = r.bytes().await?;
+                took.push(t.elapsed());
             }
-            Ok(())
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    let c32 = total as f64 / started.elapsed().as_secs_f64();
+            Ok::<_, anyhow::Error>(n as f64 / median(took).as_secs_f64())
+        }
+    };
+    let c32 = concurrent(32, MODEL, 20).await?;
     let b32 = per_sentence.iter().find(|(b, _)| *b == 32).map(|x| x.1).unwrap_or(f64::NAN);
     out.insert("sentences_per_s_concurrent32".into(), json!(c32));
     out.insert("concurrent32_vs_batch32".into(), json!(c32 / b32));
+    // 64: batched below the sandbox (the sample manifest's setting) and, for contrast, the same
+    // graph with every request run alone
+    let mut files = div_models::ModelFiles::read_dir(&minilm_dir())?;
+    files.manifest.name = "minilm-unbatched".into();
+    files.manifest.batching = None;
+    host.store.load(files, &div_tests::plugin_wasm("div_embeddings")?).await?;
+    concurrent(64, MODEL, 4).await?;
+    let (mut c64s, mut u64s, mut b64s) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        b64s.push(batch_rate(64, MODEL, 5).await?);
+        c64s.push(concurrent(64, MODEL, 10).await?);
+        u64s.push(concurrent(64, "minilm-unbatched", 10).await?);
+    }
+    let medf = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (c64, u64, b64) = (medf(c64s), medf(u64s), medf(b64s));
+    out.insert("sentences_per_s_batch64".into(), json!(b64));
+    out.insert("sentences_per_s_concurrent64".into(), json!(c64));
+    out.insert("sentences_per_s_concurrent64_unbatched".into(), json!(u64));
+    out.insert("concurrent64_vs_batch64".into(), json!(c64 / b64));
+    out.insert("concurrent64_batched_vs_unbatched".into(), json!(c64 / u64));
+    host.store.unload("minilm-unbatched");
+
+    // the int8 variant, if the bootstrap made it: accuracy against sentence-transformers (every
+    // fixture sentence), and speed against F32 at batch 32 on the graphs directly
+    let int8 = int8_section(&host, &tok, &batch_of(32)).await?;
+    for (k, v) in &int8 {
+        out.insert(k.clone(), v.clone());
+    }
 
     // the fixed cost of a sandbox: instantiate from the snapshot and drop
     let mut inst = Vec::new();
@@ -277,6 +331,12 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("32 concurrent single-sentence callers: {c32:.1} sentences/s = {:.2} × batch 32", c32 / b32);
     println!(
+        "64 concurrent single-sentence callers: {c64:.1} sentences/s batched below the sandbox, {u64:.1} unbatched; \
+         one batch-64 request: {b64:.1} sentences/s; concurrent ÷ batch = {:.3}",
+        c64 / b64
+    );
+    println!("int8: {}", serde_json::to_string(&int8)?);
+    println!(
         "sandbox instantiate p50 {:.1} µs, p99 {:.1} µs",
         p50.as_secs_f64() * 1e6,
         p99.as_secs_f64() * 1e6
@@ -299,11 +359,13 @@ async fn main() -> anyhow::Result<()> {
     }
     md.push_str(&format!(
         "\n- 32 concurrent single-sentence callers: {c32:.1} sentences/s ({:.2} × batch 32).\n\
+         - 64 concurrent single-sentence callers: {c64:.1} sentences/s with batching below the sandbox (manifest `batching`: up to 64 rows, 2 ms window), {u64:.1} with every request run alone; one batch-64 request: {b64:.1} sentences/s; concurrent ÷ batch **{:.3}** (goal ≥ 0.9).\n\
          - Sandbox instantiate (store + WASI ctx + instance from the snapshot): p50 {:.1} µs, p99 {:.1} µs (goal ≤ 10 µs p50).\n\
          - A batch-1 request from the wizer snapshot: {:.2} ms; without it (tokenizer.json parsed per request): {:.2} ms.\n\
          - Ratios are medians of per-round ratios (each round runs every path once, in rotating order, so the machine's drift cancels within a round). \"Sandbox\" runs the plugin on the calling thread, as \"direct\" runs; the API also hops to a blocking thread, measured on both sides in the \"both on a blocking thread\" column, and HTTP adds that hop, hyper and JSON.\n\
          - Goal sandbox ÷ direct ≤ 1.02. PyTorch peer ratio: not measured (PyTorch is not installed here: its PyPI wheel pulls ~6 GB of CUDA).\n",
         c32 / b32,
+        c64 / b64,
         p50.as_secs_f64() * 1e6,
         p99.as_secs_f64() * 1e6,
         w.as_secs_f64() * 1e3,
@@ -314,4 +376,47 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(dir.join("embeddings.json"), serde_json::to_string_pretty(&out)?)?;
     std::fs::write(dir.join("embeddings.md"), md)?;
     Ok(())
+}
+
+/// The int8 package (`scripts/make-minilm-int8.py`), if built: its worst cosine against the
+/// sentence-transformers reference over every fixture sentence, through the plugin; and F32 ÷ int8
+/// time at batch 32 on the graphs directly, paired rounds.
+async fn int8_section(
+    host: &TestHost,
+    tok: &tokenizers::Tokenizer,
+    batch32: &[String],
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let mut out = serde_json::Map::new();
+    let dir = div_tests::minilm_int8_dir();
+    if !dir.join("manifest.json").is_file() {
+        println!("int8: {} not built; skipped", dir.display());
+        return Ok(out);
+    }
+    let files = div_models::ModelFiles::read_dir(&dir)?;
+    let int8 = host.store.load(files, &div_tests::plugin_wasm("div_embeddings")?).await?;
+    let f32m = host.store.get(MODEL).ok_or_else(|| anyhow::anyhow!("F32 not loaded"))?;
+    let mut worst = 1.0f64;
+    for item in minilm_reference()?.items {
+        let (r, _) = int8.plugin.embed(&[Input::Text(item.input.clone())], Arc::from("bench"));
+        worst = worst.min(div_tests::cosine(&r?.vectors[0], &item.embedding));
+    }
+    out.insert("int8_min_cosine".into(), json!(worst));
+    let (mut f, mut q) = (Vec::new(), Vec::new());
+    for i in 0..25 {
+        let a = Instant::now();
+        direct(&f32m, tok, batch32)?;
+        let fa = a.elapsed();
+        let b = Instant::now();
+        direct(&int8, tok, batch32)?;
+        let qb = b.elapsed();
+        if i >= 3 {
+            f.push(fa);
+            q.push(qb);
+        }
+    }
+    out.insert("int8_vs_f32_b32".into(), json!(paired_ratio(&f, &q)));
+    out.insert("int8_b32_ms".into(), json!(median(q).as_secs_f64() * 1e3));
+    out.insert("f32_b32_ms".into(), json!(median(f).as_secs_f64() * 1e3));
+    host.store.unload(&int8.manifest.name);
+    Ok(out)
 }

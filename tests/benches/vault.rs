@@ -296,33 +296,7 @@ async fn payments(
     ));
     let name = "all-minilm-l6-v2".to_string();
     let mref = ModelRef { name: name.clone(), model_id };
-    let permit = div_meter::PermitFields {
-        user: client.address(),
-        model_id,
-        host: host.address(),
-        token: chain.usdc()?,
-        max_amount: U256::from(1_000_000_000_000u64),
-        expiry: 4_000_000_000,
-        nonce: U256::from(1u64),
-    };
-    let domain = div_chain::permit_domain(chain.deployment.chain_id, chain.deployment.payment_stream);
-    let sig = div_chain::sign_permit(&chain.keys[user], &(&permit).into(), &domain).await?;
-    let challenge = meter.key_challenge();
-    let proof_msg = div_meter::key_proof_message(host.address(), meter.permit_hash(&permit), &challenge);
-    let proof = alloy::primitives::Bytes::from(
-        alloy::signers::SignerSync::sign_message_sync(&chain.keys[user], proof_msg.as_bytes())?
-            .as_bytes()
-            .to_vec(),
-    );
-    let (key, _) = meter
-        .issue_key(
-            permit,
-            sig,
-            None,
-            div_meter::Proof::Challenge { nonce: &challenge, signature: &proof },
-            &mref,
-        )
-        .await?;
+    let key = paid_key(chain, &meter, user, &mref, 1).await?;
 
     let metrics = Arc::new(div_api::Metrics::default());
     let serve = |state: div_api::AppState| async move {
@@ -386,25 +360,144 @@ async fn payments(
          settled {} requests in one tx, {gas_per:.1} gas per request",
         report.requests
     );
-    let out = json!({
+    // the full paid path at 64 clients: F32 and the int8 variant (its own model on chain)
+    let paid = |key: String, model: String| {
+        let gated = gated.clone();
+        async move {
+            let spec = div_tests::load::LoadSpec {
+                base: gated,
+                path: "/v1/embeddings".into(),
+                body: json!({"model": model, "input": "a single sentence about encrypted model vaults"})
+                    .to_string()
+                    .into(),
+                bearer: Some(key),
+                clients: 64,
+                duration: Duration::from_secs(20),
+            };
+            div_tests::load::run(&spec).await
+        }
+    };
+    let f32_paid = paid(key.clone(), name.clone()).await?;
+    anyhow::ensure!(f32_paid.errors == 0, "paid F32 run: {:?}", f32_paid.first_error);
+    let int8_paid = if div_tests::minilm_int8_dir().join("manifest.json").is_file() {
+        let int8_name = "all-minilm-l6-v2-int8";
+        let registered = chain.register_model(int8_name, U256::from(1000u64)).await?;
+        let m = div_chain::bindings::ModelVault::new(chain.deployment.model_vault, client.provider())
+            .getModel(registered.model_id)
+            .call()
+            .await?;
+        usdc.approve(m.accessToken, U256::MAX).send().await?.get_receipt().await?;
+        div_chain::bindings::ModelAccessToken::new(m.accessToken, client.provider())
+            .buy(U256::from(10u64).pow(U256::from(18u64)))
+            .send()
+            .await?
+            .get_receipt()
+            .await?;
+        let files = ModelFiles::read_dir(&div_tests::minilm_int8_dir())?;
+        models.load_from(files, &plugin_wasm("div_embeddings")?, Origin::Folder("bench".into())).await?;
+        let iref = ModelRef { name: int8_name.into(), model_id: registered.model_id };
+        let ikey = paid_key(chain, &meter, user, &iref, 2).await?;
+        let r = paid(ikey, int8_name.into()).await?;
+        anyhow::ensure!(r.errors == 0, "paid int8 run: {:?}", r.first_error);
+        Some(r)
+    } else {
+        None
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "paid path, 64 clients, 20 s: F32 {:.0} req/s (p50 {:.1} ms, p99 {:.1} ms){}",
+        f32_paid.rps,
+        ms(f32_paid.p50),
+        ms(f32_paid.p99),
+        int8_paid.as_ref().map_or(String::new(), |r| format!(
+            "; int8 {:.0} req/s (p50 {:.1} ms, p99 {:.1} ms)",
+            r.rps,
+            ms(r.p50),
+            ms(r.p99)
+        ))
+    );
+    let mut out = json!({
         "gated_vs_ungated_c32": ratio,
         "gated_rps_c32": gm,
         "ungated_rps_c32": um,
         "settled_gas_per_request": gas_per,
         "settled_requests_in_batch": report.requests,
+        "paid_rps_c64_f32": f32_paid.rps,
+        "paid_p99_ms_c64_f32": ms(f32_paid.p99),
+    });
+    if let (Some(r), Some(o)) = (&int8_paid, out.as_object_mut()) {
+        o.insert("paid_rps_c64_int8".into(), json!(r.rps));
+        o.insert("paid_p50_ms_c64_int8".into(), json!(ms(r.p50)));
+        o.insert("paid_p99_ms_c64_int8".into(), json!(ms(r.p99)));
+    }
+    let int8_row = int8_paid.as_ref().map_or(String::from("| full paid path, int8 MiniLM | not built |\n"), |r| {
+        format!(
+            "| full paid path (gate, meter, durable journal, receipt), 64 clients, int8 MiniLM (goal ≥ 1000) | **{:.0} req/s** (p50 {:.1} ms, p99 {:.1} ms) |\n",
+            r.rps,
+            ms(r.p50),
+            ms(r.p99)
+        )
     });
     let md = format!(
         "## Gating and payments\n\n| what | this run |\n|---|---:|\n\
+         | full paid path, 64 clients, F32 MiniLM | {:.0} req/s (p50 {:.1} ms, p99 {:.1} ms) |\n\
+         {int8_row}\
          | ungated: 32 clients, MiniLM, one sentence per request | {um:.0} req/s |\n\
          | gated + metered + journaled (fsync'd group commit), same model | {gm:.0} req/s |\n\
          | ratio (goal ≥ 0.95) | **{ratio:.3}** |\n\
          | settlement of {} requests on one permit, one `settleBatch` | {gas_per:.1} gas / request |\n\n\
          Rounds of 256 requests alternate between the two routers (same model store, same \
          sandboxes); medians of 9. Every gated request checks the key, the permit, the token \
-         gate and the funds (cached chain reads) and is journaled durably before its answer.\n",
+         gate and the funds (cached chain reads) and is journaled durably before its answer. \
+         The 64-client runs use the project's load generator (`div_tests::load`, one connection per \
+         client, 20 s each).\n",
+        f32_paid.rps,
+        ms(f32_paid.p50),
+        ms(f32_paid.p99),
         report.requests
     );
     std::fs::write(out_dir.join("payments.json"), serde_json::to_string_pretty(&out)?)?;
     std::fs::write(out_dir.join("payments.md"), md)?;
     Ok(())
+}
+
+/// A key for `user`'s permit (nonce `nonce`) on `mref`: signed, proven over the host's challenge
+/// and issued by the meter, as `div permit` does.
+async fn paid_key(
+    chain: &LocalChain,
+    meter: &div_meter::Meter,
+    user: usize,
+    mref: &div_meter::ModelRef,
+    nonce: u64,
+) -> anyhow::Result<String> {
+    let client = chain.client(user).await?;
+    let host = chain.keys[3].clone();
+    let permit = div_meter::PermitFields {
+        user: client.address(),
+        model_id: mref.model_id,
+        host: host.address(),
+        token: chain.usdc()?,
+        max_amount: U256::from(1_000_000_000_000u64),
+        expiry: 4_000_000_000,
+        nonce: U256::from(nonce),
+    };
+    let domain = div_chain::permit_domain(chain.deployment.chain_id, chain.deployment.payment_stream);
+    let sig = div_chain::sign_permit(&chain.keys[user], &(&permit).into(), &domain).await?;
+    let challenge = meter.key_challenge();
+    let proof_msg = div_meter::key_proof_message(host.address(), meter.permit_hash(&permit), &challenge);
+    let proof = alloy::primitives::Bytes::from(
+        alloy::signers::SignerSync::sign_message_sync(&chain.keys[user], proof_msg.as_bytes())?
+            .as_bytes()
+            .to_vec(),
+    );
+    let (key, _) = meter
+        .issue_key(
+            permit,
+            sig,
+            None,
+            div_meter::Proof::Challenge { nonce: &challenge, signature: &proof },
+            mref,
+        )
+        .await?;
+    Ok(key)
 }

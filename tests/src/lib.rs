@@ -40,6 +40,11 @@ pub fn minilm_dir() -> PathBuf {
     workspace_root().join("build/models/all-minilm-l6-v2")
 }
 
+/// The int8 variant the bootstrap builds from it (`scripts/make-minilm-int8.py`).
+pub fn minilm_int8_dir() -> PathBuf {
+    workspace_root().join("build/models/all-minilm-l6-v2-int8")
+}
+
 /// The reference embeddings sentence-transformers produced (`shared/fixtures/minilm`).
 #[derive(serde::Deserialize)]
 pub struct Reference {

@@ -20,6 +20,8 @@ import assert from 'node:assert/strict';
 const here = dirname(fileURLToPath(import.meta.url));
 const artifacts = join(here, 'artifacts');
 mkdirSync(artifacts, { recursive: true });
+// the F32 MiniLM, not its int8 variant (whose name starts the same)
+const F32_MINILM = /all-minilm-l6-v2(?!-int8)/;
 const url = process.env.DIV_WEB_URL;
 assert.ok(url, 'DIV_WEB_URL is not set (run scripts/web-e2e.sh)');
 const chromiumPath = process.env.CHROMIUM ?? '/usr/bin/chromium';
@@ -249,7 +251,7 @@ try {
     // a returning visitor: the bundle is cached, the chain is read again
     await timed(page, 'marketplace_reload_ms', () => page.reload(), () => page.getByTestId('model-row').first().waitFor());
     await ready(page);
-    const row = page.getByTestId('model-row').filter({ hasText: 'all-minilm-l6-v2' });
+    const row = page.getByTestId('model-row').filter({ hasText: F32_MINILM });
     await row.waitFor();
     assert.match(await row.textContent(), /embeddings/);
     assert.match(await row.textContent(), /0\.001 USDC/);
@@ -265,7 +267,7 @@ try {
     await timed(
       page,
       'model_page_ms',
-      () => page.getByRole('link', { name: 'all-minilm-l6-v2' }).click(),
+      () => page.getByRole('link', { name: 'all-minilm-l6-v2', exact: true }).click(),
       () => page.getByTestId('tier').waitFor(),
     );
     assert.match(await page.getByTestId('hosts').textContent(), /this host/);
@@ -408,7 +410,7 @@ try {
     const rows = page.getByTestId('my-permit');
     await rows.nth(1).waitFor();
     assert.equal(await rows.count(), 2, 'a permit for each model');
-    const minilm = rows.filter({ hasText: 'all-minilm-l6-v2' });
+    const minilm = rows.filter({ hasText: F32_MINILM });
     // two playground runs and three snippets at 0.001 each
     assert.match(await minilm.getByTestId('permit-charged').textContent(), /0\.005 USDC \(5 requests\)/);
     assert.match(await minilm.getByTestId('permit-settled').textContent(), /0\.00 USDC \(0 requests\)/);
@@ -485,7 +487,7 @@ try {
     await page.goto(`${url}#/owner`);
     await ready(page);
     await connect(page, 1);
-    const card = page.getByTestId('owner-model').filter({ hasText: 'all-minilm-l6-v2' });
+    const card = page.getByTestId('owner-model').filter({ hasText: F32_MINILM });
     const earned = card.getByTestId('earned');
     await timed(page, 'owner_page_ms', () => page.reload(), () => earned.filter({ hasText: 'USDC' }).waitFor());
     const before = Number((await earned.textContent()).split(' ')[0]);
@@ -493,7 +495,7 @@ try {
     execFileSync(process.env.DIV_BIN, ['settle', '--now', '--url', process.env.DIV_URL, '--state-dir', process.env.DIV_HOST_STATE], { stdio: 'inherit' });
     await page.waitForFunction(
       (b) => {
-        const cards = [...document.querySelectorAll('[data-testid="owner-model"]')].filter((c) => c.textContent.includes('all-minilm-l6-v2'));
+        const cards = [...document.querySelectorAll('[data-testid="owner-model"]')].filter((c) => /all-minilm-l6-v2(?!-int8)/.test(c.textContent));
         const e = cards[0]?.querySelector('[data-testid="earned"]');
         return e && Number(e.textContent.split(' ')[0]) >= b + 0.005 - 1e-9;
       },
@@ -505,7 +507,7 @@ try {
   });
 
   await check('the owner authorising a host twice is refused with the decoded error', async () => {
-    const card = page.getByTestId('owner-model').filter({ hasText: 'all-minilm-l6-v2' });
+    const card = page.getByTestId('owner-model').filter({ hasText: F32_MINILM });
     await card.getByLabel('host to authorise').fill(process.env.DIV_HOST);
     await card.getByTestId('authorize').click();
     const t = await lastTx(page, 'Authorise host');

@@ -44,6 +44,10 @@ fn latency_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
 }
 
+fn batch_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 9))
+}
+
 fn fine_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.000_002, 2.0, 24))
 }
@@ -56,6 +60,8 @@ pub struct Metrics {
     instantiate: Family<ModelLabel, Histogram, fn() -> Histogram>,
     plugin: Family<ModelLabel, Histogram, fn() -> Histogram>,
     backend: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    batch_requests: Family<ModelLabel, Histogram, fn() -> Histogram>,
+    queue_wait: Family<ModelLabel, Histogram, fn() -> Histogram>,
     in_flight: Gauge,
     tokens: Family<TokenLabels, Counter>,
     cancelled: Family<ModelLabel, Counter>,
@@ -85,6 +91,20 @@ impl Default for Metrics {
             Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_buckets);
         let backend =
             Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(latency_buckets);
+        let batch_requests =
+            Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(batch_buckets);
+        registry.register(
+            "backend_batch_requests",
+            "Requests one backend run served (dynamic batching below the sandbox)",
+            batch_requests.clone(),
+        );
+        let queue_wait =
+            Family::<ModelLabel, Histogram, fn() -> Histogram>::new_with_constructor(fine_buckets);
+        registry.register(
+            "backend_queue_wait_seconds",
+            "Time a request waited for a backend run (batch window or busy sessions)",
+            queue_wait.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register("requests", "Requests answered, by route, model and status", requests.clone());
         registry.register("request_duration_seconds", "Time to answer a request", latency.clone());
@@ -174,6 +194,8 @@ impl Default for Metrics {
             instantiate,
             plugin,
             backend,
+            batch_requests,
+            queue_wait,
             in_flight,
             tokens,
             cancelled,
@@ -272,9 +294,15 @@ impl Metrics {
         self.plugin.get_or_create(&label).observe(call.as_secs_f64());
     }
 
-    /// Records one backend inference.
-    pub fn backend(&self, model: &str, took: Duration) {
-        self.backend.get_or_create(&ModelLabel { model: model.to_string() }).observe(took.as_secs_f64());
+    /// Records one ONNX run: its time, how many requests it served, how long each waited.
+    pub fn backend_run(&self, model: &str, run: &div_nn::RunReport) {
+        let label = ModelLabel { model: model.to_string() };
+        self.backend.get_or_create(&label).observe(run.took.as_secs_f64());
+        self.batch_requests.get_or_create(&label).observe(run.requests as f64);
+        let waits = self.queue_wait.get_or_create(&label);
+        for w in &run.waits {
+            waits.observe(w.as_secs_f64());
+        }
     }
 
     /// Records one generation's token counts (and whether the caller left before its end).
@@ -302,6 +330,6 @@ impl Metrics {
     /// An observer for the model store that feeds [`Metrics::backend`].
     pub fn backend_observer(self: &Arc<Self>) -> div_models::BackendObserver {
         let me = self.clone();
-        Arc::new(move |model, took| me.backend(model, took))
+        Arc::new(move |model, run| me.backend_run(model, run))
     }
 }

@@ -28,6 +28,10 @@ pub struct Manifest {
     /// Sandbox limits for the plugin (host defaults where absent).
     #[serde(default)]
     pub limits: ManifestLimits,
+    /// Dynamic batching below the sandbox (ONNX graphs with attention masks), if the owner turns
+    /// it on; the host caps the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batching: Option<ManifestBatching>,
     /// Settings for the plugin, passed through as `model-config.extra`.
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -50,6 +54,16 @@ pub struct FileEntry {
     pub size: u64,
     /// Lower-case hex SHA-256 of the plaintext.
     pub sha256: String,
+}
+
+/// How concurrent requests may share a backend run (see `div_nn::BatchConfig`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestBatching {
+    /// Most rows one run stacks (the requests' batch entries, summed).
+    pub max_batch: u32,
+    /// Longest a run waits for sandboxes of the model that are about to compute, in microseconds.
+    #[serde(default)]
+    pub window_us: u64,
 }
 
 /// Per-plugin sandbox limits a manifest may set.

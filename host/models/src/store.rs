@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use div_nn::{GgmlConfig, GgmlGraph, ModelGraphs, OnnxConfig, OnnxGraph};
+use div_nn::{BatchConfig, GgmlConfig, GgmlGraph, ModelGraphs, OnnxConfig, OnnxGraph, RunReport};
 use div_runtime::{Limits, ModelConfig, ModelContext, Plugin, Runtime};
 use sha2::{Digest, Sha256};
 
@@ -176,8 +176,8 @@ impl std::fmt::Display for Origin {
     }
 }
 
-/// Told each inference's model and duration (for metrics).
-pub type BackendObserver = Arc<dyn Fn(&str, Duration) + Send + Sync>;
+/// Told of each backend run: the model, and the run's time, requests and queue waits (metrics).
+pub type BackendObserver = Arc<dyn Fn(&str, &RunReport) + Send + Sync>;
 
 /// How models are loaded.
 #[derive(Clone)]
@@ -186,6 +186,9 @@ pub struct LoadOptions {
     pub backend_observer: Option<BackendObserver>,
     /// Sessions and threads for ONNX graphs.
     pub onnx: OnnxConfig,
+    /// Dynamic batching for the ONNX models whose manifest asks for it, with each window capped
+    /// at this; `None` runs every request alone.
+    pub batch_window_cap: Option<Duration>,
     /// How `ggml` (llama.cpp) graphs make their generation contexts.
     pub ggml: GgmlConfig,
     /// Pre-initialise plugins and snapshot them (wizer).
@@ -204,6 +207,7 @@ impl Default for LoadOptions {
         Self {
             backend_observer: None,
             onnx: OnnxConfig::default(),
+            batch_window_cap: Some(Duration::from_millis(20)),
             ggml: GgmlConfig::default(),
             snapshot: true,
             default_limits: Limits::default(),
@@ -248,7 +252,7 @@ impl ModelGraph {
     /// what the backend counts, not from what the plugin says).
     fn registry(&self, name: String) -> ModelGraphs {
         match self {
-            Self::Onnx(g) => ModelGraphs::single(name, g.clone().into_wasi_nn()),
+            Self::Onnx(g) => ModelGraphs::single_onnx(name, g.clone()),
             Self::Ggml(g) => ModelGraphs::single_ggml(name, g.clone()),
         }
     }
@@ -335,12 +339,14 @@ impl ModelStore {
             )
         } else {
             let onnx = self.options.onnx;
-            let mut graph = tokio::task::spawn_blocking(move || OnnxGraph::load(&weights, onnx))
-                .await
-                .map_err(|e| ModelError::Task(e.to_string()))??;
+            let batching = self.batching_for(&manifest);
+            let mut graph =
+                tokio::task::spawn_blocking(move || OnnxGraph::load_batched(&weights, onnx, batching))
+                    .await
+                    .map_err(|e| ModelError::Task(e.to_string()))??;
             if let Some(observe) = self.options.backend_observer.clone() {
                 let name = manifest.name.clone();
-                graph = graph.with_observer(Arc::new(move |d| observe(&name, d)));
+                graph = graph.with_observer(Arc::new(move |r| observe(&name, r)));
             }
             ModelGraph::Onnx(graph)
         };
@@ -438,6 +444,17 @@ impl ModelStore {
         Ok(model)
     }
 
+    /// The manifest's batching within the host's bounds (at most 256 rows a run).
+    fn batching_for(&self, m: &Manifest) -> BatchConfig {
+        match (m.batching, self.options.batch_window_cap) {
+            (Some(b), Some(cap)) if b.max_batch > 1 => BatchConfig {
+                max_batch: (b.max_batch as usize).min(256),
+                window: Duration::from_micros(b.window_us).min(cap),
+            },
+            _ => BatchConfig::OFF,
+        }
+    }
+
     fn limits_for(&self, m: &Manifest) -> Limits {
         let d = self.options.default_limits;
         let max = self.options.max_limits;
@@ -524,6 +541,7 @@ mod tests {
                 }],
                 plugin: None,
                 limits: ManifestLimits::default(),
+                batching: None,
                 extra: Default::default(),
             },
             files: [("model.onnx".to_string(), graph_bytes.to_vec())].into_iter().collect(),

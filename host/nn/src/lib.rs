@@ -23,7 +23,10 @@ mod usage;
 pub use ggml::{
     BatchStats, GenOptions, Generation, GgmlBackend, GgmlConfig, GgmlGraph, Step, batch_stats, llama_backend,
 };
-pub use onnx::{OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, init_onnx_runtime, locate_onnx_runtime};
+pub use onnx::{
+    BatchConfig, OnnxBackend, OnnxConfig, OnnxGraph, RunObserver, RunReport, init_onnx_runtime,
+    locate_onnx_runtime,
+};
 pub use registry::ModelGraphs;
 pub use template::{ChatMessage, ChatTemplate, Segment};
 pub use usage::{Refusal, RequestUsage, Waiting};

@@ -11,12 +11,14 @@ use std::sync::Arc;
 
 use wasmtime_wasi_nn::{Graph, GraphRegistry};
 
-use crate::{GgmlGraph, RequestUsage};
+use crate::{GgmlGraph, OnnxGraph, RequestUsage};
 
 #[derive(Clone)]
 enum Entry {
     Shared(Graph),
     Ggml(GgmlGraph),
+    /// A batched ONNX graph: each request's copy tells the batch queue a sandbox is on its way.
+    Onnx(OnnxGraph),
 }
 
 /// The graphs one model exposes to its plugin, by name.
@@ -35,6 +37,17 @@ impl ModelGraphs {
         let mut shared = HashMap::new();
         shared.insert(name, graph);
         Self { entries: Arc::new(entries), shared: Arc::new(shared) }
+    }
+
+    /// A registry with one ONNX graph under `name`; a batched one is bound to each request, so
+    /// its batch queue knows which sandboxes are still to compute.
+    pub fn single_onnx(name: impl Into<String>, graph: OnnxGraph) -> Self {
+        if graph.batching().max_batch <= 1 {
+            return Self::single(name, graph.into_wasi_nn());
+        }
+        let mut entries = HashMap::new();
+        entries.insert(name.into(), Entry::Onnx(graph));
+        Self { entries: Arc::new(entries), shared: Arc::default() }
     }
 
     /// A registry with one text-generation graph under `name`, metered per request.
@@ -56,6 +69,7 @@ impl ModelGraphs {
                 let g = match e {
                     Entry::Shared(g) => g.clone(),
                     Entry::Ggml(g) => g.clone().into_wasi_nn_metered(usage.clone()),
+                    Entry::Onnx(g) => g.for_request().into_wasi_nn(),
                 };
                 (name.clone(), g)
             })

@@ -1,6 +1,7 @@
 //! Whole flows against real parts. Each module is one area; all share this one binary.
 
 mod api;
+mod batching;
 mod chain;
 mod chat;
 mod runtime;
