@@ -159,10 +159,7 @@ async fn main() -> anyhow::Result<()> {
 
     // both loads compile without a disk cache: the cold start of a fresh host
     let runtime = div_runtime::Runtime::new(div_runtime::RuntimeConfig::default())?;
-    let models = Arc::new(ModelStore::new(
-        runtime,
-        LoadOptions { onnx: div_nn::OnnxConfig { sessions: 1, ..Default::default() }, ..Default::default() },
-    ));
+    let models = Arc::new(ModelStore::new(runtime, LoadOptions::default()));
     let sync = VaultSync::new(
         SyncConfig {
             provider: provider.clone(),

@@ -148,6 +148,9 @@ pub struct ServeArgs {
     /// ONNX Runtime threads per inference.
     #[arg(long, env = "DIV_ONNX_THREADS")]
     onnx_threads: Option<usize>,
+    /// Run every ONNX request alone, even for models whose manifest asks for batching.
+    #[arg(long, env = "DIV_NO_BATCHING")]
+    no_batching: bool,
     /// Serve the built web dApp (`web/dist`) at `/`.
     #[arg(long, env = "DIV_WEB_DIR")]
     web_dir: Option<PathBuf>,
@@ -188,6 +191,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             intra_threads: args.onnx_threads.unwrap_or(defaults.intra_threads),
             ..defaults
         },
+        batch_window_cap: if args.no_batching { None } else { LoadOptions::default().batch_window_cap },
         ggml: div_nn::GgmlConfig {
             n_ctx: args.llm_context.max(16),
             threads: args.llm_threads.unwrap_or(div_nn::GgmlConfig::default().threads).max(1),
