@@ -264,7 +264,8 @@ async fn tampered_ciphertext_is_refused_before_the_backend() -> anyhow::Result<(
 }
 
 /// Every file the custodians, the store and a `div serve --vault` process wrote during a serve,
-/// searched for the model's weight bytes: none may hold them.
+/// searched for the model's weight bytes: none may hold them. On the way, the same process shows
+/// that sharing backend runs (the sample manifest turns batching on) leaks nothing between callers.
 #[tokio::test(flavor = "multi_thread")]
 async fn no_plaintext_weights_reach_the_disk() -> anyhow::Result<()> {
     let rig = Rig::start("vault-disk").await?;
@@ -319,6 +320,7 @@ async fn no_plaintext_weights_reach_the_disk() -> anyhow::Result<()> {
     let metrics = reqwest::get(format!("{url}/metrics")).await?.text().await?;
     assert!(metrics.contains("div_requests_total"), "{metrics}");
     let _ = id;
+    batch_mates_cannot_change_an_answer(&url).await?;
 
     // 64-byte windows of the weights at spread offsets
     let weights = std::fs::read(div_tests::minilm_dir().join("model.onnx"))?;
@@ -341,6 +343,56 @@ async fn no_plaintext_weights_reach_the_disk() -> anyhow::Result<()> {
         }
     }
     assert!(checked >= 8, "only {checked} files checked");
+    Ok(())
+}
+
+/// A caller's answer beside another caller's flood of maximum-length inputs (the host stacks
+/// them into shared ONNX runs, padded to the longest) is the answer it gets alone.
+async fn batch_mates_cannot_change_an_answer(url: &str) -> anyhow::Result<()> {
+    let embed_text = |input: String| {
+        let url = url.to_string();
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("{url}/v1/embeddings"))
+                .json(&serde_json::json!({"model": "all-minilm-l6-v2", "input": input}))
+                .send()
+                .await?;
+            anyhow::ensure!(r.status().is_success(), "HTTP {}", r.status());
+            let v: serde_json::Value = r.json().await?;
+            Ok::<Vec<f32>, anyhow::Error>(serde_json::from_value(v["data"][0]["embedding"].clone())?)
+        }
+    };
+    let probe = "The vault keeps the weights; a host sees them only in memory.".to_string();
+    let alone = embed_text(probe.clone()).await?;
+    let runs = |m: &str, what: &str| -> f64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with(&format!("div_backend_batch_requests_{what}")) && l.contains("all-minilm-l6-v2")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let before = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        // another caller: inputs cut at the model's 256 tokens, each different
+        tasks.push((false, tokio::spawn(embed_text(format!("{i} {}", "overflowing words ".repeat(300))))));
+        if i % 2 == 0 {
+            tasks.push((true, tokio::spawn(embed_text(probe.clone()))));
+        }
+    }
+    for (is_probe, t) in tasks {
+        let v = t.await??;
+        if is_probe {
+            let c = div_tests::cosine(&v, &alone);
+            assert!(c >= 0.99999, "the probe's answer changed beside a flood: cosine {c}");
+        }
+    }
+    let after = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    let (served, made) =
+        (runs(&after, "sum") - runs(&before, "sum"), runs(&after, "count") - runs(&before, "count"));
+    assert_eq!(served, 48.0, "every request went through the batch queue");
+    assert!(made < served, "48 concurrent requests never shared a run ({made} runs)");
     Ok(())
 }
 
