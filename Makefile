@@ -32,6 +32,7 @@ test: bootstrap
 	cd web && npm run --silent lint && npm run --silent typecheck
 	$(MAKE) --no-print-directory web
 	cargo build --bin div --locked
+	tests/deploy/check.sh
 	scripts/web-e2e.sh
 
 ## check: the fast inner loop (format, lint, unit tests)

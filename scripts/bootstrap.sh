@@ -54,6 +54,8 @@ apt_needs() {
   have_cmd cmake || echo cmake
   have_cmd c++ || echo g++
   have_libclang || echo libclang-dev
+  # the self-hosting recipe's check verifies the systemd units (tests/deploy/check.sh)
+  have_cmd systemd-analyze || echo systemd
   # the browser the dApp's end-to-end test drives (playwright-core launches this exact path)
   [ -x "$ROOT/usr/bin/chromium" ] || echo chromium
   # `python3 -m venv` needs ensurepip, which Debian ships apart from python3

@@ -12,6 +12,10 @@ use div_custodian::{Custodian, router};
 /// Arguments of `div custodian`.
 #[derive(clap::Args)]
 pub struct CustodianArgs {
+    /// Read settings from this TOML file: every flag by its long name (`listen = "0.0.0.0:8080"`),
+    /// lists as arrays. The command line and the environment win over the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "DIV_CUSTODIAN_LISTEN", default_value = "127.0.0.1:7001")]
     listen: SocketAddr,

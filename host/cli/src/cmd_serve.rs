@@ -27,6 +27,10 @@ use div_vault::Store;
 /// Arguments of `div serve`; every flag can also be set by the environment variable named.
 #[derive(clap::Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file: every flag by its long name (`listen = "0.0.0.0:8080"`),
+    /// lists as arrays. The command line and the environment win over the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "DIV_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,

@@ -10,10 +10,11 @@ mod cmd_dev;
 mod cmd_publish;
 mod cmd_serve;
 mod cmd_wallet;
+mod config_file;
 mod demo_env;
 mod secrets;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// DIV, the Decentralized Inference Vault.
@@ -61,7 +62,15 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     secrets::private_umask();
-    let cli = Cli::parse();
+    // `--config FILE` (serve, custodian): the file's settings become flags clap then checks
+    let args = match config_file::expand(&Cli::command(), std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Dev(args) => cmd_dev::run(args).await,
         Command::Deploy(args) => cmd_deploy::run(args).await,
