@@ -22,8 +22,8 @@ make-minilm-model.py: does nothing when manifest.json records these inputs and i
 """
 import argparse
 import hashlib
+import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,6 +37,13 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+# the F32 package's script: its file helpers (hashing, atomic writes, the up-to-date check)
+_F32_SCRIPT = Path(__file__).resolve().with_name("make-minilm-model.py")
+_spec = importlib.util.spec_from_file_location("make_minilm_model", _F32_SCRIPT)
+_f32 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_f32)
+sha256_file, json_bytes, write_atomic, up_to_date = (
+    _f32.sha256_file, _f32.json_bytes, _f32.write_atomic, _f32.up_to_date)
 SRC = "all-minilm-l6-v2"
 NAME = "all-minilm-l6-v2-int8"
 ALPHA = 0.8
@@ -71,38 +78,6 @@ CALIBRATION = [
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def write_atomic(path: Path, data: bytes):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def up_to_date(out: Path, source: dict) -> bool:
-    try:
-        m = json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if m.get("source") != source:
-        return False
-    for f in m.get("files", []):
-        p = out / f["name"]
-        if not p.is_file() or p.stat().st_size != f["size"] or sha256_file(p) != f["sha256"]:
-            return False
-    return True
 
 
 def activation_maxima(model: onnx.ModelProto, inputs: list, tok: Tokenizer) -> dict:
@@ -164,6 +139,7 @@ def main():
     source = {
         "f32_model_sha256": graph_sha,
         "generator_sha256": sha256_file(Path(__file__).resolve()),
+        "f32_generator_sha256": sha256_file(_F32_SCRIPT),
         "onnxruntime": onnxruntime.__version__,
         "onnx": onnx.__version__,
         "numpy": np.__version__,

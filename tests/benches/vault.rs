@@ -260,19 +260,9 @@ async fn payments(
     let user = 2usize;
     chain.fund_deposit(user, U256::from(1_000_000_000_000u64)).await?;
     let client = chain.client(user).await?;
-    let m = div_chain::bindings::ModelVault::new(chain.deployment.model_vault, client.provider())
-        .getModel(model_id)
-        .call()
-        .await?;
     let usdc = div_chain::bindings::DevStablecoin::new(chain.usdc()?, client.provider());
     usdc.mint(client.address(), U256::from(10_000_000u64)).send().await?.get_receipt().await?;
-    usdc.approve(m.accessToken, U256::MAX).send().await?.get_receipt().await?;
-    div_chain::bindings::ModelAccessToken::new(m.accessToken, client.provider())
-        .buy(U256::from(10u64).pow(U256::from(18u64)))
-        .send()
-        .await?
-        .get_receipt()
-        .await?;
+    buy_access(chain, &client, model_id).await?;
     let provider = ProviderBuilder::new().connect_http(chain.rpc_url.parse()?).erased();
     let host = chain.keys[3].clone();
     let meter = Arc::new(Meter::new(
@@ -379,17 +369,7 @@ async fn payments(
     let int8_paid = if div_tests::minilm_int8_dir().join("manifest.json").is_file() {
         let int8_name = "all-minilm-l6-v2-int8";
         let registered = chain.register_model(int8_name, U256::from(1000u64)).await?;
-        let m = div_chain::bindings::ModelVault::new(chain.deployment.model_vault, client.provider())
-            .getModel(registered.model_id)
-            .call()
-            .await?;
-        usdc.approve(m.accessToken, U256::MAX).send().await?.get_receipt().await?;
-        div_chain::bindings::ModelAccessToken::new(m.accessToken, client.provider())
-            .buy(U256::from(10u64).pow(U256::from(18u64)))
-            .send()
-            .await?
-            .get_receipt()
-            .await?;
+        buy_access(chain, &client, registered.model_id).await?;
         let files = ModelFiles::read_dir(&div_tests::minilm_int8_dir())?;
         models.load_from(files, &plugin_wasm("div_embeddings")?, Origin::Folder("bench".into())).await?;
         let iref = ModelRef { name: int8_name.into(), model_id: registered.model_id };
@@ -497,4 +477,25 @@ async fn paid_key(
         )
         .await?;
     Ok(key)
+}
+
+/// One whole access token of `model_id` bought by `client` (approving its sale first).
+async fn buy_access(chain: &LocalChain, client: &div_chain::Client, model_id: B256) -> anyhow::Result<()> {
+    let m = div_chain::bindings::ModelVault::new(chain.deployment.model_vault, client.provider())
+        .getModel(model_id)
+        .call()
+        .await?;
+    div_chain::bindings::DevStablecoin::new(chain.usdc()?, client.provider())
+        .approve(m.accessToken, U256::MAX)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    div_chain::bindings::ModelAccessToken::new(m.accessToken, client.provider())
+        .buy(U256::from(10u64).pow(U256::from(18u64)))
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    Ok(())
 }
