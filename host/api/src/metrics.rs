@@ -327,7 +327,7 @@ impl Metrics {
         Ok(out)
     }
 
-    /// An observer for the model store that feeds [`Metrics::backend`].
+    /// An observer for the model store that feeds [`Metrics::backend_run`].
     pub fn backend_observer(self: &Arc<Self>) -> div_models::BackendObserver {
         let me = self.clone();
         Arc::new(move |model, run| me.backend_run(model, run))

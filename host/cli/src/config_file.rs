@@ -20,9 +20,11 @@ const WITH_CONFIG: &[&str] = &["serve", "custodian"];
 /// put in as flags right after the subcommand. A command line without `--config` is returned as
 /// it is.
 pub fn expand(command: &clap::Command, args: Vec<OsString>) -> anyhow::Result<Vec<OsString>> {
-    let Some(sub_at) = args.iter().position(|a| WITH_CONFIG.iter().any(|s| a == s)) else {
+    // `div` has no flags of its own: the subcommand is always the first argument
+    let sub_at = 1;
+    if !args.get(sub_at).is_some_and(|a| WITH_CONFIG.iter().any(|s| a == s)) {
         return Ok(args);
-    };
+    }
     let Some(file) = config_path(&args[sub_at + 1..]) else { return Ok(args) };
     let name = args[sub_at].to_string_lossy().into_owned();
     let sub = command.find_subcommand(&name).with_context(|| format!("no subcommand {name}"))?;

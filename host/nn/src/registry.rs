@@ -42,7 +42,7 @@ impl ModelGraphs {
     /// A registry with one ONNX graph under `name`; a batched one is bound to each request, so
     /// its batch queue knows which sandboxes are still to compute.
     pub fn single_onnx(name: impl Into<String>, graph: OnnxGraph) -> Self {
-        if graph.batching().max_batch <= 1 {
+        if !graph.batching().is_on() {
             return Self::single(name, graph.into_wasi_nn());
         }
         let mut entries = HashMap::new();

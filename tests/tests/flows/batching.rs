@@ -44,12 +44,24 @@ fn pooled(out: &[NamedTensor], seq: usize) -> anyhow::Result<Vec<f32>> {
     Ok(sum.iter().map(|s| s / norm).collect())
 }
 
-#[test]
-fn a_stacked_run_gives_each_request_what_it_gets_alone_whatever_it_is_stacked_with() -> anyhow::Result<()> {
+/// Runs `graph` on one sentence's inputs and answers its embedding.
+fn embed(graph: &OnnxGraph, inputs: Vec<NamedTensor>) -> anyhow::Result<Vec<f32>> {
+    let seq = inputs.first().map_or(0, |t| t.tensor.dimensions[1] as usize);
+    pooled(&graph.run(inputs)?, seq)
+}
+
+/// ONNX Runtime loaded, and the sample package's graph bytes and tokenizer.
+fn minilm() -> anyhow::Result<(Vec<u8>, tokenizers::Tokenizer)> {
     div_nn::init_onnx_runtime(&ort_dylib()?)?;
     let bytes = std::fs::read(minilm_dir().join("model.onnx"))?;
     let tok = tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((bytes, tok))
+}
+
+#[test]
+fn a_stacked_run_gives_each_request_what_it_gets_alone_whatever_it_is_stacked_with() -> anyhow::Result<()> {
+    let (bytes, tok) = minilm()?;
     let config = OnnxConfig { sessions: 1, intra_threads: 1, ..Default::default() };
     let alone = OnnxGraph::load(&bytes, config)?;
     // a window no machine reaches: a run starts when every announced request has arrived, so
@@ -73,11 +85,7 @@ fn a_stacked_run_gives_each_request_what_it_gets_alone_whatever_it_is_stacked_wi
         vec![long.clone(), probe.clone()],
         texts.iter().take(7).cloned().chain([probe.clone(), long.clone()]).collect(),
     ];
-    let solo = |text: &str| -> anyhow::Result<Vec<f32>> {
-        let inp = inputs(&tok, text)?;
-        let seq = inp[0].tensor.dimensions[1] as usize;
-        pooled(&alone.run(inp)?, seq)
-    };
+    let solo = |text: &str| embed(&alone, inputs(&tok, text)?);
     let mut worst = 1.0f64;
     for crowd in &crowds {
         runs.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -88,11 +96,7 @@ fn a_stacked_run_gives_each_request_what_it_gets_alone_whatever_it_is_stacked_wi
             .zip(requests)
             .map(|((text, _), graph)| {
                 let inp = inputs(&tok, text);
-                std::thread::spawn(move || -> anyhow::Result<Vec<f32>> {
-                    let inp = inp?;
-                    let seq = inp[0].tensor.dimensions[1] as usize;
-                    pooled(&graph.run(inp)?, seq)
-                })
+                std::thread::spawn(move || embed(&graph, inp?))
             })
             .collect();
         let outs = threads
@@ -117,19 +121,14 @@ fn a_stacked_run_gives_each_request_what_it_gets_alone_whatever_it_is_stacked_wi
     eprintln!("worst cosine, stacked vs alone: {worst:.9}");
     // a lone request on the batched graph runs by itself, at once
     runs.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    let inp = inputs(&tok, &probe.0)?;
-    let seq = inp[0].tensor.dimensions[1] as usize;
-    assert!(cosine(&pooled(&stacked.for_request().run(inp)?, seq)?, &solo(&probe.0)?) >= 0.99999);
+    assert!(cosine(&embed(&stacked.for_request(), inputs(&tok, &probe.0)?)?, &solo(&probe.0)?) >= 0.99999);
     assert_eq!(*runs.lock().unwrap_or_else(|p| p.into_inner()), vec![1]);
     Ok(())
 }
 
 #[test]
 fn a_malformed_request_is_refused_before_it_can_spoil_a_shared_run() -> anyhow::Result<()> {
-    div_nn::init_onnx_runtime(&ort_dylib()?)?;
-    let bytes = std::fs::read(minilm_dir().join("model.onnx"))?;
-    let tok = tokenizers::Tokenizer::from_file(minilm_dir().join("tokenizer.json"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (bytes, tok) = minilm()?;
     let graph = OnnxGraph::load_batched(
         &bytes,
         OnnxConfig { sessions: 1, intra_threads: 1, ..Default::default() },
@@ -139,7 +138,7 @@ fn a_malformed_request_is_refused_before_it_can_spoil_a_shared_run() -> anyhow::
     let text = "A sentence that shares nothing with a malformed neighbour.";
     let inp = inputs(&tok, text)?;
     let seq = inp[0].tensor.dimensions[1] as usize;
-    let ok = std::thread::spawn(move || graph_run(&good, inp, seq));
+    let ok = std::thread::spawn(move || embed(&good, inp));
     // a mask one position short: refused with its reason, and it releases the waiting run
     let mut wrong = inputs(&tok, text)?;
     wrong[1].tensor = Tensor::new(vec![1, seq as u32 - 1], TensorType::I64, vec![0; (seq - 1) * 8]);
@@ -150,17 +149,13 @@ fn a_malformed_request_is_refused_before_it_can_spoil_a_shared_run() -> anyhow::
     Ok(())
 }
 
-fn graph_run(g: &OnnxGraph, inp: Vec<NamedTensor>, seq: usize) -> anyhow::Result<Vec<f32>> {
-    pooled(&g.run(inp)?, seq)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_api_callers_share_runs_and_get_the_answers_they_get_alone() -> anyhow::Result<()> {
     let host = TestHost::start(div_api::ApiConfig { max_concurrency: 256, ..Default::default() }).await?;
     host.load_minilm().await?;
     let model = host.store.get("all-minilm-l6-v2").ok_or_else(|| anyhow::anyhow!("not loaded"))?;
     assert!(
-        model.graph.onnx().is_some_and(|g| g.batching().max_batch > 1),
+        model.graph.onnx().is_some_and(|g| g.batching().is_on()),
         "the sample manifest turns batching on"
     );
     let texts: Vec<String> = minilm_reference()?.items.into_iter().map(|i| i.input).take(16).collect();

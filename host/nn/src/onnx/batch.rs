@@ -45,7 +45,8 @@ impl BatchConfig {
     /// No batching: each `compute` runs alone, on the next free session.
     pub const OFF: Self = Self { max_batch: 1, window: Duration::ZERO };
 
-    fn on(&self) -> bool {
+    /// Whether runs may stack more than one row.
+    pub fn is_on(&self) -> bool {
         self.max_batch > 1
     }
 }
@@ -215,14 +216,14 @@ impl<S> Coalescer<S> {
 
     /// A sandbox of the graph now exists and will likely compute.
     pub(crate) fn expect(&self) {
-        if self.config.on() {
+        if self.config.is_on() {
             self.lock().expected += 1;
         }
     }
 
     /// That sandbox has computed, or ended without computing.
     pub(crate) fn arrived(&self) {
-        if self.config.on() {
+        if self.config.is_on() {
             let mut q = self.lock();
             q.expected = q.expected.saturating_sub(1);
             drop(q);
@@ -245,7 +246,7 @@ impl<S> Coalescer<S> {
         let id = q.next;
         q.next += 1;
         q.pending.push_back(Queued { id, job, since: Instant::now() });
-        if announced && self.config.on() {
+        if announced && self.config.is_on() {
             q.expected = q.expected.saturating_sub(1);
         }
         self.wake.notify_all();
@@ -270,7 +271,7 @@ impl<S> Coalescer<S> {
         observe: &dyn Fn(RunReport),
     ) -> MutexGuard<'a, Queue<S>> {
         let Some(mut session) = q.sessions.pop() else { return q };
-        if self.config.on() && q.pending.front().is_some_and(|j| j.job.shape.is_some()) {
+        if self.config.is_on() && q.pending.front().is_some_and(|j| j.job.shape.is_some()) {
             q.gathering = true;
             let until = Instant::now() + self.config.window;
             loop {
@@ -319,7 +320,7 @@ impl<S> Coalescer<S> {
     /// (rows, and elements once padded to the longest sequence).
     fn take(&self, pending: &mut VecDeque<Queued>) -> Vec<Queued> {
         let Some(first) = pending.pop_front() else { return Vec::new() };
-        let Some((mut rows, mut seq)) = first.job.shape.filter(|_| self.config.on()) else {
+        let Some((mut rows, mut seq)) = first.job.shape.filter(|_| self.config.is_on()) else {
             return vec![first];
         };
         let mut taken = vec![first];
@@ -395,21 +396,16 @@ pub(crate) fn split(plan: &Plan, outputs: &[NamedTensor], jobs: &[Job], seq: usi
             answers.push(Err(NnError::Inference("a request that cannot be batched was batched".into())));
             continue;
         };
-        let mut mine = Vec::with_capacity(outputs.len());
-        for o in outputs {
-            let axes = plan.seq_axes.get(&o.name).map(Vec::as_slice).unwrap_or_default();
-            match cut(&o.tensor, row0, rows, axes, seq, own_seq) {
-                Ok(t) => mine.push(NamedTensor { name: o.name.clone(), tensor: t }),
-                Err(e) => {
-                    mine.clear();
-                    answers.push(Err(e));
-                    break;
-                }
-            }
-        }
-        if !mine.is_empty() || outputs.is_empty() {
-            answers.push(Ok(mine));
-        }
+        answers.push(
+            outputs
+                .iter()
+                .map(|o| {
+                    let axes = plan.seq_axes.get(&o.name).map(Vec::as_slice).unwrap_or_default();
+                    let tensor = cut(&o.tensor, row0, rows, axes, seq, own_seq)?;
+                    Ok(NamedTensor { name: o.name.clone(), tensor })
+                })
+                .collect(),
+        );
         row0 += rows;
     }
     answers

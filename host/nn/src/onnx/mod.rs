@@ -5,8 +5,8 @@
 //! (name, element type, rank, fixed dimensions, byte length) and turns a mismatch into
 //! [`NnError::InvalidInput`]; it then borrows a session from the graph's pool, runs it and copies
 //! the outputs back as tensors. ONNX Runtime's `Run` is thread-safe, but `ort`'s binding takes
-//! `&mut Session`, so a graph keeps one session per worker (default: one per core, each free to use
-//! every core, spinning off) and concurrent requests never wait on a single global lock.
+//! `&mut Session`, so a graph keeps one session per worker (default: one per core, one thread each,
+//! spinning off) and concurrent requests never wait on a single global lock.
 //!
 //! Concurrent requests on one graph may share a run ([`batch`], opt-in per model): their
 //! sandboxes stay apart, only the backend's matrix work is done once for all of them.
@@ -191,7 +191,7 @@ impl OnnxGraph {
             sessions.push(session);
         }
         let (inputs, outputs) = sessions.first().map(declared).unwrap_or_default();
-        let plan = if batching.max_batch > 1 {
+        let plan = if batching.is_on() {
             Some(Plan::new(&inputs, &outputs).map_err(|e| NnError::Load(format!("batching: {e}")))?)
         } else {
             None
@@ -222,7 +222,7 @@ impl OnnxGraph {
     /// This graph as one request's sandbox sees it: until that sandbox computes (or ends), a run
     /// that could take its input waits for it, within the batch window.
     pub fn for_request(&self) -> Self {
-        if self.batching().max_batch <= 1 {
+        if !self.batching().is_on() {
             return self.clone();
         }
         self.shared.queue.expect();
@@ -282,7 +282,7 @@ impl OnnxGraph {
             ordered.push(t);
         }
         // a batched graph declares every input [batch, sequence]: they must agree
-        if self.batching().max_batch > 1
+        if self.batching().is_on()
             && let Some(first) = ordered.first()
             && let Some(other) = ordered.iter().find(|t| t.tensor.dimensions != first.tensor.dimensions)
         {
@@ -312,13 +312,14 @@ impl OnnxGraph {
             let started = Instant::now();
             let answers = match (jobs, plan) {
                 ([one], _) => vec![infer(session, specs, &one.inputs)],
-                (many, Some(plan)) => match batch::stack(specs, many) {
-                    Ok((stacked, seq)) => match infer(session, specs, &stacked) {
-                        Ok(outputs) => batch::split(plan, &outputs, many, seq),
+                (many, Some(plan)) => {
+                    let ran = batch::stack(specs, many)
+                        .and_then(|(stacked, seq)| Ok((infer(session, specs, &stacked)?, seq)));
+                    match ran {
+                        Ok((outputs, seq)) => batch::split(plan, &outputs, many, seq),
                         Err(e) => many.iter().map(|_| Err(NnError::Inference(e.to_string()))).collect(),
-                    },
-                    Err(e) => many.iter().map(|_| Err(NnError::Inference(e.to_string()))).collect(),
-                },
+                    }
+                }
                 (many, None) => many.iter().map(|j| infer(session, specs, &j.inputs)).collect(),
             };
             (answers, started.elapsed())
