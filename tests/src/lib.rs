@@ -68,6 +68,15 @@ pub fn minilm_reference() -> anyhow::Result<Reference> {
     Ok(serde_json::from_str(&text)?)
 }
 
+/// The sum of the Prometheus samples in `text` whose line starts with `name` and contains `with`
+/// (a label, or "" for every series of the metric).
+pub fn metric(text: &str, name: &str, with: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(with))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Cosine similarity.
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use div_api::ApiConfig;
-use div_tests::{CHAT_MODEL as CHAT, TestHost, chat_prompt, llama_greedy, workspace_root};
+use div_tests::{CHAT_MODEL as CHAT, TestHost, chat_prompt, llama_greedy, metric, workspace_root};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -19,13 +19,6 @@ async fn post(url: &str, route: &str, body: Value) -> anyhow::Result<(StatusCode
 /// The `data:` payloads of an SSE body, in order.
 fn events(body: &str) -> Vec<String> {
     body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect()
-}
-
-fn metric(text: &str, name: &str, with: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(with))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -19,6 +19,7 @@ use crate::div;
 use crate::rig::paid::{Paid, code, now, permit_json};
 use crate::rig::{HOST, OWNER, Proc, free_port, hex_key, misbehave_wasm};
 use crate::stack::Shared;
+use div_tests::metric;
 
 async fn post(url: &str, path: &str, body: &Value, bearer: Option<&str>) -> anyhow::Result<(u16, Value)> {
     let mut r = reqwest::Client::new().post(format!("{url}{path}")).json(body);
@@ -29,13 +30,6 @@ async fn post(url: &str, path: &str, body: &Value, bearer: Option<&str>) -> anyh
     let status = r.status().as_u16();
     let text = r.text().await?;
     Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
-}
-
-fn metric(text: &str, name: &str, with: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(with))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 fn rss_kib(pid: u32) -> u64 {

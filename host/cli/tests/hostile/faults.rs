@@ -11,6 +11,7 @@ use anyhow::Context;
 use div_chain::bindings::{IPaymentStream, PaymentStream};
 use div_chain::{SpendingPermit, permit_domain, sign_permit};
 use div_meter::Receipt;
+use div_tests::metric;
 use serde_json::{Value, json};
 
 use crate::div;
@@ -51,13 +52,6 @@ async fn host_nonce(p: &Paid) -> anyhow::Result<(u64, u64)> {
         provider.get_transaction_count(who).latest().await?,
         provider.get_transaction_count(who).pending().await?,
     ))
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// 15.8: a settlement with nothing left to move is not sent (no gas), and one that was mined
@@ -222,7 +216,7 @@ pub async fn settlement_heals_after_the_rpc_refuses_then_hangs(_shared: Arc<Shar
         receipts.extend(c.await??);
     }
     let metrics = reqwest::get(format!("{}/metrics", p.url)).await?.text().await?;
-    let failures = metric(&metrics, "div_settle_failures_total");
+    let failures = metric(&metrics, "div_settle_failures_total", "");
     assert!(failures >= 1.0, "the outage's failed rounds were not counted");
     // settlement resumes by itself
     let hash = permit.signing_hash(&permit_domain(31337, p.rig.chain.deployment.payment_stream));

@@ -364,13 +364,8 @@ async fn batch_mates_cannot_change_an_answer(url: &str) -> anyhow::Result<()> {
     };
     let probe = "The vault keeps the weights; a host sees them only in memory.".to_string();
     let alone = embed_text(probe.clone()).await?;
-    let runs = |m: &str, what: &str| -> f64 {
-        m.lines()
-            .filter(|l| {
-                l.starts_with(&format!("div_backend_batch_requests_{what}")) && l.contains("all-minilm-l6-v2")
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+    let runs = |m: &str, what: &str| {
+        div_tests::metric(m, &format!("div_backend_batch_requests_{what}"), "all-minilm-l6-v2")
     };
     let before = reqwest::get(format!("{url}/metrics")).await?.text().await?;
     let mut tasks = Vec::new();
