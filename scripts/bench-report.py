@@ -49,6 +49,7 @@ head = (f"# DIV benchmark results\n\nMeasured by `make bench` in one run on {mac
 # the goals the issues name, judged on this run's numbers
 GOALS = [
     ("gas_per_request_at_1000", "<=", 100, "settlement gas per request, one permit covering 1000 requests"),
+    ("gas_per_request_batch100x100", "<=", 250, "settlement gas per request, 100 permits × 100 requests in one settleBatch (permits settled before)"),
     ("sandbox_ratio_b1", "<=", 1.02, "embeddings through the sandbox ÷ backend directly, batch 1"),
     ("sandbox_ratio_b32", "<=", 1.02, "embeddings through the sandbox ÷ backend directly, batch 32"),
     ("instantiate_p50_us", "<=", 10, "sandbox instantiate p50 (µs)"),

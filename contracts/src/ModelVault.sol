@@ -7,6 +7,7 @@ import {
 import {Initializable} from "@openzeppelin/contracts-upgradeable/proxy/utils/Initializable.sol";
 import {UUPSUpgradeable} from "@openzeppelin/contracts-upgradeable/proxy/utils/UUPSUpgradeable.sol";
 import {IModelVault} from "./interfaces/IModelVault.sol";
+import {IPaymentStream} from "./interfaces/IPaymentStream.sol";
 
 /// @title ModelVault
 /// @notice The registry of encrypted models. A model id is `keccak256(abi.encode(owner, name))`,
@@ -60,14 +61,14 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
         if (owner_ != msg.sender) revert NotModelOwner(modelId, msg.sender);
     }
 
-    /// @notice Governance: the payment contract that may count settled inferences.
+    /// @notice Governance: the payment contract whose settled-request counts `getModel` reports.
     function setPaymentStream(address paymentStream_) external onlyOwner {
         if (paymentStream_ == address(0)) revert ZeroAddress();
         _s().paymentStream = paymentStream_;
         emit PaymentStreamSet(paymentStream_);
     }
 
-    /// @notice The payment contract that may count settled inferences.
+    /// @notice The payment contract whose settled-request counts `getModel` reports.
     function paymentStream() external view returns (address) {
         return _s().paymentStream;
     }
@@ -180,25 +181,6 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
     }
 
     /// @inheritdoc IModelVault
-    function recordInferences(bytes32 modelId, address host, uint64 count) external returns (address payout) {
-        VaultStorage storage $ = _s();
-        if (msg.sender != $.paymentStream) revert NotPaymentStream(msg.sender);
-        Model storage m = $.models[modelId];
-        payout = m.payout;
-        if (payout == address(0)) revert ModelNotFound(modelId);
-        if (!$.everAuthorized[modelId][host]) revert HostNeverAuthorized(modelId, host);
-        // Saturate: the count comes from a host's settlement, and anyone may sign a zero-cap permit
-        // for any model naming themselves as host, so an overflow here would let them block every
-        // later settlement of the model.
-        uint64 total = m.totalInferences;
-        unchecked {
-            total = count > type(uint64).max - total ? type(uint64).max : total + count;
-        }
-        m.totalInferences = total;
-        emit InferencesRecorded(modelId, count, total);
-    }
-
-    /// @inheritdoc IModelVault
     function isHostAuthorized(bytes32 modelId, address host) external view returns (bool) {
         VaultStorage storage $ = _s();
         return $.models[modelId].active && $.hosts[modelId][host];
@@ -210,9 +192,21 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
     }
 
     /// @inheritdoc IModelVault
+    /// @dev Settlement counts requests in the payment contract, beside the permit state it writes
+    /// anyway (a call into this contract per settlement cost ~20k gas); the stored count is what
+    /// this contract counted before that moved.
     function getModel(bytes32 modelId) external view returns (Model memory m) {
-        m = _s().models[modelId];
+        VaultStorage storage $ = _s();
+        m = $.models[modelId];
         if (m.owner == address(0)) revert ModelNotFound(modelId);
+        address stream = $.paymentStream;
+        if (stream != address(0)) {
+            uint64 counted = IPaymentStream(stream).inferencesOf(modelId);
+            unchecked {
+                uint64 stored = m.totalInferences;
+                m.totalInferences = counted > type(uint64).max - stored ? type(uint64).max : stored + counted;
+            }
+        }
     }
 
     /// @inheritdoc IModelVault

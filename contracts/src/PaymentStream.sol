@@ -5,6 +5,7 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {IERC20Permit} from "@openzeppelin/contracts/token/ERC20/extensions/IERC20Permit.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
+import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {
@@ -25,8 +26,14 @@ import {IPaymentStream} from "./interfaces/IPaymentStream.sol";
 /// `SpendingPermit{user, modelId, host, token, maxAmount, expiry, nonce}`. The host meters requests
 /// off-chain and now and then calls `settle` (or `settleBatch`) with the permit's latest
 /// *cumulative* amount and request count. Only the difference to what was settled before moves,
-/// from the user's balance to the model's payout address, so a settlement that was mined but not
-/// seen can be sent again without paying twice. A permit settles in full or not at all.
+/// from the user's balance to the model's credit, so a settlement that was mined but not seen can
+/// be sent again without paying twice. A permit settles in full or not at all. Anyone may `claim`
+/// a model's credit: all of it goes to the model's payout address in one transfer.
+///
+/// Why credit and claim: a settlement then writes only this contract's storage (the permit's
+/// state, the user's balance, the model's credit and request count) and makes no transfer and no
+/// call that writes, ~40 % less gas than paying out each time. The vault is read once per permit,
+/// at its first settlement, to check that the model's owner authorised the host.
 ///
 /// Time rules: a permit settles until `expiry + settleGrace`; a permit the user revoked settles
 /// until `revokedAt + settleGrace` (requests the host served before it saw the revocation still get
@@ -64,6 +71,9 @@ contract PaymentStream is
         mapping(address user => mapping(address token => uint256)) balances;
         mapping(address user => mapping(address token => PendingWithdrawal)) pending;
         mapping(bytes32 permitHash => PermitState) permits;
+        // v2: settlement credits the model instead of paying it; `claim` pays the credit out
+        mapping(bytes32 modelId => mapping(address token => uint256)) credits;
+        mapping(bytes32 modelId => uint64) inferences;
     }
 
     // keccak256(abi.encode(uint256(keccak256("div.storage.PaymentStream")) - 1)) & ~bytes32(uint256(0xff))
@@ -82,7 +92,7 @@ contract PaymentStream is
     }
 
     /// @param governance may upgrade, whitelist tokens and tune the delays
-    /// @param vault_ the model registry (payout addresses, inference counts)
+    /// @param vault_ the model registry (payout addresses, authorised hosts)
     /// @param tokens stablecoins accepted from the start
     function initialize(address governance, IModelVault vault_, address[] calldata tokens)
         external
@@ -212,11 +222,7 @@ contract PaymentStream is
         if (reason != SkipReason.None) {
             _revertFor(reason, permit, permitHash, cumulativeAmount, cumulativeRequests);
         }
-        address payout = _s().vault
-            .recordInferences(
-                permit.modelId, permit.host, cumulativeRequests - _s().permits[permitHash].settledRequests
-            );
-        amount = _apply(permit, permitHash, payout, cumulativeAmount, cumulativeRequests);
+        amount = _apply(permit, permitHash, cumulativeAmount, cumulativeRequests);
     }
 
     /// @inheritdoc IPaymentStream
@@ -229,7 +235,6 @@ contract PaymentStream is
     {
         uint256 n = settlements.length;
         if (n > MAX_BATCH) revert BatchTooLarge(n, MAX_BATCH);
-        IModelVault vault_ = _s().vault;
         for (uint256 i; i < n; ++i) {
             Settlement calldata e = settlements[i];
             bytes32 permitHash = hashPermit(e.permit);
@@ -239,23 +244,29 @@ contract PaymentStream is
                 emit SettlementSkipped(permitHash, reason);
                 continue;
             }
-            uint64 count = e.cumulativeRequests - _s().permits[permitHash].settledRequests;
-            try vault_.recordInferences(e.permit.modelId, e.permit.host, count) returns (address payout) {
-                _apply(e.permit, permitHash, payout, e.cumulativeAmount, e.cumulativeRequests);
-                ++settledCount;
-            } catch (bytes memory refusal) {
-                emit SettlementSkipped(permitHash, _vaultSkipReason(refusal));
-            }
+            _apply(e.permit, permitHash, e.cumulativeAmount, e.cumulativeRequests);
+            ++settledCount;
         }
     }
 
-    /// @dev Which vault refusal a batch entry met; anything else (e.g. out of gas) reads as
-    /// ModelNotFound, the vault's only other refusal.
-    function _vaultSkipReason(bytes memory reason) private pure returns (SkipReason) {
-        if (reason.length >= 4 && bytes4(reason) == IModelVault.HostNeverAuthorized.selector) {
-            return SkipReason.HostNotAuthorized;
+    /// @inheritdoc IPaymentStream
+    function claim(bytes32 modelId, address token) external nonReentrant returns (uint256 amount) {
+        StreamStorage storage $ = _s();
+        amount = $.credits[modelId][token];
+        if (amount == 0) revert NothingToClaim(modelId, token);
+        address payout = _payoutOf($.vault, modelId);
+        delete $.credits[modelId][token];
+        emit Claimed(modelId, token, payout, amount);
+        IERC20(token).safeTransfer(payout, amount);
+    }
+
+    /// @dev The vault's payout address of the model, with this contract's error when it has none.
+    function _payoutOf(IModelVault vault_, bytes32 modelId) private view returns (address) {
+        try vault_.payoutOf(modelId) returns (address payout) {
+            return payout;
+        } catch {
+            revert ModelNotFound(modelId);
         }
-        return SkipReason.ModelNotFound;
     }
 
     /// @inheritdoc IPaymentStream
@@ -268,8 +279,7 @@ contract PaymentStream is
         emit PermitRevokedByUser(permitHash, msg.sender, uint64(block.timestamp));
     }
 
-    /// @dev Every check of a settlement, without side effects. The signature is verified the first
-    /// time a permit settles; after that the stored state proves it was (the hash binds every field).
+    /// @dev Every check of a settlement, without side effects.
     function _check(
         SpendingPermit calldata permit,
         bytes32 permitHash,
@@ -292,9 +302,19 @@ contract PaymentStream is
             return SkipReason.NothingToSettle;
         }
         if (cumulativeAmount < st.settledAmount) return SkipReason.NothingToSettle;
-        bool verified = st.settledAmount != 0 || st.settledRequests != 0;
-        if (!verified && !SignatureChecker.isValidSignatureNow(permit.user, permitHash, signature)) {
-            return SkipReason.BadSignature;
+        // The first settlement of a permit checks the signature and that the model's owner
+        // authorised the host; after that the stored state proves both (the hash binds every field).
+        if (st.settledAmount == 0 && st.settledRequests == 0) {
+            if (!_isUsersSignature(permit.user, permitHash, signature)) return SkipReason.BadSignature;
+            IModelVault vault_ = $.vault;
+            if (!vault_.wasHostAuthorized(permit.modelId, permit.host)) {
+                // never authorised: the host, or the model does not exist
+                try vault_.payoutOf(permit.modelId) returns (address payout) {
+                    return payout == address(0) ? SkipReason.ModelNotFound : SkipReason.HostNotAuthorized;
+                } catch {
+                    return SkipReason.ModelNotFound;
+                }
+            }
         }
         uint256 delta = cumulativeAmount - st.settledAmount;
         uint256 balance = $.balances[permit.user][permit.token];
@@ -302,11 +322,24 @@ contract PaymentStream is
         return SkipReason.None;
     }
 
-    /// @dev Moves the checked difference to `payout`: effects first, the transfer last.
+    /// @dev An ECDSA signature by `user`'s key, or else one `user` accepts by ERC-1271. Recovering
+    /// first spares the common case the look at `user`'s code (a cold account, 2.6k gas) that
+    /// `SignatureChecker.isValidSignatureNow` starts with; an ERC-1271 call to an account without
+    /// code returns nothing and is refused.
+    function _isUsersSignature(address user, bytes32 permitHash, bytes calldata signature)
+        private
+        view
+        returns (bool)
+    {
+        (address recovered, ECDSA.RecoverError err, bytes32 errArg) = ECDSA.tryRecover(permitHash, signature);
+        if (err == ECDSA.RecoverError.NoError && errArg == 0 && recovered == user) return true;
+        return SignatureChecker.isValidERC1271SignatureNow(user, permitHash, signature);
+    }
+
+    /// @dev Moves the checked difference from the user's balance to the model's credit.
     function _apply(
         SpendingPermit calldata permit,
         bytes32 permitHash,
-        address payout,
         uint128 cumulativeAmount,
         uint64 cumulativeRequests
     ) private returns (uint256 amount) {
@@ -317,18 +350,26 @@ contract PaymentStream is
         st.settledAmount = cumulativeAmount;
         st.settledRequests = cumulativeRequests;
         $.balances[permit.user][permit.token] -= amount;
+        if (amount != 0) $.credits[permit.modelId][permit.token] += amount;
+        if (requests != 0) {
+            // Saturate: a host may settle any count on its own zero-cap permit, and an overflow
+            // here would block every later settlement of the model.
+            uint64 total = $.inferences[permit.modelId];
+            unchecked {
+                total = requests > type(uint64).max - total ? type(uint64).max : total + requests;
+            }
+            $.inferences[permit.modelId] = total;
+        }
         emit Settled(
             permitHash,
             permit.modelId,
             permit.user,
-            payout,
             permit.token,
             amount,
             requests,
             cumulativeAmount,
             cumulativeRequests
         );
-        if (amount != 0) IERC20(permit.token).safeTransfer(payout, amount);
     }
 
     function _revertFor(
@@ -352,6 +393,8 @@ contract PaymentStream is
             revert NothingToSettle(permitHash, cumulativeAmount, st.settledAmount);
         }
         if (reason == SkipReason.BadSignature) revert InvalidSignature(permitHash);
+        if (reason == SkipReason.ModelNotFound) revert ModelNotFound(permit.modelId);
+        if (reason == SkipReason.HostNotAuthorized) revert HostNotAuthorized(permit.modelId, permit.host);
         uint256 balance = _s().balances[permit.user][permit.token];
         revert InsufficientBalance(permit.user, permit.token, balance, cumulativeAmount - st.settledAmount);
     }
@@ -378,6 +421,16 @@ contract PaymentStream is
         return (p.amount, p.readyAt);
     }
 
+    /// @inheritdoc IPaymentStream
+    function claimable(bytes32 modelId, address token) external view returns (uint256) {
+        return _s().credits[modelId][token];
+    }
+
+    /// @inheritdoc IPaymentStream
+    function inferencesOf(bytes32 modelId) external view returns (uint64) {
+        return _s().inferences[modelId];
+    }
+
     /// @notice Whether deposits of `token` are accepted.
     function isTokenAllowed(address token) external view returns (bool) {
         return _s().allowedTokens[token];
@@ -396,6 +449,17 @@ contract PaymentStream is
     /// @notice How long after expiry or revocation a permit still settles.
     function settleGrace() external view returns (uint64) {
         return _s().settleGrace;
+    }
+
+    /// @dev The domain's name and version as constants: `EIP712Upgradeable` would read both from
+    /// storage for every permit hashed (two cold slots, ~4k gas a settlement). The same values
+    /// `initialize` stored, so the domain, and every permit signed for it, is unchanged.
+    function _EIP712Name() internal pure override returns (string memory) {
+        return "DIV PaymentStream";
+    }
+
+    function _EIP712Version() internal pure override returns (string memory) {
+        return "1";
     }
 
     function _authorizeUpgrade(address) internal override onlyOwner {}

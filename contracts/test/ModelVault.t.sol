@@ -6,7 +6,9 @@ import {OwnableUpgradeable} from "@openzeppelin/contracts-upgradeable/access/Own
 import {Initializable} from "@openzeppelin/contracts-upgradeable/proxy/utils/Initializable.sol";
 import {DivProxy} from "../src/DivProxy.sol";
 import {ModelVault} from "../src/ModelVault.sol";
+import {PaymentStream} from "../src/PaymentStream.sol";
 import {IModelVault} from "../src/interfaces/IModelVault.sol";
+import {IPaymentStream} from "../src/interfaces/IPaymentStream.sol";
 import {Fixture} from "./utils/Fixture.sol";
 import {ModelVaultV2} from "./utils/UpgradeMocks.sol";
 
@@ -498,78 +500,38 @@ contract ModelVaultTest is Fixture {
         vault.transferModelOwnership(UNKNOWN_MODEL, stranger);
     }
 
-    // ------------------------------------------------------------ recordInferences
+    // ------------------------------------------------------------ settled-request count
 
-    function test_recordInferences_countsAndReturnsPayout() public {
-        vm.expectEmit(address(vault));
-        emit IModelVault.InferencesRecorded(modelId, 5, 5);
-        vm.prank(address(stream));
-        assertEq(vault.recordInferences(modelId, host, 5), payout);
-        vm.expectEmit(address(vault));
-        emit IModelVault.InferencesRecorded(modelId, 0, 5);
-        vm.prank(address(stream));
-        vault.recordInferences(modelId, host, 0);
-        vm.prank(address(stream));
-        vault.recordInferences(modelId, host, 7);
+    /// @dev Settles `requests` requests (and as many micro-units) on a fresh permit of `user` for
+    /// model `id` through the fixture's payment stream.
+    function _settleRequests(bytes32 id, uint64 requests) internal {
+        fund(user, usdc, requests);
+        IPaymentStream.SpendingPermit memory p = permitFor(user, address(usdc), requests);
+        p.modelId = id;
+        p.nonce = uint256(keccak256(abi.encode(id, requests, block.timestamp)));
+        bytes memory signature = signPermit(USER_KEY, p);
+        vm.prank(host);
+        stream.settle(p, signature, requests, requests);
+    }
+
+    function test_getModel_countsRequestsThePaymentStreamSettled() public {
+        _settleRequests(modelId, 5);
+        _settleRequests(modelId, 7);
         assertEq(vault.getModel(modelId).totalInferences, 12);
     }
 
-    function test_recordInferences_countsForInactiveModel() public {
+    function test_getModel_countsForAnInactiveModel() public {
+        _settleRequests(modelId, 3);
         vm.prank(modelOwner);
         vault.setActive(modelId, false);
-        vm.prank(address(stream));
-        vault.recordInferences(modelId, host, 3);
         assertEq(vault.getModel(modelId).totalInferences, 3);
     }
 
-    function test_recordInferences_saturatesInsteadOfOverflowing() public {
-        vm.startPrank(address(stream));
-        vault.recordInferences(modelId, host, type(uint64).max - 1);
-        vm.expectEmit(address(vault));
-        emit IModelVault.InferencesRecorded(modelId, 5, type(uint64).max);
-        vault.recordInferences(modelId, host, 5);
-        vault.recordInferences(modelId, host, type(uint64).max);
-        vm.stopPrank();
-        assertEq(vault.getModel(modelId).totalInferences, type(uint64).max);
-    }
-
-    function test_recordInferences_revertsForOthers() public {
-        vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, modelOwner));
-        vm.prank(modelOwner);
-        vault.recordInferences(modelId, host, 1);
-        vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, governance));
-        vm.prank(governance);
-        vault.recordInferences(modelId, host, 1);
-    }
-
-    function test_recordInferences_revertsForAHostNeverAuthorized() public {
-        vm.expectRevert(abi.encodeWithSelector(IModelVault.HostNeverAuthorized.selector, modelId, stranger));
-        vm.prank(address(stream));
-        vault.recordInferences(modelId, stranger, 1);
-        assertEq(vault.getModel(modelId).totalInferences, 0);
-    }
-
-    function test_recordInferences_countsForARevokedHost() public {
-        vm.prank(modelOwner);
-        vault.revokeHost(modelId, host);
-        assertFalse(vault.isHostAuthorized(modelId, host));
-        assertTrue(vault.wasHostAuthorized(modelId, host));
-        vm.prank(address(stream));
-        vault.recordInferences(modelId, host, 2);
-        assertEq(vault.getModel(modelId).totalInferences, 2);
-    }
-
-    function test_recordInferences_revertsForUnknownModel() public {
-        vm.expectRevert(_notFound(UNKNOWN_MODEL));
-        vm.prank(address(stream));
-        vault.recordInferences(UNKNOWN_MODEL, host, 1);
-    }
-
-    function test_recordInferences_revertsBeforePaymentStreamIsSet() public {
+    function test_getModel_countsNothingBeforeAPaymentStreamIsSet() public {
         ModelVault fresh = deployVault(governance);
-        vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, address(stream)));
-        vm.prank(address(stream));
-        fresh.recordInferences(modelId, host, 1);
+        vm.prank(modelOwner);
+        bytes32 id = fresh.registerModel(modelConfig(MODEL_NAME, address(accessToken), payout));
+        assertEq(fresh.getModel(id).totalInferences, 0);
     }
 
     // ------------------------------------------------------------ setPaymentStream
@@ -580,13 +542,14 @@ contract ModelVaultTest is Fixture {
         vm.prank(governance);
         vault.setPaymentStream(stranger);
         assertEq(vault.paymentStream(), stranger);
+    }
 
-        // the old payment contract lost the right to record
-        vm.expectRevert(abi.encodeWithSelector(IModelVault.NotPaymentStream.selector, address(stream)));
-        vm.prank(address(stream));
-        vault.recordInferences(modelId, host, 1);
-        vm.prank(stranger);
-        vault.recordInferences(modelId, host, 1);
+    function test_setPaymentStream_getModelReadsTheNewOnesCount() public {
+        _settleRequests(modelId, 4);
+        PaymentStream next = deployStream(governance, vault, twoTokens(address(usdc), address(usdfc)));
+        vm.prank(governance);
+        vault.setPaymentStream(address(next));
+        assertEq(vault.getModel(modelId).totalInferences, 0);
     }
 
     function test_setPaymentStream_revertsOnZeroAddress() public {
@@ -660,8 +623,7 @@ contract ModelVaultTest is Fixture {
         vm.stopPrank();
         vm.prank(stranger);
         vault.authorizeHost(second, host);
-        vm.prank(address(stream));
-        vault.recordInferences(second, host, 9);
+        _settleRequests(second, 9);
 
         ModelVaultV2 next = new ModelVaultV2();
         vm.expectEmit(address(vault));

@@ -20,6 +20,11 @@ contract PaymentStreamFuzzTest is Fixture {
         fund(secondStream, user, usdc, DEPOSIT);
     }
 
+    /// @dev What the fixture's model earned in USDC: paid out by claims plus still to claim.
+    function _earned() internal view returns (uint256) {
+        return usdc.balanceOf(payout) + stream.claimable(modelId, address(usdc));
+    }
+
     function _settle(
         IPaymentStream.SpendingPermit memory p,
         bytes memory sig,
@@ -54,7 +59,7 @@ contract PaymentStreamFuzzTest is Fixture {
         _settle(p, abi.encodePacked(r, sHigh, vHigh), u128(amount), 1);
 
         assertEq(_settle(p, abi.encodePacked(r, s, v), u128(amount), 1), amount);
-        assertEq(usdc.balanceOf(payout), amount);
+        assertEq(_earned(), amount);
     }
 
     function testFuzz_settle_rejectsReplayOnAnotherChain(uint256 newChainId, uint256 amount) public {
@@ -135,7 +140,7 @@ contract PaymentStreamFuzzTest is Fixture {
         vm.expectRevert(_invalidSignature(h));
         _settle(p, sig, amount, 1);
         assertEq(stream.permitState(h).settledAmount, 0);
-        assertEq(usdc.balanceOf(payout), 0);
+        assertEq(_earned(), 0);
     }
 
     // ------------------------------------------------------------ time windows
@@ -198,7 +203,7 @@ contract PaymentStreamFuzzTest is Fixture {
             abi.encodeWithSelector(IPaymentStream.ExceedsPermitCap.selector, h, cumulative, maxAmount)
         );
         _settle(p, sig, u128(cumulative), 2);
-        assertEq(usdc.balanceOf(payout), first);
+        assertEq(_earned(), first);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT - first);
     }
 
@@ -211,13 +216,13 @@ contract PaymentStreamFuzzTest is Fixture {
         uint256 settled;
         for (uint64 i; i < steps.length; ++i) {
             uint256 next = bound(steps[i], settled, cap);
-            uint256 before = usdc.balanceOf(payout);
+            uint256 before = _earned();
             // the request count always grows, so even an unchanged amount settles
             assertEq(_settle(p, sig, u128(next), i + 1), next - settled);
-            assertEq(usdc.balanceOf(payout) - before, next - settled);
+            assertEq(_earned() - before, next - settled);
             settled = next;
         }
-        assertEq(usdc.balanceOf(payout), settled);
+        assertEq(_earned(), settled);
         assertEq(stream.permitState(stream.hashPermit(p)).settledAmount, settled);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT - settled);
         assertLe(settled, cap);
@@ -238,11 +243,11 @@ contract PaymentStreamFuzzTest is Fixture {
             );
             _settle(p, sig, u128(cumulative), 1);
             assertEq(stream.getBalance(otherUser, address(usdc)), balance);
-            assertEq(usdc.balanceOf(payout), 0);
+            assertEq(_earned(), 0);
         } else {
             assertEq(_settle(p, sig, u128(cumulative), 1), cumulative);
             assertEq(stream.getBalance(otherUser, address(usdc)), balance - cumulative);
-            assertEq(usdc.balanceOf(payout), cumulative);
+            assertEq(_earned(), cumulative);
         }
     }
 
@@ -307,10 +312,14 @@ contract PaymentStreamFuzzTest is Fixture {
         assertLe(r.paid, r.cap);
         assertEq(r.withdrawn + r.paid + left, r.deposit);
         assertEq(usdc.balanceOf(otherUser), r.withdrawn);
-        assertEq(usdc.balanceOf(payout), r.paid);
-        assertEq(usdc.balanceOf(address(stream)), DEPOSIT + left);
+        assertEq(_earned(), r.paid);
+        assertEq(usdc.balanceOf(address(stream)), DEPOSIT + left + stream.claimable(modelId, address(usdc)));
         // a charge the balance covered was paid in full, one it did not was not paid at all
         assertTrue(r.paid == 0 || r.paid == r.charge);
+        // and the claim pays exactly that to the payout
+        if (r.paid != 0) stream.claim(modelId, address(usdc));
+        assertEq(usdc.balanceOf(payout), r.paid);
+        assertEq(usdc.balanceOf(address(stream)), DEPOSIT + left);
     }
 
     function _trySettle(IPaymentStream.SpendingPermit memory p, bytes memory sig, uint256 charge)

@@ -12,6 +12,7 @@ import {IModelVault} from "../src/interfaces/IModelVault.sol";
 import {IPaymentStream} from "../src/interfaces/IPaymentStream.sol";
 import {Fixture} from "./utils/Fixture.sol";
 import {TestWallet} from "./utils/TestWallet.sol";
+import {Vm} from "./utils/Vm.sol";
 import {PaymentStreamV2} from "./utils/UpgradeMocks.sol";
 
 contract PaymentStreamTest is Fixture {
@@ -51,6 +52,11 @@ contract PaymentStreamTest is Fixture {
     function _permitWithNonce(uint256 nonce) internal view returns (IPaymentStream.SpendingPermit memory p) {
         p = permitFor(user, address(usdc), CAP);
         p.nonce = nonce;
+    }
+
+    /// @dev What settlement credited to the fixture's model in `token`, not yet claimed.
+    function _credit(DevStablecoin token) internal view returns (uint256) {
+        return stream.claimable(modelId, address(token));
     }
 
     function _totalInferences() internal view returns (uint64) {
@@ -444,9 +450,9 @@ contract PaymentStreamTest is Fixture {
         vm.prank(user);
         assertEq(stream.withdraw(address(usdc)), 50e6);
         assertEq(usdc.balanceOf(user), 50e6);
-        assertEq(usdc.balanceOf(payout), 50e6);
+        assertEq(_credit(usdc), 50e6);
         assertEq(stream.getBalance(user, address(usdc)), 0);
-        assertEq(usdc.balanceOf(address(stream)), 0);
+        assertEq(usdc.balanceOf(address(stream)), 50e6);
     }
 
     function test_withdraw_paysNothingWhenBalanceWasSettledAway() public {
@@ -574,15 +580,13 @@ contract PaymentStreamTest is Fixture {
     }
 
     function test_settle_paysPayoutExactDelta() public {
-        vm.expectEmit(address(vault));
-        emit IModelVault.InferencesRecorded(modelId, 4, 4);
         vm.expectEmit(address(stream));
-        emit IPaymentStream.Settled(permitHash, modelId, user, payout, address(usdc), 10e6, 4, 10e6, 4);
+        emit IPaymentStream.Settled(permitHash, modelId, user, address(usdc), 10e6, 4, 10e6, 4);
         assertEq(_settle(10e6, 4), 10e6);
 
-        assertEq(usdc.balanceOf(payout), 10e6);
+        assertEq(_credit(usdc), 10e6);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT - 10e6);
-        assertEq(usdc.balanceOf(address(stream)), DEPOSIT - 10e6);
+        assertEq(usdc.balanceOf(address(stream)), DEPOSIT);
         assertEq(usdc.balanceOf(host), 0);
         assertEq(_totalInferences(), 4);
         _assertState(permitHash, 10e6, 4, 0);
@@ -591,23 +595,23 @@ contract PaymentStreamTest is Fixture {
     function test_settle_repeatedCumulativeMovesOnlyTheDifference() public {
         _settle(10e6, 4);
         vm.expectEmit(address(stream));
-        emit IPaymentStream.Settled(permitHash, modelId, user, payout, address(usdc), 15e6, 5, 25e6, 9);
+        emit IPaymentStream.Settled(permitHash, modelId, user, address(usdc), 15e6, 5, 25e6, 9);
         assertEq(_settle(25e6, 9), 15e6);
-        assertEq(usdc.balanceOf(payout), 25e6);
+        assertEq(_credit(usdc), 25e6);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT - 25e6);
         assertEq(_totalInferences(), 9);
 
         // more requests at the same amount: nothing moves, the requests are counted
         vm.expectEmit(address(stream));
-        emit IPaymentStream.Settled(permitHash, modelId, user, payout, address(usdc), 0, 3, 25e6, 12);
+        emit IPaymentStream.Settled(permitHash, modelId, user, address(usdc), 0, 3, 25e6, 12);
         assertEq(_settle(25e6, 12), 0);
-        assertEq(usdc.balanceOf(payout), 25e6);
+        assertEq(_credit(usdc), 25e6);
         assertEq(_totalInferences(), 12);
         _assertState(permitHash, 25e6, 12, 0);
 
         // more amount at the same request count
         assertEq(_settle(26e6, 12), 1e6);
-        assertEq(usdc.balanceOf(payout), 26e6);
+        assertEq(_credit(usdc), 26e6);
         assertEq(_totalInferences(), 12);
     }
 
@@ -616,14 +620,14 @@ contract PaymentStreamTest is Fixture {
         IPaymentStream.SpendingPermit memory p = permitFor(user, address(usdfc), 5e18);
         bytes memory s = signPermit(USER_KEY, p);
         assertEq(_settleAs(host, p, s, 1.25e18, 3), 1.25e18);
-        assertEq(usdfc.balanceOf(payout), 1.25e18);
+        assertEq(_credit(usdfc), 1.25e18);
         assertEq(stream.getBalance(user, address(usdfc)), 8.75e18);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT);
     }
 
     function test_settle_exactlyAtCap() public {
         assertEq(_settle(u128(CAP), 1), CAP);
-        assertEq(usdc.balanceOf(payout), CAP);
+        assertEq(_credit(usdc), CAP);
     }
 
     function test_settle_countsRequestsWithoutCharge() public {
@@ -633,20 +637,20 @@ contract PaymentStreamTest is Fixture {
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT);
     }
 
-    function test_settle_paysTheCurrentPayout() public {
+    function test_settle_creditsTheModelAndPaysNobodyYet() public {
         _settle(10e6, 1);
-        vm.prank(modelOwner);
-        vault.updatePayout(modelId, stranger);
-        _settle(15e6, 2);
-        assertEq(usdc.balanceOf(payout), 10e6);
-        assertEq(usdc.balanceOf(stranger), 5e6);
+        assertEq(usdc.balanceOf(payout), 0);
+        assertEq(usdc.balanceOf(modelOwner), 0);
+        assertEq(usdc.balanceOf(host), 0);
+        assertEq(usdc.balanceOf(address(stream)), DEPOSIT);
+        assertEq(_credit(usdc) + stream.getBalance(user, address(usdc)), DEPOSIT);
     }
 
     function test_settle_signatureIsCheckedOnlyOnFirstSettlement() public {
         _settle(10e6, 1);
         // the stored state proves the permit was signed; later settlements need no signature
         _settleAs(host, permit, "", 20e6, 2);
-        assertEq(usdc.balanceOf(payout), 20e6);
+        assertEq(_credit(usdc), 20e6);
     }
 
     /// @dev Settlement follows the signed permit, not the vault's host list or the model's
@@ -661,8 +665,8 @@ contract PaymentStreamTest is Fixture {
         assertEq(_settle(1e6, 1), 1e6);
     }
 
-    /// @dev Anyone can sign a zero-cap permit for any model naming themselves as host. The vault
-    /// refuses counts from hosts the owner never authorised, so no stranger can inflate
+    /// @dev Anyone can sign a zero-cap permit for any model naming themselves as host. A permit
+    /// whose host the owner never authorised does not settle, so no stranger can inflate
     /// `totalInferences` (or, before the counter saturated, overflow it and block the model).
     function test_settle_strangerHostCannotInflateTheCount() public {
         uint256 attackerKey = 0xBAD;
@@ -677,12 +681,12 @@ contract PaymentStreamTest is Fixture {
             nonce: 0
         });
         bytes memory attackerSig = signPermit(attackerKey, p);
-        vm.expectRevert(abi.encodeWithSelector(IModelVault.HostNeverAuthorized.selector, modelId, attacker));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentStream.HostNotAuthorized.selector, modelId, attacker));
         _settleAs(attacker, p, attackerSig, 0, type(uint64).max);
         assertEq(_totalInferences(), 0);
 
         assertEq(_settle(10e6, 4), 10e6);
-        assertEq(usdc.balanceOf(payout), 10e6);
+        assertEq(_credit(usdc), 10e6);
         assertEq(_totalInferences(), 4);
     }
 
@@ -803,8 +807,8 @@ contract PaymentStreamTest is Fixture {
 
         // all or nothing: not even the part the balance covers moved
         assertEq(stream.getBalance(user, address(usdc)), 40e6);
-        assertEq(usdc.balanceOf(payout), 60e6);
-        assertEq(usdc.balanceOf(address(stream)), 40e6);
+        assertEq(_credit(usdc), 60e6);
+        assertEq(usdc.balanceOf(address(stream)), 100e6);
         assertEq(_totalInferences(), 6);
         _assertState(bigHash, 60e6, 6, 0);
 
@@ -826,7 +830,7 @@ contract PaymentStreamTest is Fixture {
         IPaymentStream.SpendingPermit memory p = permit;
         p.modelId = UNKNOWN_MODEL;
         bytes memory s = signPermit(USER_KEY, p);
-        vm.expectRevert(abi.encodeWithSelector(IModelVault.ModelNotFound.selector, UNKNOWN_MODEL));
+        vm.expectRevert(abi.encodeWithSelector(IPaymentStream.ModelNotFound.selector, UNKNOWN_MODEL));
         _settleAs(host, p, s, 1e6, 1);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT);
     }
@@ -852,7 +856,7 @@ contract PaymentStreamTest is Fixture {
         vm.warp(uint256(revokedAt) + 1 hours + 1);
         vm.expectRevert(abi.encodeWithSelector(IPaymentStream.PermitRevoked.selector, permitHash, revokedAt));
         _settle(15e6, 3);
-        assertEq(usdc.balanceOf(payout), 10e6);
+        assertEq(_credit(usdc), 10e6);
         _assertState(permitHash, 10e6, 2, revokedAt);
     }
 
@@ -886,7 +890,7 @@ contract PaymentStreamTest is Fixture {
         stream.revokePermit(permit);
         vm.warp(block.timestamp + 2 hours);
         _settleAs(host, next, signPermit(USER_KEY, next), 1e6, 1);
-        assertEq(usdc.balanceOf(payout), 1e6);
+        assertEq(_credit(usdc), 1e6);
     }
 
     // ------------------------------------------------------------ ERC-1271 smart accounts
@@ -907,10 +911,10 @@ contract PaymentStreamTest is Fixture {
         bytes memory s = signPermit(WALLET_OWNER_KEY, p);
         bytes32 h = stream.hashPermit(p);
         vm.expectEmit(address(stream));
-        emit IPaymentStream.Settled(h, modelId, address(wallet), payout, address(usdc), 7e6, 2, 7e6, 2);
+        emit IPaymentStream.Settled(h, modelId, address(wallet), address(usdc), 7e6, 2, 7e6, 2);
         assertEq(_settleAs(host, p, s, 7e6, 2), 7e6);
         assertEq(stream.getBalance(address(wallet), address(usdc)), 13e6);
-        assertEq(usdc.balanceOf(payout), 7e6);
+        assertEq(_credit(usdc), 7e6);
     }
 
     function test_settle_smartAccountRejectsOtherSigner() public {
@@ -993,11 +997,9 @@ contract PaymentStreamTest is Fixture {
         for (uint256 i; i < 11; ++i) {
             vm.expectEmit(address(stream));
             if (i == 0) {
-                emit IPaymentStream.Settled(hashes[0], modelId, user, payout, address(usdc), 3e6, 1, 3e6, 1);
+                emit IPaymentStream.Settled(hashes[0], modelId, user, address(usdc), 3e6, 1, 3e6, 1);
             } else if (i == 10) {
-                emit IPaymentStream.Settled(
-                    hashes[10], modelId, user, payout, address(usdfc), 0.5e18, 1, 0.5e18, 1
-                );
+                emit IPaymentStream.Settled(hashes[10], modelId, user, address(usdfc), 0.5e18, 1, 0.5e18, 1);
             } else {
                 emit IPaymentStream.SettlementSkipped(hashes[i], reasons[i]);
             }
@@ -1005,8 +1007,8 @@ contract PaymentStreamTest is Fixture {
         vm.prank(host);
         assertEq(stream.settleBatch(batch), 2);
 
-        assertEq(usdc.balanceOf(payout), 5e6 + 3e6);
-        assertEq(usdfc.balanceOf(payout), 0.5e18);
+        assertEq(_credit(usdc), 5e6 + 3e6);
+        assertEq(_credit(usdfc), 0.5e18);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT - 8e6);
         assertEq(stream.getBalance(user, address(usdfc)), 9.5e18);
         assertEq(_totalInferences(), 5 + 2);
@@ -1027,7 +1029,7 @@ contract PaymentStreamTest is Fixture {
         emit IPaymentStream.SettlementSkipped(permitHash, IPaymentStream.SkipReason.NothingToSettle);
         vm.prank(host);
         assertEq(stream.settleBatch(batch), 2);
-        assertEq(usdc.balanceOf(payout), 12e6);
+        assertEq(_credit(usdc), 12e6);
         _assertState(permitHash, 12e6, 2, 0);
     }
 
@@ -1043,7 +1045,7 @@ contract PaymentStreamTest is Fixture {
         vm.prank(host);
         assertEq(stream.settleBatch(batch), 1);
         assertEq(stream.getBalance(user, address(usdc)), 1e6);
-        assertEq(usdc.balanceOf(payout), DEPOSIT - 1e6);
+        assertEq(_credit(usdc), DEPOSIT - 1e6);
     }
 
     function test_settleBatch_skipsAHostNeverAuthorized() public {
@@ -1057,7 +1059,7 @@ contract PaymentStreamTest is Fixture {
         );
         vm.prank(otherHost);
         assertEq(stream.settleBatch(batch), 0);
-        assertEq(usdc.balanceOf(payout), 0);
+        assertEq(_credit(usdc), 0);
         assertEq(stream.getBalance(user, address(usdc)), DEPOSIT);
     }
 
@@ -1073,7 +1075,7 @@ contract PaymentStreamTest is Fixture {
         }
         vm.prank(host);
         assertEq(stream.settleBatch(batch), 256);
-        assertEq(usdc.balanceOf(payout), 256e4);
+        assertEq(_credit(usdc), 256e4);
         assertEq(_totalInferences(), 256);
     }
 
@@ -1081,6 +1083,147 @@ contract PaymentStreamTest is Fixture {
         vm.expectRevert(abi.encodeWithSelector(IPaymentStream.BatchTooLarge.selector, 257, 256));
         vm.prank(host);
         stream.settleBatch(new IPaymentStream.Settlement[](257));
+    }
+
+    function test_settleBatch_skipsAnUnknownModel() public {
+        IPaymentStream.SpendingPermit memory p = _permitWithNonce(31);
+        p.modelId = UNKNOWN_MODEL;
+        IPaymentStream.Settlement[] memory batch = new IPaymentStream.Settlement[](2);
+        batch[0] = _entry(p, signPermit(USER_KEY, p), 1e6, 1);
+        batch[1] = _entry(permit, sig, 2e6, 1);
+        vm.expectEmit(address(stream));
+        emit IPaymentStream.SettlementSkipped(stream.hashPermit(p), IPaymentStream.SkipReason.ModelNotFound);
+        vm.prank(host);
+        assertEq(stream.settleBatch(batch), 1);
+        assertEq(stream.claimable(UNKNOWN_MODEL, address(usdc)), 0);
+        assertEq(_credit(usdc), 2e6);
+        assertEq(stream.getBalance(user, address(usdc)), DEPOSIT - 2e6);
+    }
+
+    // ------------------------------------------------------------ claim
+
+    function test_claim_paysTheWholeCreditToThePayoutInOneTransfer() public {
+        _settle(10e6, 4);
+        IPaymentStream.SpendingPermit memory second = _permitWithNonce(7);
+        _settleAs(host, second, signPermit(USER_KEY, second), 5e6, 2);
+        _settle(12e6, 5);
+        assertEq(_credit(usdc), 17e6);
+
+        vm.recordLogs();
+        vm.expectEmit(address(stream));
+        emit IPaymentStream.Claimed(modelId, address(usdc), payout, 17e6);
+        vm.prank(stranger); // anyone may claim: the money can only go to the payout
+        assertEq(stream.claim(modelId, address(usdc)), 17e6);
+        uint256 transfers;
+        Vm.Log[] memory logs = vm.getRecordedLogs();
+        for (uint256 i; i < logs.length; ++i) {
+            if (logs[i].emitter == address(usdc)) ++transfers;
+        }
+        assertEq(transfers, 1, "one transfer for three settlements");
+
+        assertEq(usdc.balanceOf(payout), 17e6);
+        assertEq(usdc.balanceOf(stranger), 0);
+        assertEq(_credit(usdc), 0);
+        assertEq(usdc.balanceOf(address(stream)), DEPOSIT - 17e6);
+        assertEq(stream.getBalance(user, address(usdc)), DEPOSIT - 17e6);
+        // what was claimed cannot be claimed again
+        vm.expectRevert(
+            abi.encodeWithSelector(IPaymentStream.NothingToClaim.selector, modelId, address(usdc))
+        );
+        stream.claim(modelId, address(usdc));
+        // and settling the same cumulative totals again credits nothing
+        vm.expectRevert(
+            abi.encodeWithSelector(IPaymentStream.NothingToSettle.selector, permitHash, 12e6, 12e6)
+        );
+        _settle(12e6, 5);
+    }
+
+    function test_claim_paysThePayoutNamedAtClaimTime() public {
+        _settle(10e6, 1);
+        vm.prank(modelOwner);
+        vault.updatePayout(modelId, stranger);
+        _settle(15e6, 2);
+        assertEq(stream.claim(modelId, address(usdc)), 15e6);
+        assertEq(usdc.balanceOf(payout), 0);
+        assertEq(usdc.balanceOf(stranger), 15e6);
+    }
+
+    function test_claim_keepsEachTokenApart() public {
+        fund(user, usdfc, 10e18);
+        IPaymentStream.SpendingPermit memory p = permitFor(user, address(usdfc), 5e18);
+        _settleAs(host, p, signPermit(USER_KEY, p), 1.25e18, 3);
+        _settle(2e6, 1);
+        assertEq(_credit(usdfc), 1.25e18);
+        assertEq(stream.claim(modelId, address(usdfc)), 1.25e18);
+        assertEq(usdfc.balanceOf(payout), 1.25e18);
+        assertEq(usdc.balanceOf(payout), 0);
+        assertEq(_credit(usdc), 2e6);
+    }
+
+    function test_claim_keepsEachModelApart() public {
+        address secondPayout = makeAddr("secondPayout");
+        bytes32 second = registerModel(stranger, "second", address(accessToken), secondPayout);
+        vm.prank(stranger);
+        vault.authorizeHost(second, host);
+        IPaymentStream.SpendingPermit memory p = permitFor(user, address(usdc), CAP);
+        p.modelId = second;
+        _settleAs(host, p, signPermit(USER_KEY, p), 3e6, 3);
+        _settle(1e6, 1);
+        assertEq(stream.claimable(second, address(usdc)), 3e6);
+        assertEq(stream.inferencesOf(second), 3);
+        assertEq(stream.inferencesOf(modelId), 1);
+        stream.claim(second, address(usdc));
+        assertEq(usdc.balanceOf(secondPayout), 3e6);
+        assertEq(usdc.balanceOf(payout), 0);
+        assertEq(_credit(usdc), 1e6);
+    }
+
+    function test_claim_revertsWithNothingToClaim() public {
+        vm.expectRevert(
+            abi.encodeWithSelector(IPaymentStream.NothingToClaim.selector, modelId, address(usdc))
+        );
+        stream.claim(modelId, address(usdc));
+        vm.expectRevert(
+            abi.encodeWithSelector(IPaymentStream.NothingToClaim.selector, UNKNOWN_MODEL, address(usdc))
+        );
+        stream.claim(UNKNOWN_MODEL, address(usdc));
+        // a settlement that only counts requests credits nothing
+        _settle(0, 3);
+        vm.expectRevert(
+            abi.encodeWithSelector(IPaymentStream.NothingToClaim.selector, modelId, address(usdc))
+        );
+        stream.claim(modelId, address(usdc));
+    }
+
+    function test_claim_stillPaysForATokenNoLongerAllowed() public {
+        _settle(4e6, 1);
+        vm.prank(governance);
+        stream.setTokenAllowed(address(usdc), false);
+        assertEq(stream.claim(modelId, address(usdc)), 4e6);
+        assertEq(usdc.balanceOf(payout), 4e6);
+    }
+
+    function testFuzz_claim_paysExactlyWhatWasSettled(uint96[4] memory steps) public {
+        uint256 cumulative;
+        uint256 claimed;
+        for (uint256 i; i < steps.length; ++i) {
+            cumulative += uint256(steps[i]) % 20e6;
+            if (cumulative > CAP) break;
+            if (cumulative > stream.permitState(permitHash).settledAmount) {
+                _settle(u128(cumulative), u64(i + 1));
+            }
+            if (steps[i] % 2 == 0 && _credit(usdc) != 0) claimed += stream.claim(modelId, address(usdc));
+        }
+        uint256 settled = stream.permitState(permitHash).settledAmount;
+        assertEq(claimed + _credit(usdc), settled);
+        assertEq(usdc.balanceOf(payout), claimed);
+        assertEq(usdc.balanceOf(address(stream)), stream.getBalance(user, address(usdc)) + _credit(usdc));
+    }
+
+    function test_getModel_countsWhatThisContractSettled() public {
+        _settle(1e6, 7);
+        assertEq(stream.inferencesOf(modelId), 7);
+        assertEq(_totalInferences(), 7);
     }
 
     // ------------------------------------------------------------ upgrades

@@ -308,10 +308,16 @@ pub struct LocalChain {
 impl LocalChain {
     /// Starts anvil on a free port and deploys everything with account #0.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with_accounts(20).await
+    }
+
+    /// [`LocalChain::start`] with `accounts` funded anvil accounts.
+    pub async fn start_with_accounts(accounts: usize) -> anyhow::Result<Self> {
         let bin = anvil_bin();
+        let accounts = accounts.to_string();
         let anvil = Anvil::new()
             .path(&bin)
-            .args(["--accounts", "20"])
+            .args(["--accounts", accounts.as_str()])
             .try_spawn()
             .with_context(|| format!("starting {} (run `make bootstrap`)", bin.display()))?;
         let rpc_url = format!("http://127.0.0.1:{}", anvil.port());

@@ -26,6 +26,8 @@ interface IModelVault {
         address accessToken;
         uint8 threshold;
         bool active;
+        /// Requests settled for the model. Stored: what vault v1 counted (it counted at each
+        /// settlement); `getModel` adds what the payment contract has counted since.
         uint64 totalInferences;
         uint256 pricePerRequest;
         uint256 pricePer1kTokens;
@@ -52,10 +54,6 @@ interface IModelVault {
     error HostAlreadyInState(bytes32 modelId, address host, bool authorized);
     /// @notice `modelIdAt` past the end of the list.
     error IndexOutOfRange(uint256 index, uint256 length);
-    /// @notice A host the model's owner never authorised tried to settle for it.
-    error HostNeverAuthorized(bytes32 modelId, address host);
-    /// @notice Only the payment contract may record inferences.
-    error NotPaymentStream(address caller);
 
     /// @notice A model was registered.
     event ModelRegistered(
@@ -77,9 +75,7 @@ interface IModelVault {
     event HostAuthorized(bytes32 indexed modelId, address indexed host);
     /// @notice `host` may no longer receive key shares for or serve the model.
     event HostRevoked(bytes32 indexed modelId, address indexed host);
-    /// @notice Settled inferences were counted.
-    event InferencesRecorded(bytes32 indexed modelId, uint64 count, uint64 total);
-    /// @notice The payment contract allowed to record inferences changed.
+    /// @notice The payment contract whose settled-request counts `getModel` reports changed.
     event PaymentStreamSet(address paymentStream);
 
     function registerModel(ModelConfig calldata config) external returns (bytes32 modelId);
@@ -91,10 +87,6 @@ interface IModelVault {
     function transferModelOwnership(bytes32 modelId, address newOwner) external;
     function authorizeHost(bytes32 modelId, address host) external;
     function revokeHost(bytes32 modelId, address host) external;
-    /// @notice Payment contract only: count `count` inferences `host` settled; returns the payout
-    /// address. `host` must be, or have been, authorised for the model (a revoked host may still
-    /// settle what it served), so no stranger can inflate the count.
-    function recordInferences(bytes32 modelId, address host, uint64 count) external returns (address payout);
     /// @notice Whether `host` was ever authorised for the model (it may have been revoked since).
     function wasHostAuthorized(bytes32 modelId, address host) external view returns (bool);
 

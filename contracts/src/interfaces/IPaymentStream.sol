@@ -4,8 +4,9 @@ pragma solidity 0.8.30;
 /// @title IPaymentStream
 /// @notice Prepaid balances and commission-free settlement. A user deposits a whitelisted
 /// stablecoin and signs one EIP-712 `SpendingPermit` per (model, host); the named host settles the
-/// permit's latest cumulative charge as often as it likes, and each settlement moves only the
-/// difference to the model's payout address: 100 %, no fee. A permit can never be charged past its
+/// permit's latest cumulative charge as often as it likes, and each settlement credits only the
+/// difference to the model; a `claim` pays a model's whole credit to its payout address in one
+/// transfer: 100 %, no fee. A permit can never be charged past its
 /// `maxAmount`, and the same charge can never be paid twice.
 interface IPaymentStream {
     /// @notice What a user signs (EIP-712, domain "DIV PaymentStream", version "1").
@@ -77,6 +78,13 @@ interface IPaymentStream {
     error AlreadyRevoked(bytes32 permitHash);
     /// @notice A batch larger than `MAX_BATCH`.
     error BatchTooLarge(uint256 size, uint256 max);
+    /// @notice The model's owner never authorised the permit's host (checked when a permit first
+    /// settles; a host revoked since may still settle what it served).
+    error HostNotAuthorized(bytes32 modelId, address host);
+    /// @notice No model has this id in the vault.
+    error ModelNotFound(bytes32 modelId);
+    /// @notice The model has no credit in this token.
+    error NothingToClaim(bytes32 modelId, address token);
 
     event TokenAllowed(address indexed token, bool allowed);
     event Deposited(address indexed user, address indexed token, uint256 amount, uint256 balance);
@@ -85,12 +93,11 @@ interface IPaymentStream {
     event Withdrawn(address indexed user, address indexed token, uint256 amount, uint256 balance);
     event WithdrawDelaySet(uint64 delay);
     event SettleGraceSet(uint64 grace);
-    /// @notice `amount` moved from `user` to the model's `payout`; cumulative totals after it.
+    /// @notice `amount` moved from `user`'s balance to the model's credit; cumulative totals after it.
     event Settled(
         bytes32 indexed permitHash,
         bytes32 indexed modelId,
         address indexed user,
-        address payout,
         address token,
         uint256 amount,
         uint64 requests,
@@ -100,6 +107,8 @@ interface IPaymentStream {
     /// @notice A batch entry that was not settled, and why; nothing moved for it.
     event SettlementSkipped(bytes32 indexed permitHash, SkipReason reason);
     event PermitRevokedByUser(bytes32 indexed permitHash, address indexed user, uint64 revokedAt);
+    /// @notice The model's whole credit in `token`, `amount`, was paid to its payout address.
+    event Claimed(bytes32 indexed modelId, address indexed token, address indexed payout, uint256 amount);
 
     function deposit(address token, uint256 amount) external;
     function depositWithPermit(address token, uint256 amount, uint256 deadline, uint8 v, bytes32 r, bytes32 s)
@@ -115,6 +124,13 @@ interface IPaymentStream {
     ) external returns (uint256 amount);
     function settleBatch(Settlement[] calldata settlements) external returns (uint256 settledCount);
     function revokePermit(SpendingPermit calldata permit) external;
+    /// @notice Pays the model's whole credit in `token` to its payout address (as the vault names
+    /// it now). Anyone may call it: the money can only go to the payout.
+    function claim(bytes32 modelId, address token) external returns (uint256 amount);
+    /// @notice What settlements credited to the model in `token` and nobody claimed yet.
+    function claimable(bytes32 modelId, address token) external view returns (uint256);
+    /// @notice Requests settled for the model through this contract (saturates at 2^64 - 1).
+    function inferencesOf(bytes32 modelId) external view returns (uint64);
 
     function getBalance(address user, address token) external view returns (uint256);
     function hashPermit(SpendingPermit calldata permit) external view returns (bytes32);

@@ -28,7 +28,7 @@ contract PaymentStreamInvariantTest is Fixture {
             }
         }
 
-        bytes4[] memory selectors = new bytes4[](8);
+        bytes4[] memory selectors = new bytes4[](9);
         selectors[0] = PaymentStreamHandler.deposit.selector;
         selectors[1] = PaymentStreamHandler.requestWithdraw.selector;
         selectors[2] = PaymentStreamHandler.cancelWithdraw.selector;
@@ -37,24 +37,34 @@ contract PaymentStreamInvariantTest is Fixture {
         selectors[5] = PaymentStreamHandler.settle.selector;
         selectors[6] = PaymentStreamHandler.settleBatch.selector;
         selectors[7] = PaymentStreamHandler.revoke.selector;
+        selectors[8] = PaymentStreamHandler.claim.selector;
         targetContract(address(handler));
         targetSelector(FuzzSelector({addr: address(handler), selectors: selectors}));
     }
 
-    /// @dev Σ deposits == Σ balances + Σ paid to payouts + Σ withdrawn, the stream holds exactly
-    /// Σ balances, and each balance is what the ghost ledger says.
+    /// @dev Σ deposits == Σ balances + Σ credits + Σ claimed + Σ withdrawn, the stream holds exactly
+    /// Σ balances + Σ credits, Σ settled == Σ credits + Σ claimed, and each balance is what the ghost
+    /// ledger says.
     /// forge-config: default.invariant.fail-on-revert = true
     function invariant_fundsConserved() public view {
         for (uint256 t; t < handler.TOKENS(); ++t) {
             address token = address(handler.tokenAt(t));
             uint256 balances = handler.sumBalances(token);
+            uint256 credits = handler.sumCredits(token);
             assertEq(
                 handler.ghostDeposited(token),
-                balances + handler.ghostPaid(token) + handler.ghostWithdrawn(token),
-                "deposits != balances + paid + withdrawn"
+                balances + credits + handler.ghostClaimed(token) + handler.ghostWithdrawn(token),
+                "deposits != balances + credits + claimed + withdrawn"
             );
             assertEq(
-                DevStablecoin(token).balanceOf(address(stream)), balances, "stream holds != sum of balances"
+                handler.ghostPaid(token),
+                credits + handler.ghostClaimed(token),
+                "settled != credits + claimed"
+            );
+            assertEq(
+                DevStablecoin(token).balanceOf(address(stream)),
+                balances + credits,
+                "stream holds != balances + credits"
             );
             for (uint256 a; a < handler.ACTORS(); ++a) {
                 address actor = handler.actorAt(a);
@@ -63,11 +73,11 @@ contract PaymentStreamInvariantTest is Fixture {
                 );
             }
         }
-        assertEq(handler.ghostOverWithdrawals(), 0, "a withdrawal paid more than asked or held");
+        assertEq(handler.ghostOverWithdrawals(), 0, "a withdrawal or claim paid other than it should");
     }
 
-    /// @dev Each permit's settled amount stays within its signed cap, and a payout never holds
-    /// more than the caps of the permits that pay it.
+    /// @dev Each permit's settled amount stays within its signed cap, and a model never earns
+    /// (claimed + credited) more than the caps of the permits that pay it.
     /// forge-config: default.invariant.fail-on-revert = true
     function invariant_payoutNeverExceedsCaps() public view {
         for (uint256 i; i < handler.entryCount(); ++i) {
@@ -79,18 +89,15 @@ contract PaymentStreamInvariantTest is Fixture {
         address[] memory payouts = handler.payoutAddresses();
         for (uint256 p; p < payouts.length; ++p) {
             for (uint256 t; t < handler.TOKENS(); ++t) {
-                DevStablecoin token = handler.tokenAt(t);
-                assertLe(
-                    token.balanceOf(payouts[p]),
-                    handler.sumCaps(payouts[p], address(token)),
-                    "payout > sum of caps"
-                );
+                address token = address(handler.tokenAt(t));
+                assertLe(handler.earned(p, token), handler.sumCaps(payouts[p], token), "earned > sum of caps");
             }
         }
     }
 
-    /// @dev What a payout received == Σ of the settled deltas the handler saw == Σ of the
-    /// permits' `settledAmount`: no charge moved twice.
+    /// @dev What a model earned (claimed to its payout + still credited) == Σ of the settled deltas
+    /// the handler saw == Σ of the permits' `settledAmount`, and the payout received exactly what
+    /// was claimed: no charge moved twice.
     /// forge-config: default.invariant.fail-on-revert = true
     function invariant_nothingSettlesTwice() public view {
         for (uint256 i; i < handler.entryCount(); ++i) {
@@ -105,9 +112,14 @@ contract PaymentStreamInvariantTest is Fixture {
         for (uint256 p; p < payouts.length; ++p) {
             for (uint256 t; t < handler.TOKENS(); ++t) {
                 address token = address(handler.tokenAt(t));
-                uint256 received = DevStablecoin(token).balanceOf(payouts[p]);
-                assertEq(received, handler.ghostPaidTo(payouts[p], token), "received != ghost deltas");
-                assertEq(received, handler.sumSettled(payouts[p], token), "received != sum of settledAmount");
+                uint256 earned = handler.earned(p, token);
+                assertEq(earned, handler.ghostPaidTo(payouts[p], token), "earned != ghost deltas");
+                assertEq(earned, handler.sumSettled(payouts[p], token), "earned != sum of settledAmount");
+                assertEq(
+                    DevStablecoin(token).balanceOf(payouts[p]),
+                    handler.ghostClaimedTo(payouts[p], token),
+                    "received != claimed"
+                );
             }
         }
     }

@@ -10,7 +10,7 @@ import {Base} from "../utils/Test.sol";
 /// @title PaymentStreamHandler
 /// @notice Drives the payment stream through bounded deposits, withdrawal requests, cancellations
 /// and withdrawals, clock moves, single and batch settlements of a few pre-signed permits with
-/// growing cumulative amounts, and revocations, keeping ghost sums of every unit that moves.
+/// growing cumulative amounts, revocations and claims, keeping ghost sums of every unit that moves.
 contract PaymentStreamHandler is Base {
     struct Entry {
         IPaymentStream.SpendingPermit permit;
@@ -29,6 +29,7 @@ contract PaymentStreamHandler is Base {
     uint256[ACTORS] internal keys;
     address[ACTORS] internal actors;
     address[] internal payoutList;
+    bytes32[] internal modelList;
     Entry[] internal entries;
 
     /// @notice The handler's clock: forge may reset `block.timestamp` between calls.
@@ -38,8 +39,10 @@ contract PaymentStreamHandler is Base {
     mapping(address token => uint256) public ghostDeposited;
     mapping(address token => uint256) public ghostWithdrawn;
     mapping(address token => uint256) public ghostPaid;
-    // per payout and token, and per permit
+    mapping(address token => uint256) public ghostClaimed;
+    // per payout and token, and per permit: settled for the payout's model, and claimed to it
     mapping(address payout => mapping(address token => uint256)) public ghostPaidTo;
+    mapping(address payout => mapping(address token => uint256)) public ghostClaimedTo;
     mapping(bytes32 permitHash => uint256) public ghostSettled;
     // what each actor's balance must be
     mapping(address user => mapping(address token => uint256)) public ghostBalance;
@@ -62,6 +65,7 @@ contract PaymentStreamHandler is Base {
         host = host_;
         currentTime = block.timestamp;
         payoutList = payouts;
+        modelList = modelIds;
         for (uint256 i; i < ACTORS; ++i) {
             keys[i] = 0xACE0 + i;
             actors[i] = vm.addr(keys[i]);
@@ -209,6 +213,20 @@ contract PaymentStreamHandler is Base {
         }
     }
 
+    /// @notice Anyone claims a model's credit in a token: it all goes to that model's payout.
+    function claim(uint256 modelSeed, uint256 tokenSeed) external tick(this.claim.selector) {
+        uint256 m = modelSeed % modelList.length;
+        DevStablecoin token = tokens[tokenSeed % TOKENS];
+        uint256 credit = stream.claimable(modelList[m], address(token));
+        if (credit == 0) return;
+        uint256 before = token.balanceOf(payoutList[m]);
+        uint256 amount = stream.claim(modelList[m], address(token));
+        uint256 received = token.balanceOf(payoutList[m]) - before;
+        if (amount != credit || received != credit) ++ghostOverWithdrawals;
+        ghostClaimed[address(token)] += received;
+        ghostClaimedTo[payoutList[m]][address(token)] += received;
+    }
+
     function revoke(uint256 entrySeed) external tick(this.revoke.selector) {
         Entry storage e = entries[entrySeed % entries.length];
         if (stream.permitState(e.permitHash).revokedAt != 0) return;
@@ -256,6 +274,18 @@ contract PaymentStreamHandler is Base {
 
     function payoutAddresses() external view returns (address[] memory) {
         return payoutList;
+    }
+
+    /// @notice Σ of the models' unclaimed credits in `token_`.
+    function sumCredits(address token_) external view returns (uint256 sum) {
+        for (uint256 i; i < modelList.length; ++i) {
+            sum += stream.claimable(modelList[i], token_);
+        }
+    }
+
+    /// @notice What `payoutList[i]`'s model earned in `token_`: claimed to it plus still credited.
+    function earned(uint256 i, address token_) external view returns (uint256) {
+        return DevStablecoin(token_).balanceOf(payoutList[i]) + stream.claimable(modelList[i], token_);
     }
 
     /// @notice Σ of the actors' stream balances in `token_`.

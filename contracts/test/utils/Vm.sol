@@ -19,6 +19,8 @@ interface Vm {
     function warp(uint256 newTimestamp) external;
     function chainId(uint256 newChainId) external;
     function label(address account, string calldata newLabel) external;
+    /// @dev The creation code in a forge artifact (a JSON file with `bytecode.object`).
+    function getCode(string calldata artifactPath) external view returns (bytes memory creationBytecode);
     function load(address target, bytes32 slot) external view returns (bytes32 data);
     function toString(uint256 value) external pure returns (string memory stringifiedValue);
 

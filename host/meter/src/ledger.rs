@@ -88,6 +88,17 @@ impl PermitAccount {
         self.charged_requests.saturating_sub(self.settled_requests)
     }
 
+    /// The signature a settlement sends: none once the chain has settled the permit before (the
+    /// contract checks it only at the first settlement, and leaving its ~100 bytes of calldata
+    /// out saves ~1.5k gas per permit and round).
+    pub fn settlement_signature(&self) -> Bytes {
+        if self.settled_amount.is_zero() && self.settled_requests == 0 {
+            self.signature.clone()
+        } else {
+            Bytes::new()
+        }
+    }
+
     /// Whether settlement has something to send for it.
     pub fn settleable(&self) -> bool {
         self.rejected.is_none() && self.charged_amount > self.settled_amount
@@ -749,6 +760,18 @@ mod tests {
 
     fn err(e: impl std::fmt::Display) -> MeterError {
         MeterError::Ledger(e.to_string())
+    }
+
+    #[test]
+    fn the_signature_is_sent_until_the_chain_has_settled_the_permit() {
+        let mut a = account(4);
+        a.charged_amount = U256::from(5u64);
+        a.charged_requests = 5;
+        assert_eq!(a.settlement_signature(), a.signature, "charged but never settled");
+        a.settled_requests = 1; // a request-only settlement also proves the signature
+        assert!(a.settlement_signature().is_empty());
+        (a.settled_amount, a.settled_requests) = (U256::from(1u64), 0);
+        assert!(a.settlement_signature().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -90,6 +90,9 @@ pub struct SettleReport {
 /// The largest batch `PaymentStream` takes.
 pub const MAX_BATCH: usize = 256;
 
+/// `SkipReason.BadSignature`.
+const BAD_SIGNATURE: u8 = 4;
+
 /// `SkipReason`s that will never change for a permit: it is not sent again.
 fn permanent(reason: u8) -> bool {
     // HostMismatch, Expired, Revoked, BadSignature, OverCap, RequestCountDecreased
@@ -129,13 +132,14 @@ pub async fn settle_now(
     let ps = PaymentStream::new(meter.config().payment_stream, client.provider().clone());
     // the chain first: what was mined but never seen needs no transaction
     let mut entries: Vec<(B256, PermitAccount)> = Vec::with_capacity(pending.len());
-    for (hash, a) in pending {
+    for (hash, mut a) in pending {
         let st = within(rpc, "reading permitState", ps.permitState(hash).call()).await?;
         let (settled_amount, settled_requests) = (U256::from(st.settledAmount), st.settledRequests);
         if settled_requests > a.settled_requests {
             report.already_settled += settled_requests - a.settled_requests;
         }
         meter.ledger().mark_settled(hash, settled_amount, settled_requests).await?;
+        (a.settled_amount, a.settled_requests) = (settled_amount, settled_requests);
         if a.charged_amount > settled_amount || a.charged_requests > settled_requests {
             entries.push((hash, a));
         }
@@ -155,7 +159,7 @@ pub async fn settle_now(
         .iter()
         .map(|(_, a)| IPaymentStream::Settlement {
             permit: (&a.permit).into(),
-            signature: a.signature.clone(),
+            signature: a.settlement_signature(),
             cumulativeAmount: a.charged_amount.saturating_to::<u128>(),
             cumulativeRequests: a.charged_requests,
         })
@@ -189,7 +193,19 @@ pub async fn settle_now(
         meter.ledger().mark_settled(*hash, U256::from(st.settledAmount), st.settledRequests).await?;
         meter.invalidate_user(a.permit.user);
     }
-    mark_refusals(meter, &report.skipped).await?;
+    // A permit sent without its signature (the chain had settled it before) can only be refused
+    // for its signature if a reorganisation undid that settlement: next round reads the chain
+    // again and sends the signature, so that refusal is not for good.
+    let refusals: Vec<(B256, u8)> = report
+        .skipped
+        .iter()
+        .filter(|(hash, reason)| {
+            !(*reason == BAD_SIGNATURE
+                && entries.iter().any(|(h, a)| h == hash && a.settlement_signature().is_empty()))
+        })
+        .copied()
+        .collect();
+    mark_refusals(meter, &refusals).await?;
     tracing::info!(
         tx = ?report.tx, sent = report.sent, settled = report.settled, requests = report.requests,
         amount = %report.amount, gas = report.gas_used, "settled"

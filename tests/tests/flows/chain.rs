@@ -77,18 +77,28 @@ async fn a_paid_permit_settles_exactly_to_the_owner() -> anyhow::Result<()> {
         .get_receipt()
         .await?;
     assert!(r.status());
-    assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(7 * PRICE));
+    let credit = || async { stream.claimable(model.model_id, usdc_addr).call().await };
+    assert_eq!(credit().await?, U256::from(7 * PRICE), "settlement credits the model");
+    assert_eq!(usdc.balanceOf(owner).call().await?, owner_before, "and transfers nothing");
     host_stream
         .settle(permit.clone(), sig.clone(), 10 * PRICE as u128, 10)
         .send()
         .await?
         .get_receipt()
         .await?;
+    assert_eq!(credit().await?, U256::from(10 * PRICE));
+    // anyone may claim (here the user): the credit can only go to the model's payout
+    let r = stream.claim(model.model_id, usdc_addr).send().await?.get_receipt().await?;
+    assert!(r.status());
     assert_eq!(
         usdc.balanceOf(owner).call().await? - owner_before,
         U256::from(10 * PRICE),
         "100 % to the owner"
     );
+    assert_eq!(credit().await?, U256::ZERO);
+    let err = stream.claim(model.model_id, usdc_addr).call().await;
+    let reason = err.err().map(|e| revert_reason(&e)).unwrap_or_default();
+    assert!(reason.starts_with("NothingToClaim"), "{reason}");
     assert_eq!(stream.getBalance(user_addr, usdc_addr).call().await?, U256::from(50_000_000u64 - 10 * PRICE));
     let vault = ModelVault::new(d.model_vault, user.provider());
     assert_eq!(vault.getModel(model.model_id).call().await?.totalInferences, 10);
@@ -117,7 +127,7 @@ async fn a_paid_permit_settles_exactly_to_the_owner() -> anyhow::Result<()> {
         .call()
         .await;
     let reason = err.err().map(|e| revert_reason(&e)).unwrap_or_default();
-    assert!(reason.contains("HostNeverAuthorized"), "{reason}");
+    assert!(reason.starts_with("HostNotAuthorized"), "{reason}");
     assert_eq!(usdc.balanceOf(owner).call().await? - owner_before, U256::from(10 * PRICE), "nothing moved");
     Ok(())
 }
@@ -172,6 +182,8 @@ async fn a_batch_settles_the_good_permits_and_skips_an_empty_balance() -> anyhow
         .collect();
     // SkipReason.InsufficientBalance (IPaymentStream.sol) for the unfunded permit, and only it
     assert_eq!(skipped, vec![7u8], "exactly the unfunded permit is skipped");
+    assert_eq!(stream.claimable(model.model_id, usdc_addr).call().await?, U256::from(10 * PRICE));
+    assert!(stream.claim(model.model_id, usdc_addr).send().await?.get_receipt().await?.status());
     assert_eq!(usdc.balanceOf(owner).call().await? - before, U256::from(10 * PRICE));
     let vault = ModelVault::new(d.model_vault, host.provider());
     assert_eq!(vault.getModel(model.model_id).call().await?.totalInferences, 10);
