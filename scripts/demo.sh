@@ -137,7 +137,6 @@ run div deposit --private-key "$DIV_USER_KEY" --amount 10 --mint
 run div buy --private-key "$DIV_USER_KEY" --model-id "$MODEL_ID" --amount 1 --mint
 run div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_MODEL" --max 5 --env-file "$STATE/demo.env"
 set -a; . "$STATE/demo.env"; set +a
-OWNER_BEFORE=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 USER_BEFORE=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 run examples/curl_embeddings.sh
 run .venv/bin/python examples/openai_embeddings.py
@@ -150,6 +149,10 @@ run curl -s -o /dev/null -w '%{http_code} without a key\n' "$DIV_URL/v1/embeddin
 run div settle --now --url "$DIV_URL" --state-dir "$STATE/host"
 run div balance --private-key "$DIV_USER_KEY"
 run div earnings --private-key "$DIV_OWNER_KEY"
+# settlement credited the models; the claim pays the owner (the access-token sales above paid the
+# owner too, so the summary counts what the claim brought)
+OWNER_BEFORE=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
+run div claim --private-key "$DIV_OWNER_KEY"
 OWNER_AFTER=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 USER_AFTER=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 GAS=$(curl -s "$DIV_URL/metrics" | awk '/^div_settle_gas_total/ {print $2}')

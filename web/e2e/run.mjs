@@ -503,7 +503,32 @@ try {
       { timeout: 20_000 },
     );
     await card.getByTestId('earnings-chart').waitFor();
+    // settlement credited the model; the claim pays the credit to the payout in one transfer
+    const claimable = card.getByTestId('claimable');
+    await page.waitForFunction(
+      () => {
+        const cards = [...document.querySelectorAll('[data-testid="owner-model"]')].filter((c) => /all-minilm-l6-v2(?!-int8)/.test(c.textContent));
+        const e = cards[0]?.querySelector('[data-testid="claimable"]');
+        return e && Number(e.textContent.split(' ')[0]) >= 0.005 - 1e-9;
+      },
+      undefined,
+      { timeout: 20_000 },
+    );
     await shot(page, 'owner-earnings');
+    const credit = Number((await claimable.textContent()).split(' ')[0]);
+    const payoutBefore = Number((await card.getByTestId('payout-balance').textContent()).split(' ')[0]);
+    await card.getByTestId('claim').click();
+    await confirmed(page, 'Claim');
+    await claimable.filter({ hasText: /^0\.00 USDC$/ }).waitFor({ timeout: 20_000 });
+    assert.ok(await card.getByTestId('claim').isDisabled(), 'nothing left to claim');
+    await page.waitForFunction(
+      (want) => {
+        const cards = [...document.querySelectorAll('[data-testid="owner-model"]')].filter((c) => /all-minilm-l6-v2(?!-int8)/.test(c.textContent));
+        return Number(cards[0]?.querySelector('[data-testid="payout-balance"]')?.textContent.split(' ')[0]) >= want - 1e-6;
+      },
+      payoutBefore + credit,
+      { timeout: 20_000 },
+    );
   });
 
   await check('the owner authorising a host twice is refused with the decoded error', async () => {

@@ -208,6 +208,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     p.settle().await?;
+    p.claim().await?;
     let paid = p.usdc_of(owner).await? - before;
     let held = receipts.iter().fold(U256::ZERO, |t, r| t + r.amount);
     let mut seen = std::collections::HashSet::new();

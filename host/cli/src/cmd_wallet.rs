@@ -1,5 +1,6 @@
 //! The user's and the owner's side of payments: `div deposit`, `div buy`, `div permit`,
-//! `div balance`, `div withdraw`, `div earnings`, and the operator's `div settle --now`.
+//! `div balance`, `div withdraw`, and the operator's `div settle --now`; the owner's side is in
+//! `cmd_earnings`.
 //!
 //! Amounts are given in whole units of the stablecoin (`--amount 2.5`) and converted with its
 //! decimals from the address book; access tokens have 18 decimals.
@@ -7,10 +8,7 @@
 use std::path::PathBuf;
 
 use alloy::primitives::{Address, B256, U256, utils::format_units, utils::parse_units};
-use alloy::providers::Provider;
-use alloy::rpc::types::Filter;
 use alloy::signers::local::PrivateKeySigner;
-use alloy::sol_types::SolEvent;
 use anyhow::{Context, bail};
 use div_chain::bindings::{DevStablecoin, ModelAccessToken, ModelVault, PaymentStream};
 use div_chain::{Client, Deployment, SpendingPermit, permit_domain, sign_permit};
@@ -46,7 +44,7 @@ impl Wallet {
     }
 }
 
-async fn send<T>(
+pub(crate) async fn send<T>(
     what: &str,
     call: alloy::contract::CallBuilder<&&alloy::providers::DynProvider, std::marker::PhantomData<T>>,
 ) -> anyhow::Result<alloy::rpc::types::TransactionReceipt>
@@ -304,69 +302,6 @@ pub async fn withdraw(args: WithdrawArgs) -> anyhow::Result<()> {
         println!("withdrawal cancelled");
     } else {
         bail!("say --amount X, --finish or --cancel");
-    }
-    Ok(())
-}
-
-/// `div earnings`.
-#[derive(clap::Args)]
-pub struct EarningsArgs {
-    /// The owner's address (default: the key's).
-    #[arg(long)]
-    owner: Option<Address>,
-    /// The owner's hex private key (to name the owner).
-    #[arg(long, env = "DIV_OWNER_KEY", hide_env_values = true)]
-    private_key: Option<String>,
-    /// The deployment's address book.
-    #[arg(long, env = "DIV_ADDRESSES", default_value = ".div/addresses.json")]
-    addresses: PathBuf,
-}
-
-/// Runs `div earnings`: what settlement paid for each of the owner's models, from the chain.
-pub async fn earnings(args: EarningsArgs) -> anyhow::Result<()> {
-    let d = Deployment::load(&args.addresses)?;
-    let owner = match (args.owner, &args.private_key) {
-        (Some(o), _) => o,
-        (None, Some(k)) => {
-            k.trim().parse::<PrivateKeySigner>().context("the key is not a hex private key")?.address()
-        }
-        (None, None) => bail!("say --owner ADDRESS or set DIV_OWNER_KEY"),
-    };
-    let p = alloy::providers::ProviderBuilder::new().connect_http(d.rpc_url.parse()?).erased();
-    let vault = ModelVault::new(d.model_vault, &p);
-    let count = vault.modelCount().call().await?.saturating_to::<u64>();
-    let mut any = false;
-    for i in 0..count {
-        let id = vault.modelIdAt(U256::from(i)).call().await?;
-        let m = vault.getModel(id).call().await?;
-        if m.owner != owner {
-            continue;
-        }
-        any = true;
-        let logs = p
-            .get_logs(
-                &Filter::new()
-                    .address(d.payment_stream)
-                    .event_signature(PaymentStream::Settled::SIGNATURE_HASH)
-                    .topic2(id)
-                    .from_block(d.deployed_at_block),
-            )
-            .await?;
-        let mut by_token: std::collections::BTreeMap<Address, U256> = Default::default();
-        for log in &logs {
-            if let Ok(e) = PaymentStream::Settled::decode_log(&log.inner) {
-                *by_token.entry(e.data.token).or_default() += e.data.amount;
-            }
-        }
-        println!("{} ({id:#x}): {} inferences settled, payout {}", m.name, m.totalInferences, m.payout);
-        for (token, amount) in by_token {
-            let coin = d.stablecoins.iter().find(|c| c.address == token);
-            let (sym, dec) = coin.map(|c| (c.symbol.as_str(), c.decimals)).unwrap_or(("?", 0));
-            println!("  earned {} {sym}", format_units(amount, dec)?);
-        }
-    }
-    if !any {
-        println!("{owner} owns no model");
     }
     Ok(())
 }

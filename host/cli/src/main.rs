@@ -7,6 +7,7 @@ mod cmd_cid;
 mod cmd_custodian;
 mod cmd_deploy;
 mod cmd_dev;
+mod cmd_earnings;
 mod cmd_publish;
 mod cmd_serve;
 mod cmd_wallet;
@@ -45,8 +46,10 @@ enum Command {
     Balance(Box<cmd_wallet::BalanceArgs>),
     /// Request, take or cancel a withdrawal (user).
     Withdraw(Box<cmd_wallet::WithdrawArgs>),
-    /// What settlement paid for each of an owner's models (owner).
-    Earnings(cmd_wallet::EarningsArgs),
+    /// What settlement credited to each of an owner's models, and what is still to claim (owner).
+    Earnings(cmd_earnings::EarningsArgs),
+    /// Pay the credits of an owner's models to their payout addresses (owner, or anyone).
+    Claim(cmd_earnings::ClaimArgs),
     /// Ask a host to settle its charges now (operator).
     Settle(cmd_wallet::SettleArgs),
     /// Print the IPFS content id of a file (what `ipfs add` computes).
@@ -81,7 +84,8 @@ async fn main() -> std::process::ExitCode {
         Command::Permit(args) => cmd_wallet::permit(*args).await,
         Command::Balance(args) => cmd_wallet::balance(*args).await,
         Command::Withdraw(args) => cmd_wallet::withdraw(*args).await,
-        Command::Earnings(args) => cmd_wallet::earnings(args).await,
+        Command::Earnings(args) => cmd_earnings::earnings(args).await,
+        Command::Claim(args) => cmd_earnings::claim(args).await,
         Command::Settle(args) => cmd_wallet::settle(args).await,
         Command::Custodian(args) => cmd_custodian::run(args).await,
         Command::Publish(args) => cmd_publish::run(*args).await,

@@ -1,11 +1,12 @@
 // The owner's dashboard: earnings and requests over time from PaymentStream's Settled events,
-// what this host has charged but not yet settled, authorised hosts, price, thresholds, pause.
+// the credit settlement left to claim (and the claim that pays it out in one transfer), what this
+// host has charged but not yet settled, authorised hosts, price, thresholds, pause.
 import { useState } from 'react';
 import { useQuery } from '@tanstack/react-query';
 import { useConnection, usePublicClient } from 'wagmi';
 import { formatUnits, isAddress, parseUnits, type Address, type PublicClient } from 'viem';
 import { useApp } from '../context';
-import { modelAccessTokenAbi, modelVaultAbi, paymentStreamAbi } from '../contracts';
+import { modelAccessTokenAbi, modelVaultAbi, paymentStreamAbi, stablecoinAbi } from '../contracts';
 import { hostFetch, type ModelUsage } from '../host';
 import { amount, describeError, short } from '../format';
 import { useModels, useModelHosts, type ChainModel } from '../models';
@@ -45,6 +46,25 @@ function useEarnings(m: ChainModel) {
   });
 }
 
+// Settlement credits the model inside PaymentStream; `claim` pays all of it to the payout.
+function useClaimable(m: ChainModel, token: Address) {
+  const client = usePublicClient();
+  const { deployment } = useApp();
+  return useQuery({
+    queryKey: ['claimable', m.id, token],
+    enabled: !!client,
+    refetchInterval: 5_000,
+    queryFn: async () => {
+      const c = client as PublicClient;
+      const [credit, payoutBalance] = await Promise.all([
+        c.readContract({ address: deployment.paymentStream, abi: paymentStreamAbi, functionName: 'claimable', args: [m.id, token] }),
+        c.readContract({ address: token, abi: stablecoinAbi, functionName: 'balanceOf', args: [m.payout] }),
+      ]);
+      return { credit, payoutBalance };
+    },
+  });
+}
+
 function Chart({ points, decimals }: { points: Point[]; decimals: number }) {
   if (points.length === 0) return <p className="empty">No settlement yet: earnings appear here once a host settles.</p>;
   const W = 520,
@@ -76,6 +96,7 @@ function ModelCard({ m }: { m: ChainModel }) {
   const { stablecoin, hostModels, deployment } = useApp();
   const tx = useTx();
   const earnings = useEarnings(m);
+  const claimable = useClaimable(m, stablecoin.address);
   const hosts = useModelHosts(m.id);
   const served = hostModels.find((h) => h.model_id?.toLowerCase() === m.id.toLowerCase());
   const usage = useQuery({
@@ -98,6 +119,27 @@ function ModelCard({ m }: { m: ChainModel }) {
       <dl className="facts">
         <dt>Earned (settled)</dt>
         <dd data-testid="earned">{earnings.data ? amount(earnings.data.total, d, stablecoin.symbol) : '…'}</dd>
+        <dt>To claim</dt>
+        <dd>
+          <span data-testid="claimable">{claimable.data ? amount(claimable.data.credit, d, stablecoin.symbol) : '…'}</span>{' '}
+          <button
+            data-testid="claim"
+            disabled={!claimable.data?.credit}
+            title={`pays the whole credit to the payout address ${m.payout}`}
+            onClick={() =>
+              tx(`Claim ${amount(claimable.data?.credit ?? 0n, d, stablecoin.symbol)} for ${m.name}`, [
+                { address: deployment.paymentStream, abi: paymentStreamAbi, functionName: 'claim', args: [m.id, stablecoin.address] },
+              ])
+            }
+          >
+            Claim
+          </button>
+        </dd>
+        <dt>Payout balance</dt>
+        <dd>
+          <span data-testid="payout-balance">{claimable.data ? amount(claimable.data.payoutBalance, d, stablecoin.symbol) : '…'}</span>{' '}
+          <code title={m.payout}>{short(m.payout)}</code>
+        </dd>
         <dt>Requests settled</dt>
         <dd data-testid="settled-requests">{earnings.data ? earnings.data.requests.toString() : '…'}</dd>
         <dt>Unsettled on this host</dt>

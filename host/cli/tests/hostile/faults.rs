@@ -241,6 +241,7 @@ pub async fn settlement_heals_after_the_rpc_refuses_then_hangs(_shared: Arc<Shar
     counts.sort_unstable();
     counts.dedup();
     assert_eq!(counts.len(), receipts.len(), "a cumulative number was issued twice");
+    p.claim().await?;
     assert_eq!(p.usdc_of(owner).await? - before, total, "payout Δ = Σ receipts");
     let (latest, pending) = host_nonce(&p).await?;
     assert_eq!(latest, pending, "a transaction is stuck behind a nonce gap");

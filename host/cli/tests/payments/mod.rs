@@ -169,6 +169,17 @@ async fn paid_requests_settle_exactly_and_bad_callers_are_refused_without_charge
     assert!(out.contains(&format!("settled {ok} requests")), "{out}");
     let total_after = vault.getModel(p.id).call().await?.totalInferences;
     assert_eq!(total_after - total_before, ok, "totalInferences += N");
+    // settlement credits the model; the owner's claim pays it out in one transfer
+    assert_eq!(p.usdc_of(owner).await?, owner_before, "settlement itself transfers nothing");
+    assert_eq!(p.claimable().await?, U256::from(ok * PRICE), "the model's credit += N × price");
+    let earnings = p.cli(OWNER, &["earnings"])?;
+    assert!(earnings.contains(&format!("{ok} inferences settled")), "{earnings}");
+    let credit = format!("{} USDC", alloy::primitives::utils::format_units(U256::from(ok * PRICE), 6)?);
+    assert!(earnings.contains(&format!("{credit} to claim")), "{earnings}");
+    let claimed = p.claim().await?;
+    assert!(claimed.contains(&format!("claimed {credit} to {owner}")), "{claimed}");
+    assert!(p.claim().await?.contains("nothing to claim"), "a second claim pays nothing");
+    assert_eq!(p.claimable().await?, U256::ZERO);
     assert_eq!(p.usdc_of(owner).await? - owner_before, U256::from(ok * PRICE), "owner payout += N × price");
     let paid_u = u_before - p.deposit_of(p.key(u).address()).await?;
     let paid_w = w_before - p.deposit_of(p.key(w).address()).await?;
@@ -186,6 +197,7 @@ async fn paid_requests_settle_exactly_and_bad_callers_are_refused_without_charge
         .output()?;
     let earnings = String::from_utf8_lossy(&earnings.stdout);
     assert!(earnings.contains(&format!("{ok} inferences settled")), "{earnings}");
+    assert!(earnings.contains(&format!("earned {credit}, 0.000000 USDC to claim")), "{earnings}");
     Ok(())
 }
 
@@ -321,8 +333,9 @@ async fn a_killed_host_loses_no_charge_and_charges_none_twice() -> anyhow::Resul
         assert_eq!(rs.last().map(|r| r.cumulative_amount), Some(sum), "permit {hash}: amounts");
         total += sum;
     }
-    // settle: the owner gets exactly the receipts
+    // settle and claim: the owner gets exactly the receipts
     p.settle().await?;
+    p.claim().await?;
     assert_eq!(p.usdc_of(owner).await? - before, total, "payout Δ = Σ receipts");
     let ps = PaymentStream::new(p.rig.chain.deployment.payment_stream, p.rig.provider()?);
     for (hash, rs) in &by_permit {
@@ -548,6 +561,7 @@ async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_wa
     let owner = p.key(OWNER).address();
     let before = p.usdc_of(owner).await?;
     assert!(p.settle().await?.contains("settled 6 requests"));
+    p.claim().await?;
     assert_eq!(p.usdc_of(owner).await? - before, U256::from(charged));
     Ok(())
 }

@@ -281,6 +281,17 @@ impl Paid {
         Ok(stdout)
     }
 
+    /// Runs `div claim` with the owner's key: every credit of the owner's models is paid out.
+    pub async fn claim(&self) -> anyhow::Result<String> {
+        self.cli(OWNER, &["claim"])
+    }
+
+    /// What settlement credited to the model and nobody claimed yet (USDC base units).
+    pub async fn claimable(&self) -> anyhow::Result<U256> {
+        let ps = PaymentStream::new(self.rig.chain.deployment.payment_stream, self.rig.provider()?);
+        Ok(ps.claimable(self.id, self.rig.chain.usdc()?).call().await?)
+    }
+
     pub async fn usdc_of(&self, who: Address) -> anyhow::Result<U256> {
         Ok(DevStablecoin::new(self.rig.chain.usdc()?, self.rig.provider()?).balanceOf(who).call().await?)
     }
