@@ -22,5 +22,16 @@ if ! env PATH="$bare_path" scripts/demo.sh >"$out/demo.log" 2>&1; then
   exit 1
 fi
 set -a; . "$DIV_STATE/demo.env"; set +a
+# three more hosts the owner authorised for the F32 MiniLM, each lying in its registration: one
+# at a URL where nothing answers, one at this host's URL under another address, one at a
+# javascript: "URL"; the model page must list them without trusting any of them
+model_id=$(cast call "$DIV_MODEL_VAULT" "modelIdOf(address,string)(bytes32)" "$DIV_OWNER" "$DIV_MODEL" --rpc-url "$DIV_RPC_URL")
+for spec in "0x$(printf '1%.0s' $(seq 64))|http://127.0.0.1:9/" "0x$(printf '2%.0s' $(seq 64))|$DIV_URL" "0x$(printf '3%.0s' $(seq 64))|javascript:alert(document.domain)"; do
+  key=${spec%%|*} where=${spec#*|}
+  addr=$(cast wallet address --private-key "$key")
+  cast rpc anvil_setBalance "$addr" 0xDE0B6B3A7640000 --rpc-url "$DIV_RPC_URL" >/dev/null
+  cast send "$DIV_MODEL_VAULT" "authorizeHost(bytes32,address)" "$model_id" "$addr" --private-key "$DIV_OWNER_KEY" --rpc-url "$DIV_RPC_URL" >/dev/null
+  cast send "$DIV_MODEL_VAULT" "registerHost(string,bytes32[])" "$where" "[$model_id]" --private-key "$key" --rpc-url "$DIV_RPC_URL" >/dev/null
+done
 export DIV_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/div DIV_HOST_STATE=$PWD/$DIV_STATE/host
 node web/e2e/run.mjs

@@ -19,6 +19,10 @@ import {IPaymentStream} from "./interfaces/IPaymentStream.sol";
 contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, IModelVault {
     /// @notice Largest custodian set a model may name (keeps every loop bounded).
     uint256 public constant MAX_CUSTODIANS = 16;
+    /// @notice Longest host URL, in bytes.
+    uint256 public constant MAX_HOST_URL = 256;
+    /// @notice Most models one host registration names (keeps every loop bounded).
+    uint256 public constant MAX_HOST_MODELS = 64;
 
     /// @custom:storage-location erc7201:div.storage.ModelVault
     struct VaultStorage {
@@ -27,6 +31,9 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
         bytes32[] modelIds;
         address paymentStream;
         mapping(bytes32 => mapping(address => bool)) everAuthorized;
+        // v2: hosts publish their URL and the models they serve
+        mapping(address => HostRecord) hostRecords;
+        mapping(bytes32 => mapping(address => bool)) serving;
     }
 
     // keccak256(abi.encode(uint256(keccak256("div.storage.ModelVault")) - 1)) & ~bytes32(uint256(0xff))
@@ -181,9 +188,59 @@ contract ModelVault is Initializable, Ownable2StepUpgradeable, UUPSUpgradeable, 
     }
 
     /// @inheritdoc IModelVault
-    function isHostAuthorized(bytes32 modelId, address host) external view returns (bool) {
+    function registerHost(string calldata url, bytes32[] calldata models) external {
+        uint256 length = bytes(url).length;
+        if (length == 0 || length > MAX_HOST_URL) revert InvalidHostUrl(length);
+        if (models.length > MAX_HOST_MODELS) revert TooManyHostModels(models.length, MAX_HOST_MODELS);
         VaultStorage storage $ = _s();
-        return $.models[modelId].active && $.hosts[modelId][host];
+        _clearServing($, msg.sender);
+        for (uint256 i; i < models.length; ++i) {
+            if ($.models[models[i]].owner == address(0)) revert ModelNotFound(models[i]);
+            $.serving[models[i]][msg.sender] = true;
+        }
+        HostRecord storage r = $.hostRecords[msg.sender];
+        r.url = url;
+        r.models = models;
+        r.registeredAt = uint64(block.timestamp);
+        emit HostRegistered(msg.sender, url, models);
+    }
+
+    /// @inheritdoc IModelVault
+    function unregisterHost() external {
+        VaultStorage storage $ = _s();
+        if ($.hostRecords[msg.sender].registeredAt == 0) revert HostNotRegistered(msg.sender);
+        _clearServing($, msg.sender);
+        delete $.hostRecords[msg.sender];
+        emit HostUnregistered(msg.sender);
+    }
+
+    function _clearServing(VaultStorage storage $, address host) private {
+        bytes32[] storage old = $.hostRecords[host].models;
+        for (uint256 i; i < old.length; ++i) {
+            delete $.serving[old[i]][host];
+        }
+    }
+
+    /// @inheritdoc IModelVault
+    function hostRecord(address host) external view returns (HostRecord memory) {
+        return _s().hostRecords[host];
+    }
+
+    /// @inheritdoc IModelVault
+    function isHostServing(bytes32 modelId, address host) external view returns (bool) {
+        return _isHostAuthorized(modelId, host) && _s().serving[modelId][host];
+    }
+
+    /// @inheritdoc IModelVault
+    /// @dev Also false for a host that has not registered (v2): an owner's authorisation takes
+    /// effect only once the host has published where it serves, so no host serves by surprise.
+    function isHostAuthorized(bytes32 modelId, address host) external view returns (bool) {
+        return _isHostAuthorized(modelId, host);
+    }
+
+    function _isHostAuthorized(bytes32 modelId, address host) private view returns (bool) {
+        VaultStorage storage $ = _s();
+        return $.models[modelId].active && $.hosts[modelId][host] && $.hostRecords[host].registeredAt != 0;
     }
 
     /// @inheritdoc IModelVault

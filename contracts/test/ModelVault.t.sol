@@ -500,6 +500,115 @@ contract ModelVaultTest is Fixture {
         vault.transferModelOwnership(UNKNOWN_MODEL, stranger);
     }
 
+    // ------------------------------------------------------------ host registration
+
+    function _ids(bytes32 a) internal pure returns (bytes32[] memory ids) {
+        ids = new bytes32[](1);
+        ids[0] = a;
+    }
+
+    function test_registerHost_storesAndEmits() public {
+        address h = makeAddr("freshHost");
+        vm.warp(START_TIME + 10);
+        vm.expectEmit(address(vault));
+        emit IModelVault.HostRegistered(h, "https://h.example:8080", _ids(modelId));
+        vm.prank(h);
+        vault.registerHost("https://h.example:8080", _ids(modelId));
+        IModelVault.HostRecord memory r = vault.hostRecord(h);
+        assertEq(r.url, "https://h.example:8080");
+        assertEq(r.models.length, 1);
+        assertEq(r.models[0], modelId);
+        assertEq(r.registeredAt, START_TIME + 10);
+    }
+
+    /// @dev An owner's authorisation takes effect only for a host that published where it serves:
+    /// custodians (which ask `isHostAuthorized`) release nothing to a host before it registers.
+    function test_isHostAuthorized_onlyOnceTheHostRegistered() public {
+        address h = makeAddr("freshHost");
+        vm.prank(modelOwner);
+        vault.authorizeHost(modelId, h);
+        assertFalse(vault.isHostAuthorized(modelId, h)); // authorised but not registered
+        assertTrue(vault.wasHostAuthorized(modelId, h));
+        vm.prank(h);
+        vault.registerHost("https://h.example", new bytes32[](0));
+        assertTrue(vault.isHostAuthorized(modelId, h));
+        vm.expectEmit(address(vault));
+        emit IModelVault.HostUnregistered(h);
+        vm.prank(h);
+        vault.unregisterHost();
+        assertFalse(vault.isHostAuthorized(modelId, h)); // unregistered
+        assertEq(vault.hostRecord(h).registeredAt, 0);
+        assertEq(vault.hostRecord(h).url, "");
+    }
+
+    function test_registerHost_aRegistrationWithoutAuthorisationServesNothing() public {
+        address h = makeAddr("freshHost");
+        vm.prank(h);
+        vault.registerHost("https://h.example", _ids(modelId));
+        assertFalse(vault.isHostAuthorized(modelId, h));
+        assertFalse(vault.isHostServing(modelId, h));
+    }
+
+    function test_isHostServing_needsServingAuthorisedAndActive() public {
+        assertFalse(vault.isHostServing(modelId, host)); // registered without naming the model
+        vm.prank(host);
+        vault.registerHost(HOST_URL, _ids(modelId));
+        assertTrue(vault.isHostServing(modelId, host));
+        vm.prank(modelOwner);
+        vault.setActive(modelId, false);
+        assertFalse(vault.isHostServing(modelId, host)); // paused
+        vm.startPrank(modelOwner);
+        vault.setActive(modelId, true);
+        vault.revokeHost(modelId, host);
+        vm.stopPrank();
+        assertFalse(vault.isHostServing(modelId, host)); // revoked
+    }
+
+    function test_registerHost_replacesWhatWasPublished() public {
+        bytes32 second = registerModel(stranger, "second", address(accessToken), payout);
+        vm.prank(stranger);
+        vault.authorizeHost(second, host);
+        vm.prank(host);
+        vault.registerHost(HOST_URL, _ids(modelId));
+        vm.prank(host);
+        vault.registerHost("https://moved.example", _ids(second));
+        assertFalse(vault.isHostServing(modelId, host)); // no longer named
+        assertTrue(vault.isHostServing(second, host));
+        assertEq(vault.hostRecord(host).url, "https://moved.example");
+        vm.prank(host);
+        vault.unregisterHost();
+        assertFalse(vault.isHostServing(second, host));
+    }
+
+    function test_registerHost_isTheCallersOwn() public {
+        vm.prank(stranger);
+        vault.registerHost("https://evil.example", _ids(modelId));
+        assertEq(vault.hostRecord(host).url, HOST_URL); // a stranger cannot move another host
+        assertFalse(vault.isHostServing(modelId, stranger));
+    }
+
+    function test_registerHost_refusesBadInput() public {
+        vm.startPrank(host);
+        vm.expectRevert(abi.encodeWithSelector(IModelVault.InvalidHostUrl.selector, 0));
+        vault.registerHost("", new bytes32[](0));
+        bytes memory long = new bytes(257);
+        for (uint256 i; i < long.length; ++i) {
+            long[i] = "a";
+        }
+        vm.expectRevert(abi.encodeWithSelector(IModelVault.InvalidHostUrl.selector, 257));
+        vault.registerHost(string(long), new bytes32[](0));
+        vm.expectRevert(abi.encodeWithSelector(IModelVault.TooManyHostModels.selector, 65, 64));
+        vault.registerHost(HOST_URL, new bytes32[](65));
+        vm.expectRevert(abi.encodeWithSelector(IModelVault.ModelNotFound.selector, UNKNOWN_MODEL));
+        vault.registerHost(HOST_URL, _ids(UNKNOWN_MODEL));
+        vm.stopPrank();
+        // nothing of the refused calls stuck
+        assertEq(vault.hostRecord(host).url, HOST_URL);
+        vm.expectRevert(abi.encodeWithSelector(IModelVault.HostNotRegistered.selector, stranger));
+        vm.prank(stranger);
+        vault.unregisterHost();
+    }
+
     // ------------------------------------------------------------ settled-request count
 
     /// @dev Settles `requests` requests (and as many micro-units) on a fresh permit of `user` for

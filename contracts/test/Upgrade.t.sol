@@ -138,6 +138,11 @@ contract UpgradeFromV1Test is Fixture {
         assertEq(m.owner, modelOwner);
         assertEq(m.payout, payout);
         assertEq(m.totalInferences, 3, "the vault's v1 count carries over");
+        // a v1 authorisation takes effect again once the host has registered (v2), and settling
+        // what it served never needed it
+        assertFalse(vault.isHostAuthorized(modelId, host));
+        assertTrue(vault.wasHostAuthorized(modelId, host));
+        registerHost(host, HOST_URL);
         assertTrue(vault.isHostAuthorized(modelId, host));
         assertEq(stream.claimable(modelId, address(usdc)), 0, "v1 paid as it settled: no credit");
 

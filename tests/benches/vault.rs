@@ -156,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
     let registered = client.register_model(&chain.deployment, &reg).await?;
     anyhow::ensure!(registered.model_id == B256::from(model_id), "model id");
     client.authorize_host(&chain.deployment, registered.model_id, chain.keys[3].address()).await?;
+    chain.register_host(3).await?;
 
     // both loads compile without a disk cache: the cold start of a fresh host
     let runtime = div_runtime::Runtime::new(div_runtime::RuntimeConfig::default())?;

@@ -392,6 +392,19 @@ impl LocalChain {
         let model = owner.register_model(&self.deployment, &reg).await?;
         let host = self.keys.get(3).context("no anvil account #3")?.address();
         owner.authorize_host(&self.deployment, model.model_id, host).await?;
+        self.register_host(3).await?;
         Ok(model)
+    }
+
+    /// Registers account `index` as a host on `ModelVault` (an owner's authorisation takes effect
+    /// only for a registered host), at a placeholder URL unless it is registered already (at any URL).
+    pub async fn register_host(&self, index: usize) -> anyhow::Result<()> {
+        let host = self.client(index).await?;
+        let vault = div_chain::bindings::ModelVault::new(self.deployment.model_vault, host.provider());
+        if vault.hostRecord(host.address()).call().await?.registeredAt == 0 {
+            host.ensure_host_registered(&self.deployment, &format!("http://host-{index}.invalid"), None)
+                .await?;
+        }
+        Ok(())
     }
 }

@@ -270,7 +270,19 @@ try {
       () => page.getByRole('link', { name: 'all-minilm-l6-v2', exact: true }).click(),
       () => page.getByTestId('tier').waitFor(),
     );
-    assert.match(await page.getByTestId('hosts').textContent(), /this host/);
+    // the hosts the model is served on, as they published themselves on chain: this one, at its
+    // URL, up (it answered GET /v1/host as the address that registered), and how fast
+    const here = page.getByTestId('host').filter({ hasText: 'this host' });
+    await here.getByTestId('host-status').filter({ hasText: /^up · \d+ ms$/ }).waitFor({ timeout: 10_000 });
+    assert.equal(await here.getByTestId('host-url').textContent(), `${new URL(url).origin}/`);
+    // hosts whose registrations lie (scripts/web-e2e.sh): none is trusted, none is linked
+    const status = (re) => page.getByTestId('host').getByTestId('host-status').filter({ hasText: re });
+    await status(/^down \(/).waitFor({ timeout: 10_000 });
+    await status(/^answers as another host/).waitFor({ timeout: 10_000 });
+    await status(/^registered an address that is not an http\(s\) URL$/).waitFor();
+    assert.equal(await page.getByTestId('host').count(), 4);
+    assert.equal(await page.locator('[data-testid="hosts"] a').count(), 0, 'no lying host is linked');
+    assert.equal(await page.locator('a[href^="javascript"]').count(), 0);
     assert.match(await page.getByTestId('tier').textContent(), /no access yet/);
     await shot(page, 'model-page');
   });

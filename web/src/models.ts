@@ -55,3 +55,74 @@ export function useModelHosts(id: Hex) {
     },
   });
 }
+
+/** An authorised host of a model with what it published on ModelVault (`registerHost`). */
+export type PublishedHost = {
+  address: Address;
+  /** Its public URL, when it registered (an authorisation takes effect only then). */
+  url?: string;
+  /** Whether it published that it serves this model (and is authorised, the model active). */
+  serving: boolean;
+};
+
+/** The model's authorised hosts with their registrations, serving ones first. */
+export function usePublishedHosts(id: Hex) {
+  const client = usePublicClient();
+  const { deployment } = useApp();
+  const hosts = useModelHosts(id);
+  return useQuery({
+    queryKey: ['published-hosts', id, hosts.data],
+    enabled: !!client && !!hosts.data,
+    queryFn: async (): Promise<PublishedHost[]> => {
+      const c = client as PublicClient;
+      const vault = { address: deployment.modelVault, abi: modelVaultAbi } as const;
+      const out = await Promise.all(
+        (hosts.data ?? []).map(async (address) => {
+          const [record, serving] = await Promise.all([
+            c.readContract({ ...vault, functionName: 'hostRecord', args: [address] }),
+            c.readContract({ ...vault, functionName: 'isHostServing', args: [id, address] }),
+          ]);
+          return { address, url: record.registeredAt > 0n ? record.url : undefined, serving };
+        }),
+      );
+      return out.sort((a, b) => Number(b.serving) - Number(a.serving));
+    },
+  });
+}
+
+/** A host URL safe to link to and fetch: http(s) only (a registration is anyone's string). */
+export function hostUrl(url: string | undefined): URL | undefined {
+  if (!url) return undefined;
+  try {
+    const u = new URL(url);
+    return u.protocol === 'http:' || u.protocol === 'https:' ? u : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+export type HostProbe = { up: boolean; ms?: number; answersAs?: string; error?: string };
+
+/** Asks a host's `GET /v1/host` (readable from any origin): is it up, how fast, and which
+ * address it answers as (it must be the one that registered the URL). */
+export function useHostProbe(url: URL | undefined) {
+  return useQuery({
+    queryKey: ['probe', url?.href],
+    enabled: !!url,
+    refetchInterval: 15_000,
+    retry: false,
+    queryFn: async (): Promise<HostProbe> => {
+      const base = url!.href.replace(/\/$/, '');
+      const t0 = performance.now();
+      try {
+        const res = await fetch(`${base}/v1/host`, { signal: AbortSignal.timeout(3_000) });
+        const ms = Math.round(performance.now() - t0);
+        if (!res.ok) return { up: false, ms, error: `answered ${res.status}` };
+        const body = (await res.json()) as { host?: string };
+        return { up: true, ms, answersAs: body.host };
+      } catch (e) {
+        return { up: false, error: e instanceof Error ? e.message : String(e) };
+      }
+    },
+  });
+}

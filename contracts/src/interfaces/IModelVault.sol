@@ -37,6 +37,13 @@ interface IModelVault {
         address[] custodians;
     }
 
+    /// @notice What a host published about itself (`registerHost`).
+    struct HostRecord {
+        string url;
+        bytes32[] models;
+        uint64 registeredAt;
+    }
+
     /// @notice No model has this id.
     error ModelNotFound(bytes32 modelId);
     /// @notice The caller already registered a model under this name.
@@ -52,6 +59,12 @@ interface IModelVault {
     error InvalidCustodianSet(uint256 custodians, uint8 threshold);
     /// @notice The host is already in the state asked for.
     error HostAlreadyInState(bytes32 modelId, address host, bool authorized);
+    /// @notice A host URL that is empty or longer than `MAX_HOST_URL` bytes.
+    error InvalidHostUrl(uint256 length);
+    /// @notice More models in one registration than `MAX_HOST_MODELS`.
+    error TooManyHostModels(uint256 count, uint256 max);
+    /// @notice The caller has no host registration.
+    error HostNotRegistered(address host);
     /// @notice `modelIdAt` past the end of the list.
     error IndexOutOfRange(uint256 index, uint256 length);
 
@@ -75,6 +88,11 @@ interface IModelVault {
     event HostAuthorized(bytes32 indexed modelId, address indexed host);
     /// @notice `host` may no longer receive key shares for or serve the model.
     event HostRevoked(bytes32 indexed modelId, address indexed host);
+    /// @notice `host` (re)published where it serves and which models; its authorisations now
+    /// take effect.
+    event HostRegistered(address indexed host, string url, bytes32[] models);
+    /// @notice `host` withdrew its registration: no authorisation of it takes effect any more.
+    event HostUnregistered(address indexed host);
     /// @notice The payment contract whose settled-request counts `getModel` reports changed.
     event PaymentStreamSet(address paymentStream);
 
@@ -87,6 +105,17 @@ interface IModelVault {
     function transferModelOwnership(bytes32 modelId, address newOwner) external;
     function authorizeHost(bytes32 modelId, address host) external;
     function revokeHost(bytes32 modelId, address host) external;
+    /// @notice The caller, a host, publishes its public URL and the models it serves there
+    /// (replacing what it published before). Until a host has registered, no owner's
+    /// authorisation of it takes effect: `isHostAuthorized` is false, custodians release nothing.
+    function registerHost(string calldata url, bytes32[] calldata models) external;
+    /// @notice The caller withdraws its host registration.
+    function unregisterHost() external;
+    /// @notice What `host` published (empty `url` and `registeredAt` 0 if it never registered).
+    function hostRecord(address host) external view returns (HostRecord memory);
+    /// @notice Whether `host` published that it serves the model, is authorised for it, and the
+    /// model is active: the hosts a user can pick for the model.
+    function isHostServing(bytes32 modelId, address host) external view returns (bool);
     /// @notice Whether `host` was ever authorised for the model (it may have been revoked since).
     function wasHostAuthorized(bytes32 modelId, address host) external view returns (bool);
 

@@ -33,6 +33,7 @@ abstract contract Fixture is Test {
     string internal constant MODEL_NAME = "minilm-l6";
     string internal constant MODEL_CID = "bafy-model-cid";
     string internal constant PLUGIN_CID = "bafy-plugin-cid";
+    string internal constant HOST_URL = "https://host.example";
     uint256 internal constant PRICE_PER_REQUEST = 1_000; // 0.001 USDC
     uint256 internal constant PRICE_PER_1K_TOKENS = 50;
     /// @dev Sale price of one whole access token: 2.5 USDC.
@@ -75,6 +76,14 @@ abstract contract Fixture is Test {
         modelId = registerModel(modelOwner, MODEL_NAME, address(accessToken), payout);
         vm.prank(modelOwner);
         vault.authorizeHost(modelId, host);
+        // both hosts published where they serve (an authorisation takes effect only then)
+        registerHost(host, HOST_URL);
+        registerHost(otherHost, "https://other-host.example");
+    }
+
+    function registerHost(address who, string memory url) internal {
+        vm.prank(who);
+        vault.registerHost(url, new bytes32[](0));
     }
 
     // ------------------------------------------------------------ deployment

@@ -70,6 +70,7 @@ pub fn router(state: AppState) -> Router {
                     ApiError::internal("the host failed on this request").into_response()
                 }))
                 .layer(axum::middleware::from_fn(request_ids))
+                .layer(axum::middleware::from_fn(public_cors))
                 .layer(axum::middleware::from_fn(header_bound))
                 .layer(RequestBodyTimeoutLayer::new(BODY_STALL)),
         )
@@ -105,6 +106,20 @@ async fn request_ids(mut req: Request, next: Next) -> Response {
         && let Ok(v) = HeaderValue::from_str(&c)
     {
         resp.headers_mut().insert("x-client-request-id", v);
+    }
+    resp
+}
+
+/// Paths any web page may read (CORS): the dApp served by one host lists the other hosts a model
+/// is served on, checks each is up, answers as the address it registered, and how fast.
+/// Nothing else is opened to other origins (no credentials, no writes).
+const CROSS_ORIGIN_READABLE: [&str; 2] = ["/healthz", "/v1/host"];
+
+async fn public_cors(req: Request, next: Next) -> Response {
+    let open = req.method() == Method::GET && CROSS_ORIGIN_READABLE.contains(&req.uri().path());
+    let mut resp = next.run(req).await;
+    if open {
+        resp.headers_mut().insert("access-control-allow-origin", HeaderValue::from_static("*"));
     }
     resp
 }

@@ -240,6 +240,38 @@ impl Client {
         Ok(())
     }
 
+    /// Publishes the sender, a host, at `url` serving `models`, unless the vault already says
+    /// exactly that (same URL, same set of models). `models: None` keeps the models published
+    /// before when the URL is unchanged. Returns whether a transaction was sent.
+    pub async fn ensure_host_registered(
+        &self,
+        deployment: &Deployment,
+        url: &str,
+        models: Option<&[alloy::primitives::B256]>,
+    ) -> Result<bool, ChainError> {
+        let vault = ModelVault::new(deployment.model_vault, &self.provider);
+        let now = vault
+            .hostRecord(self.address())
+            .call()
+            .await
+            .map_err(ChainError::contract("reading the host's registration"))?;
+        let registered = now.registeredAt != 0 && now.url == url;
+        let want: Vec<alloy::primitives::B256> = match models {
+            Some(m) => m.to_vec(),
+            None if registered => return Ok(false),
+            None => Vec::new(),
+        };
+        let (mut have, mut wanted) = (now.models.clone(), want.clone());
+        have.sort();
+        wanted.sort();
+        wanted.dedup();
+        if registered && have == wanted {
+            return Ok(false);
+        }
+        confirm("registering the host", vault.registerHost(url.to_string(), wanted).send().await).await?;
+        Ok(true)
+    }
+
     /// Stops `host` serving the sender's model `model_id`.
     pub async fn revoke_host(
         &self,

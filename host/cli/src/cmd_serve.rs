@@ -21,8 +21,6 @@ use div_meter::{Ledger, Meter, MeterConfig};
 use div_models::{LoadOptions, ModelFiles, ModelStore, Origin};
 use div_nn::OnnxConfig;
 use div_runtime::{Limits, Runtime, RuntimeConfig};
-use div_sync::{Allow, CustodianObserver, SyncConfig, VaultSync};
-use div_vault::Store;
 
 /// Arguments of `div serve`; every flag can also be set by the environment variable named.
 #[derive(clap::Args)]
@@ -48,29 +46,29 @@ pub struct ServeArgs {
     /// Serve the models of this owner (repeatable): the host serves only what its operator
     /// allows, whoever authorised it on-chain.
     #[arg(long = "allow-owner", env = "DIV_ALLOW_OWNERS", value_delimiter = ',')]
-    allow_owners: Vec<Address>,
+    pub(crate) allow_owners: Vec<Address>,
     /// Serve this model id, whoever owns it (repeatable).
     #[arg(long = "allow-model", env = "DIV_ALLOW_MODELS", value_delimiter = ',')]
-    allow_models: Vec<B256>,
+    pub(crate) allow_models: Vec<B256>,
     /// Serve every model any owner authorises for this host (trusting every owner).
     #[arg(long, env = "DIV_ALLOW_ANY_OWNER")]
-    allow_any_owner: bool,
+    pub(crate) allow_any_owner: bool,
     /// This host's public URL (default `http://<listen address>`): the domain Sign-In with
     /// Ethereum messages must name.
     #[arg(long, env = "DIV_PUBLIC_URL")]
     public_url: Option<String>,
     /// A custodian's base URL (repeatable).
     #[arg(long = "custodian", env = "DIV_CUSTODIANS", value_delimiter = ',')]
-    custodians: Vec<String>,
+    pub(crate) custodians: Vec<String>,
     /// Where ciphertexts are fetched from: a directory, or `ipfs+http://HOST:PORT` (Kubo).
     #[arg(long, env = "DIV_STORE", default_value = ".div/store")]
-    store: String,
+    pub(crate) store: String,
     /// The deployment's address book.
     #[arg(long, env = "DIV_ADDRESSES", default_value = ".div/addresses.json")]
-    addresses: PathBuf,
+    pub(crate) addresses: PathBuf,
     /// How often to read new `ModelVault` events (ms).
     #[arg(long, env = "DIV_VAULT_POLL_MS", default_value_t = 1000)]
-    vault_poll_ms: u64,
+    pub(crate) vault_poll_ms: u64,
     /// Serve vault models without gating or metering (a private deployment).
     #[arg(long, env = "DIV_NO_METER")]
     no_meter: bool,
@@ -100,13 +98,13 @@ pub struct ServeArgs {
     chain_cache_ms: u64,
     /// Longest any chain call may take (ms); past it the RPC counts as down.
     #[arg(long, env = "DIV_RPC_TIMEOUT_MS", default_value_t = 5000)]
-    rpc_timeout_ms: u64,
+    pub(crate) rpc_timeout_ms: u64,
     /// Unexpired API keys one user may hold on this host.
     #[arg(long, env = "DIV_MAX_KEYS_PER_USER", default_value_t = 32)]
     max_keys_per_user: usize,
     /// First wait before retrying a vault model that failed to load (ms; doubles up to 5 min).
     #[arg(long, env = "DIV_LOAD_RETRY_MS", default_value_t = 2000)]
-    load_retry_ms: u64,
+    pub(crate) load_retry_ms: u64,
     /// Plaintext bytes of models kept loaded (MiB); past it the least recently used is unloaded.
     #[arg(long, env = "DIV_MODEL_CACHE_MIB")]
     model_cache_mib: Option<u64>,
@@ -244,7 +242,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
     let sync = match &host_key {
-        Some(key) => Some(start_vault(&args, key.clone(), store.clone(), metrics.clone())?),
+        Some(key) => Some(crate::serve_vault::start_vault(
+            &args,
+            key.clone(),
+            &public_url,
+            store.clone(),
+            metrics.clone(),
+        )?),
         None => None,
     };
     let mut state = AppState::new(
@@ -259,7 +263,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     if let Some((sync, _)) = &sync {
-        state = state.with_catalog(Arc::new(SyncCatalog(sync.clone())));
+        state = state.with_catalog(Arc::new(crate::serve_vault::SyncCatalog(sync.clone())));
     }
     if let Ok(text) = std::fs::read_to_string(&args.addresses) {
         let mut book: serde_json::Value = serde_json::from_str(&text)
@@ -297,35 +301,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         task.abort();
     }
     Ok(())
-}
-
-/// The vault sync as the API sees it: models this host serves but does not hold right now.
-struct SyncCatalog(Arc<VaultSync>);
-
-impl div_api::Catalog for SyncCatalog {
-    fn wanted(&self, name: &str) -> Option<u32> {
-        self.0.wanted(name)
-    }
-
-    fn readiness(&self) -> Vec<serde_json::Value> {
-        self.0
-            .readiness()
-            .into_iter()
-            .map(|r| {
-                serde_json::json!({
-                    "name": r.name,
-                    "model_id": format!("{:#x}", r.model_id),
-                    "state": r.state,
-                    "error": r.error,
-                    "retry_in_secs": r.retry_in_secs,
-                })
-            })
-            .collect()
-    }
-
-    fn initial_sync_done(&self) -> bool {
-        self.0.initial_sync_done()
-    }
 }
 
 /// Opens the charge ledger, gates and meters the vault's models, and starts settling.
@@ -415,50 +390,6 @@ fn rand_token() -> u128 {
     let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
     let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
     (u128::from(a) << 64) | u128::from(b)
-}
-
-/// Starts following `ModelVault` in the background: the models this host's operator allows and
-/// their owners authorised are loaded one by one, retried when they fail, and kept in step.
-fn start_vault(
-    args: &ServeArgs,
-    signer: PrivateKeySigner,
-    store: Arc<ModelStore>,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<(Arc<VaultSync>, tokio::task::JoinHandle<()>)> {
-    let allow = Allow {
-        owners: args.allow_owners.clone(),
-        models: args.allow_models.clone(),
-        any: args.allow_any_owner,
-    };
-    if allow.is_empty() {
-        bail!(
-            "--vault serves only models its operator chose: pass --allow-owner ADDRESS and/or --allow-model ID \
-             (or --allow-any-owner to serve every model any owner authorises for this host)"
-        );
-    }
-    let d = Deployment::load(&args.addresses)
-        .with_context(|| format!("reading the address book {}", args.addresses.display()))?;
-    let provider =
-        div_chain::rpc::read_provider(&d.rpc_url, Duration::from_millis(args.rpc_timeout_ms.max(100)))?;
-    let observer: CustodianObserver = Arc::new(move |c, _why| metrics.custodian_failure(&c.to_string()));
-    let sync = Arc::new(VaultSync::new(
-        SyncConfig {
-            provider,
-            model_vault: d.model_vault,
-            store: Store::from_spec(&args.store),
-            custodians: args.custodians.clone(),
-            signer,
-            share_timeout: Duration::from_secs(5),
-            poll: Duration::from_millis(args.vault_poll_ms),
-            on_custodian_failure: Some(observer),
-            allow,
-            retry_base: Duration::from_millis(args.load_retry_ms.max(100)),
-        },
-        store,
-    ));
-    println!("host {} following ModelVault {}", sync.host(), d.model_vault);
-    let runner = sync.clone();
-    Ok((sync, tokio::spawn(runner.run(std::future::pending()))))
 }
 
 pub(crate) async fn shutdown_signal() {

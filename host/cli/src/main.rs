@@ -14,6 +14,7 @@ mod cmd_wallet;
 mod config_file;
 mod demo_env;
 mod secrets;
+mod serve_vault;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;

@@ -265,3 +265,32 @@ async fn the_load_generator_counts_answers_and_names_errors() -> anyhow::Result<
     assert!(first.starts_with("404") && first.contains("model_not_found"), "{first}");
     Ok(())
 }
+
+/// Other origins (the dApp served by another host) may read whether this host is up and who it
+/// is, and nothing else: no key, session or inference answer carries a CORS grant.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_the_hosts_public_facts_are_readable_from_other_origins() -> anyhow::Result<()> {
+    let host = TestHost::start(ApiConfig::default()).await?;
+    let http = reqwest::Client::new();
+    let cors = |r: &reqwest::Response| r.headers().get("access-control-allow-origin").cloned();
+    for path in ["/healthz", "/v1/host"] {
+        let r = http
+            .get(format!("{}{path}", host.url))
+            .header("origin", "https://elsewhere.example")
+            .send()
+            .await?;
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(cors(&r).as_ref().and_then(|v| v.to_str().ok()), Some("*"), "{path}");
+    }
+    for path in ["/v1/models", "/v1/me", "/metrics", "/readyz", "/v1/keys/challenge"] {
+        let r = http
+            .get(format!("{}{path}", host.url))
+            .header("origin", "https://elsewhere.example")
+            .send()
+            .await?;
+        assert!(cors(&r).is_none(), "{path} is readable from other origins");
+    }
+    let (_, _, headers) = post(&host.url, r#"{"model":"all-minilm-l6-v2","input":"hi"}"#).await?;
+    assert!(headers.get("access-control-allow-origin").is_none(), "an answer is readable from other origins");
+    Ok(())
+}

@@ -1,16 +1,47 @@
 import { useConnection } from 'wagmi';
 import { formatUnits, type Hex } from 'viem';
 import { useApp } from '../context';
-import { useModel, useModelHosts } from '../models';
+import { hostUrl, useHostProbe, useModel, usePublishedHosts, type PublishedHost } from '../models';
 import { amount, describeError, short } from '../format';
 import { AccessPanel } from './Access';
 import { TryIt } from './TryIt';
 
+/** One authorised host: where it serves, whether it is up and answers as the address that
+ * registered, how fast, and a link to use the model through it (its own dApp). */
+function HostItem({ id, h }: { id: Hex; h: PublishedHost }) {
+  const { info } = useApp();
+  const url = hostUrl(h.url);
+  const probe = useHostProbe(h.serving ? url : undefined);
+  const here = h.address.toLowerCase() === info.host?.toLowerCase();
+  const p = probe.data;
+  const status = !h.url
+    ? 'authorised, not registered: not serving'
+    : !url
+      ? 'registered an address that is not an http(s) URL'
+      : !h.serving
+        ? 'registered, does not serve this model'
+        : probe.isPending
+          ? 'checking…'
+          : !p?.up
+            ? `down (${p?.error ?? 'no answer'})`
+            : p.answersAs && p.answersAs.toLowerCase() !== h.address.toLowerCase()
+              ? `answers as another host (${short(p.answersAs as Hex)})`
+              : `up · ${p.ms} ms`;
+  const usable = !!url && h.serving && !!p?.up && (!p.answersAs || p.answersAs.toLowerCase() === h.address.toLowerCase());
+  return (
+    <li data-testid="host" data-serving={h.serving} data-up={!!p?.up}>
+      <code title={h.address}>{short(h.address)}</code> {url ? <code data-testid="host-url">{url.href}</code> : null}{' '}
+      <span className={usable ? 'ok small' : 'muted small'} data-testid="host-status">{status}</span>{' '}
+      {here ? <span className="chip">this host</span> : usable && <a href={`${url!.href.replace(/\/$/, '')}/#/models/${id}`}>use this host</a>}
+    </li>
+  );
+}
+
 export function ModelPage({ id }: { id: Hex }) {
-  const { hostModels, info, stablecoin } = useApp();
+  const { hostModels, stablecoin } = useApp();
   const { address } = useConnection();
   const model = useModel(id);
-  const hosts = useModelHosts(id);
+  const hosts = usePublishedHosts(id);
   if (model.isPending) return <p className="loading">Reading the model…</p>;
   if (model.error) return <p className="error">{describeError(model.error)}</p>;
   const m = model.data;
@@ -51,12 +82,9 @@ export function ModelPage({ id }: { id: Hex }) {
           <dd data-testid="hosts">
             {hosts.isPending && 'reading…'}
             {hosts.data?.length === 0 && 'no host is authorised yet'}
-            {hosts.data?.map((h) => (
-              <span key={h} className="chip" title={h}>
-                {short(h)}
-                {h.toLowerCase() === info.host?.toLowerCase() && ' (this host)'}
-              </span>
-            ))}
+            <ul className="hosts">
+              {hosts.data?.map((h) => <HostItem key={h.address} id={id} h={h} />)}
+            </ul>
           </dd>
         </dl>
       </div>

@@ -378,7 +378,9 @@ pub async fn a_smart_account_signs_permits_and_proofs(shared: Arc<Shared>) -> an
 }
 
 /// 14.4: a model whose plugin spins, at its instance limit, cannot take the cores from another
-/// model: the other's latency stays within twice its idle latency. Owners are rate-limited.
+/// model: the other's median latency stays within twice its idle latency plus 25 ms of
+/// scheduling noise (a busy CI machine moves a 4 ms median by several ms), far below the 2 s the
+/// spinning sandboxes run for: a starved victim would wait for them. Owners are rate-limited.
 pub async fn a_spinning_model_leaves_others_their_fair_share(shared: Arc<Shared>) -> anyhow::Result<()> {
     let st = shared.get().await?;
     let p = &st.paid;
@@ -439,7 +441,10 @@ pub async fn a_spinning_model_leaves_others_their_fair_share(shared: Arc<Shared>
         "fair share: victim p50 idle {idle:?}, beside a spinning model {attacked:?} ({spun} spins hit their deadline)"
     );
     assert!(spun >= 4, "the spinning model was not actually spinning ({spun})");
-    assert!(attacked <= idle * 2, "victim latency {attacked:?} is more than twice its idle {idle:?}");
+    assert!(
+        attacked <= idle * 2 + Duration::from_millis(25),
+        "victim latency {attacked:?} is more than twice its idle {idle:?} + 25 ms: the spinning model (2 s deadline) took its cores"
+    );
     let metrics = http.get(format!("{}/metrics", p.url)).send().await?.text().await?;
     assert!(
         metric(&metrics, "div_sandbox_parked_seconds", "tiny-spin") > 0.0,

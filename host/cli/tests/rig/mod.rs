@@ -67,6 +67,9 @@ impl Rig {
         for i in 0..3 {
             rig.start_custodian(i).await?;
         }
+        // the host publishes itself (as `div serve --vault` does on start) for the tests that
+        // drive its vault sync in-process
+        rig.chain.register_host(HOST).await?;
         Ok(rig)
     }
 

@@ -111,6 +111,23 @@ async fn custodians_refuse_unauthorised_revoked_stale_and_replayed_requests() ->
     let err = rig.sync(7, &host)?.load(id).await.err().context("unauthorised host loaded the model")?;
     assert!(err.to_string().contains("0 valid key shares"), "{err}");
 
+    // authorised by the owner but never registered: no host serves by surprise
+    let owner = rig.chain.client(OWNER).await?;
+    owner.authorize_host(&rig.chain.deployment, id, stranger.address()).await?;
+    for ep in &eps {
+        let e = request_share(&http, ep, id, stranger, &eph)
+            .await
+            .err()
+            .context("unregistered host got a share")?;
+        assert_eq!(refusal_code(&e), "host_not_authorized", "{e}");
+    }
+    // once it publishes where it serves, the authorisation takes effect
+    rig.chain.register_host(7).await?;
+    for ep in &eps {
+        request_share(&http, ep, id, stranger, &eph).await?;
+    }
+    owner.revoke_host(&rig.chain.deployment, id, stranger.address()).await?;
+
     // the owner can always recover its key; the authorised host gets shares
     for ep in &eps {
         request_share(&http, ep, id, &rig.chain.keys[OWNER], &eph).await?;
@@ -166,7 +183,6 @@ async fn custodians_refuse_unauthorised_revoked_stale_and_replayed_requests() ->
             .await
         })
     };
-    let owner = rig.chain.client(OWNER).await?;
     owner.revoke_host(&rig.chain.deployment, id, host_addr).await?;
     for ep in &eps {
         let e = request_share(&http, ep, id, &rig.chain.keys[HOST], &eph)
@@ -319,7 +335,19 @@ async fn no_plaintext_weights_reach_the_disk() -> anyhow::Result<()> {
     assert_eq!(body["data"][0]["embedding"].as_array().map(Vec::len), Some(384));
     let metrics = reqwest::get(format!("{url}/metrics")).await?.text().await?;
     assert!(metrics.contains("div_requests_total"), "{metrics}");
-    let _ = id;
+    // the host published itself on chain: its URL and the model it serves, so the dApp lists it
+    let vault = ModelVault::new(rig.chain.deployment.model_vault, rig.provider()?);
+    let mut published = false;
+    for _ in 0..100 {
+        let r = vault.hostRecord(host_key.address()).call().await?;
+        if r.url == url && r.models.contains(&id) {
+            published = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(published, "the host did not publish {url} serving {id:#x}");
+    assert!(vault.isHostServing(id, host_key.address()).call().await?);
     batch_mates_cannot_change_an_answer(&url).await?;
 
     // 64-byte windows of the weights at spread offsets
