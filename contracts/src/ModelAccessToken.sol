@@ -16,17 +16,27 @@ import {
 import {
     ERC20PermitUpgradeable
 } from "@openzeppelin/contracts-upgradeable/token/ERC20/extensions/ERC20PermitUpgradeable.sol";
+import {
+    ERC20VotesUpgradeable
+} from "@openzeppelin/contracts-upgradeable/token/ERC20/extensions/ERC20VotesUpgradeable.sol";
+import {NoncesUpgradeable} from "@openzeppelin/contracts-upgradeable/utils/NoncesUpgradeable.sol";
 import {IModelAccessToken} from "./interfaces/IModelAccessToken.sol";
 
 /// @title ModelAccessToken
 /// @notice One per model. Holding `accessThreshold` admits a caller to inference on hosts, holding
 /// `premiumThreshold` admits batch work. Tokens come from the owner's minters or from a primary
 /// sale whose proceeds go, in full, to the owner's payout address. Upgradeable (UUPS) by the admin.
+///
+/// It is also the membership of the model's Data DAO: balances carry vote checkpoints
+/// (`ERC20Votes`, timestamp clock) that an OpenZeppelin `Governor` reads. A holder votes with its
+/// own balance from the moment it first receives tokens (it delegates to itself then, unless it
+/// chose a delegate before); `delegate` moves its votes elsewhere.
 contract ModelAccessToken is
     Initializable,
     ERC20Upgradeable,
     ERC20BurnableUpgradeable,
     ERC20PermitUpgradeable,
+    ERC20VotesUpgradeable,
     AccessControlUpgradeable,
     UUPSUpgradeable,
     IModelAccessToken
@@ -77,6 +87,7 @@ contract ModelAccessToken is
         __ERC20_init(name_, symbol_);
         __ERC20Burnable_init();
         __ERC20Permit_init(name_);
+        __ERC20Votes_init();
         __AccessControl_init();
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
         _grantRole(MINTER_ROLE, admin);
@@ -167,6 +178,47 @@ contract ModelAccessToken is
     /// @inheritdoc IModelAccessToken
     function mint(address to, uint256 amount) external onlyRole(MINTER_ROLE) {
         _mint(to, amount);
+    }
+
+    /// @notice Makes the total-supply checkpoint match the supply: tokens minted before this
+    /// contract had vote checkpoints (v1) are counted once. Idempotent, anyone may call it; the
+    /// upgrade from v1 calls it in the same transaction (`upgradeToAndCall`), before any burn.
+    function checkpointTotalSupply() external {
+        uint256 missing = totalSupply() - _getTotalSupply();
+        // from the zero address to this contract, which holds and delegates nothing: only the
+        // total-supply checkpoint moves
+        if (missing != 0) _transferVotingUnits(address(0), address(this), missing);
+    }
+
+    /// @notice Votes count by timestamp (the Governor's periods are in seconds; block numbers
+    /// mean different things on different chains).
+    function clock() public view override returns (uint48) {
+        return uint48(block.timestamp);
+    }
+
+    /// @notice The clock's mode (ERC-6372).
+    // solhint-disable-next-line func-name-mixedcase
+    function CLOCK_MODE() public pure override returns (string memory) {
+        return "mode=timestamp";
+    }
+
+    /// @dev Moves vote checkpoints with the balance, and makes a first-time receiver its own
+    /// delegate so every holder votes without an extra transaction.
+    function _update(address from, address to, uint256 value)
+        internal
+        override(ERC20Upgradeable, ERC20VotesUpgradeable)
+    {
+        super._update(from, to, value);
+        if (to != address(0) && to != address(this) && delegates(to) == address(0)) _delegate(to, to);
+    }
+
+    function nonces(address owner_)
+        public
+        view
+        override(ERC20PermitUpgradeable, NoncesUpgradeable)
+        returns (uint256)
+    {
+        return super.nonces(owner_);
     }
 
     function _authorizeUpgrade(address) internal override onlyRole(DEFAULT_ADMIN_ROLE) {}

@@ -31,6 +31,7 @@ interface Vm {
 
     // ------------------------------------------------------------ expectations
 
+    function expectRevert() external;
     function expectRevert(bytes4 revertData) external;
     function expectRevert(bytes calldata revertData) external;
     function expectEmit() external;

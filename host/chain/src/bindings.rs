@@ -46,3 +46,17 @@ sol!(
     DivProxy,
     "abi/DivProxy.json"
 );
+
+sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
+    ModelGovernor,
+    "abi/ModelGovernor.json"
+);
+
+sol!(
+    #[sol(rpc)]
+    #[derive(Debug, PartialEq, Eq)]
+    DaoTimelock,
+    "abi/DaoTimelock.json"
+);

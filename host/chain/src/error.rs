@@ -5,7 +5,9 @@ use alloy::contract;
 use alloy::primitives::Address;
 use alloy::sol_types::SolInterface;
 
-use crate::bindings::{DevStablecoin, ModelAccessToken, ModelVault, PaymentStream};
+use crate::bindings::{
+    DaoTimelock, DevStablecoin, ModelAccessToken, ModelGovernor, ModelVault, PaymentStream,
+};
 
 /// An error from a chain operation.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +112,12 @@ pub fn revert_reason(err: &contract::Error) -> String {
         return format!("{}", DebugName(&e));
     }
     if let Some(e) = err.as_decoded_interface_error::<DevStablecoin::DevStablecoinErrors>() {
+        return format!("{}", DebugName(&e));
+    }
+    if let Some(e) = err.as_decoded_interface_error::<ModelGovernor::ModelGovernorErrors>() {
+        return format!("{}", DebugName(&e));
+    }
+    if let Some(e) = err.as_decoded_interface_error::<DaoTimelock::DaoTimelockErrors>() {
         return format!("{}", DebugName(&e));
     }
     err.to_string()

@@ -8,12 +8,14 @@
 
 mod addresses;
 pub mod bindings;
+mod dao;
 mod deploy;
 mod error;
 mod permit;
 pub mod rpc;
 
 pub use addresses::{Deployment, Stablecoin};
+pub use dao::{Dao, DaoParams, find_dao};
 pub use deploy::{Client, ModelRegistration, RegisteredModel};
 pub use error::{ChainError, revert_reason};
 pub use permit::{SpendingPermit, permit_domain, sign_permit};

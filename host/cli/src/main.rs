@@ -5,6 +5,7 @@
 
 mod cmd_cid;
 mod cmd_custodian;
+mod cmd_dao;
 mod cmd_deploy;
 mod cmd_dev;
 mod cmd_earnings;
@@ -51,6 +52,8 @@ enum Command {
     Earnings(cmd_earnings::EarningsArgs),
     /// Pay the credits of an owner's models to their payout addresses (owner, or anyone).
     Claim(cmd_earnings::ClaimArgs),
+    /// A model owned by its Data DAO: create, propose, vote, execute, status.
+    Dao(cmd_dao::DaoArgs),
     /// Ask a host to settle its charges now (operator).
     Settle(cmd_wallet::SettleArgs),
     /// Print the IPFS content id of a file (what `ipfs add` computes).
@@ -88,6 +91,7 @@ async fn main() -> std::process::ExitCode {
         Command::Earnings(args) => cmd_earnings::earnings(args).await,
         Command::Claim(args) => cmd_earnings::claim(args).await,
         Command::Settle(args) => cmd_wallet::settle(args).await,
+        Command::Dao(args) => cmd_dao::run(args).await,
         Command::Custodian(args) => cmd_custodian::run(args).await,
         Command::Publish(args) => cmd_publish::run(*args).await,
     };

@@ -9,6 +9,7 @@ use div_chain::Deployment;
 use div_chain::bindings::ModelVault;
 use div_tests::{LocalChain, anvil_bin};
 
+mod dao;
 mod payments;
 mod rig;
 mod vault;
