@@ -34,4 +34,21 @@ for spec in "0x$(printf '1%.0s' $(seq 64))|http://127.0.0.1:9/" "0x$(printf '2%.
   cast send "$DIV_MODEL_VAULT" "registerHost(string,bytes32[])" "$where" "[$model_id]" --private-key "$key" --rpc-url "$DIV_RPC_URL" >/dev/null
 done
 export DIV_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/div DIV_HOST_STATE=$PWD/$DIV_STATE/host
+# the int8 MiniLM becomes a Data DAO's: anvil accounts #7 (the browser's member) and #8 buy 5
+# tokens each, the owner hands the model over, #8 proposes a price change; #7 votes in the page
+anvil7=0x4bbbf85ce3377467afe5d46f804f221813b2bb87f24d81f60f1fcdbf7cbf4356
+anvil8=0xdbda1821b80551c9d65939329250298aa3472ba22feea921c0cf5d620ea67b97
+book=$DIV_STATE/addresses.json
+DIV_DAO_MODEL_ID=$(cast call "$DIV_MODEL_VAULT" "modelIdOf(address,string)(bytes32)" "$DIV_OWNER" "$DIV_MODEL-int8" --rpc-url "$DIV_RPC_URL")
+export DIV_DAO_MODEL_ID
+for k in "$anvil7" "$anvil8"; do
+  "$DIV_BIN" buy --private-key "$k" --model-id "$DIV_DAO_MODEL_ID" --amount 5 --mint --addresses "$book" >/dev/null
+done
+"$DIV_BIN" dao create --private-key "$DIV_OWNER_KEY" --model-id "$DIV_DAO_MODEL_ID" --voting-delay-secs 1 \
+  --voting-period-secs 3600 --timelock-delay-secs 60 --addresses "$book" >/dev/null
+tick() { cast rpc evm_increaseTime "$1" --rpc-url "$DIV_RPC_URL" >/dev/null; cast rpc evm_mine --rpc-url "$DIV_RPC_URL" >/dev/null; }
+tick 2
+"$DIV_BIN" dao propose --private-key "$anvil8" --model-id "$DIV_DAO_MODEL_ID" --set-price 0.0004 \
+  --description "Lower the int8 price to 0.0004 USDC" --addresses "$book" >/dev/null
+tick 2
 node web/e2e/run.mjs

@@ -553,6 +553,26 @@ try {
     await shot(page, 'owner-decoded-error');
   });
 
+  await check('a member of a Data DAO votes on a proposal with the tokens it held', async () => {
+    await page.goto(`${url}#/model/${process.env.DIV_DAO_MODEL_ID}`);
+    await ready(page);
+    await connect(page, 7);
+    const dao = page.getByTestId('dao');
+    await dao.waitFor({ timeout: 20_000 });
+    const p = dao.getByTestId('proposal').filter({ hasText: 'Lower the int8 price to 0.0004 USDC' });
+    await p.getByTestId('proposal-state').filter({ hasText: /^active$/ }).waitFor({ timeout: 20_000 });
+    await p.getByTestId('vote-for').click();
+    await confirmed(page, 'Vote for');
+    await p.getByTestId('proposal-votes').filter({ hasText: /^for 5 · against 0 · abstain 0$/ }).waitFor({ timeout: 20_000 });
+    await p.getByText('you voted').waitFor();
+    await shot(page, 'dao-vote');
+    // an account that held no tokens when voting opened is told so, and offered no vote
+    await connect(page, 9);
+    await p.getByTestId('no-votes').waitFor({ timeout: 20_000 });
+    assert.equal(await p.getByTestId('vote-for').count(), 0);
+    await connect(page, 1); // the owner again, for the checks that follow
+  });
+
   await check('the owner, signed in with Ethereum, uses their own model free', async () => {
     await page.getByTestId('sign-in').click();
     await page.getByTestId('signed-in').waitFor();

@@ -5,6 +5,7 @@ import { hostUrl, useHostProbe, useModel, usePublishedHosts, type PublishedHost 
 import { amount, describeError, short } from '../format';
 import { AccessPanel } from './Access';
 import { TryIt } from './TryIt';
+import { DaoPanel } from './Dao';
 
 /** One authorised host: where it serves, whether it is up and answers as the address that
  * registered, how fast, and a link to use the model through it (its own dApp). */
@@ -32,7 +33,7 @@ function HostItem({ id, h }: { id: Hex; h: PublishedHost }) {
     <li data-testid="host" data-serving={h.serving} data-up={!!p?.up}>
       <code title={h.address}>{short(h.address)}</code> {url ? <code data-testid="host-url">{url.href}</code> : null}{' '}
       <span className={usable ? 'ok small' : 'muted small'} data-testid="host-status">{status}</span>{' '}
-      {here ? <span className="chip">this host</span> : usable && <a href={`${url!.href.replace(/\/$/, '')}/#/models/${id}`}>use this host</a>}
+      {here ? <span className="chip">this host</span> : usable && <a href={`${url!.href.replace(/\/$/, '')}/#/model/${id}`}>use this host</a>}
     </li>
   );
 }
@@ -88,6 +89,7 @@ export function ModelPage({ id }: { id: Hex }) {
           </dd>
         </dl>
       </div>
+      <DaoPanel model={m} />
       <AccessPanel model={m} />
       <TryIt key={address ?? 'none'} model={m} served={served} />
     </section>
