@@ -1233,16 +1233,7 @@ contract PaymentStreamTest is Fixture {
         _settle(10e6, 3);
         IPaymentStream.SpendingPermit memory revoked = _permitWithNonce(1);
         bytes32 revokedHash = stream.hashPermit(revoked);
-        vm.startPrank(user);
-        stream.revokePermit(revoked);
-        stream.requestWithdraw(address(usdc), 20e6);
-        vm.stopPrank();
-        uint64 revokedAt = uint64(block.timestamp);
-        vm.startPrank(governance);
-        stream.setSettleGrace(2 hours);
-        stream.setWithdrawDelay(3 hours);
-        stream.setTokenAllowed(address(usdfc), false);
-        vm.stopPrank();
+        uint64 revokedAt = storeStateToKeep(revoked);
 
         PaymentStreamV2 next = new PaymentStreamV2();
         vm.expectEmit(address(stream));

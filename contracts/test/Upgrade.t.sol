@@ -94,16 +94,7 @@ contract UpgradeFromV1Test is Fixture {
         assertEq(vault.getModel(modelId).totalInferences, 3);
         assertEq(vault.getModel(secondModel).totalInferences, 4);
         bytes32 revokedHash = stream.hashPermit(revoked);
-        vm.startPrank(user);
-        stream.revokePermit(revoked);
-        stream.requestWithdraw(address(usdc), 20e6);
-        vm.stopPrank();
-        uint64 revokedAt = uint64(block.timestamp);
-        vm.startPrank(governance);
-        stream.setSettleGrace(2 hours);
-        stream.setWithdrawDelay(3 hours);
-        stream.setTokenAllowed(address(usdfc), false);
-        vm.stopPrank();
+        uint64 revokedAt = storeStateToKeep(revoked);
 
         // ---- the upgrade: the stream first, then the vault
         address streamV1 = implementationOf(address(stream));

@@ -253,6 +253,25 @@ abstract contract Fixture is Test {
         return SafeCast.toUint64(x);
     }
 
+    /// @dev What the upgrade tests store before upgrading `stream`: `revoked` revoked by `user`, a
+    /// pending withdrawal of 20 USDC, and governance settings off their defaults (grace 2 h,
+    /// withdraw delay 3 h, USDFC no longer accepted). Returns the revocation's time.
+    function storeStateToKeep(IPaymentStream.SpendingPermit memory revoked)
+        internal
+        returns (uint64 revokedAt)
+    {
+        vm.startPrank(user);
+        stream.revokePermit(revoked);
+        stream.requestWithdraw(address(usdc), 20e6);
+        vm.stopPrank();
+        revokedAt = uint64(block.timestamp);
+        vm.startPrank(governance);
+        stream.setSettleGrace(2 hours);
+        stream.setWithdrawDelay(3 hours);
+        stream.setTokenAllowed(address(usdfc), false);
+        vm.stopPrank();
+    }
+
     function implementationOf(address proxy) internal view returns (address) {
         return address(uint160(uint256(vm.load(proxy, IMPLEMENTATION_SLOT))));
     }

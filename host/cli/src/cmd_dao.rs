@@ -35,7 +35,7 @@ enum DaoCommand {
     /// Vote on a proposal (a member; votes are counted at the proposal's snapshot).
     Vote(VoteArgs),
     /// Queue a proposal that passed, or run a queued one once the timelock's delay is over.
-    Execute(ExecuteArgs),
+    Execute(OnProposal),
     /// The DAO's addresses, treasury and proposals.
     Status(StatusArgs),
 }
@@ -130,31 +130,27 @@ struct ProposeArgs {
     token: String,
 }
 
+/// A proposal of the model's DAO, and the key that acts on it.
 #[derive(clap::Args)]
-struct VoteArgs {
+struct OnProposal {
     #[command(flatten)]
     common: Common,
-    /// The member's hex private key.
+    /// The member's hex private key (for `execute`, any funded key: queueing and executing are
+    /// open to anyone).
     #[arg(long, env = "DIV_USER_KEY", hide_env_values = true)]
     private_key: String,
     /// The proposal id (decimal or 0x…).
     #[arg(long)]
     proposal: U256,
-    /// for, against or abstain.
-    #[arg(long)]
-    support: String,
 }
 
 #[derive(clap::Args)]
-struct ExecuteArgs {
+struct VoteArgs {
     #[command(flatten)]
-    common: Common,
-    /// Any funded hex private key (queueing and executing are open to anyone).
-    #[arg(long, env = "DIV_USER_KEY", hide_env_values = true)]
-    private_key: String,
-    /// The proposal id (decimal or 0x…).
+    on: OnProposal,
+    /// for, against or abstain.
     #[arg(long)]
-    proposal: U256,
+    support: String,
 }
 
 #[derive(clap::Args)]
@@ -277,14 +273,14 @@ async fn vote(a: VoteArgs) -> anyhow::Result<()> {
         "abstain" => 2,
         other => bail!("--support is for, against or abstain, not {other:?}"),
     };
-    let d = a.common.deployment()?;
-    let client = signer_client(&d, &a.private_key).await?;
+    let d = a.on.common.deployment()?;
+    let client = signer_client(&d, &a.on.private_key).await?;
     let p = client.provider();
-    let dao = dao_of(p, &d, a.common.model_id).await?;
+    let dao = dao_of(p, &d, a.on.common.model_id).await?;
     let gov = ModelGovernor::new(dao.governor, p);
-    let snapshot = gov.proposalSnapshot(a.proposal).call().await.context("reading the proposal")?;
+    let snapshot = gov.proposalSnapshot(a.on.proposal).call().await.context("reading the proposal")?;
     if snapshot.is_zero() {
-        bail!("the DAO has no proposal {}", a.proposal);
+        bail!("the DAO has no proposal {}", a.on.proposal);
     }
     let weight = gov.getVotes(client.address(), snapshot).call().await.context("reading the votes")?;
     if weight.is_zero() {
@@ -293,7 +289,7 @@ async fn vote(a: VoteArgs) -> anyhow::Result<()> {
             client.address()
         );
     }
-    send("voting", gov.castVote(a.proposal, support)).await?;
+    send("voting", gov.castVote(a.on.proposal, support)).await?;
     println!("voted {} with {} votes", a.support, whole(weight));
     Ok(())
 }
@@ -323,7 +319,7 @@ async fn proposal_of(
 const STATES: [&str; 8] =
     ["pending", "active", "canceled", "defeated", "succeeded", "queued", "expired", "executed"];
 
-async fn execute(a: ExecuteArgs) -> anyhow::Result<()> {
+async fn execute(a: OnProposal) -> anyhow::Result<()> {
     let d = a.common.deployment()?;
     let client = signer_client(&d, &a.private_key).await?;
     let p = client.provider();

@@ -142,22 +142,14 @@ async fn token_holders_run_their_model_through_the_dao_and_its_timelock() -> any
         &book,
     ])?;
 
-    let vote = |who: &str, support: &str| {
-        run(&[
-            "dao",
-            "vote",
-            "--private-key",
-            who,
-            "--model-id",
-            &id,
-            "--addresses",
-            &book,
-            "--proposal",
-            &proposal,
-            "--support",
-            support,
-        ])
+    // `div dao SUB --private-key WHO` on this model and proposal, with `extra` arguments
+    let on_proposal = |sub: &str, who: &str, extra: &[&str]| {
+        let mut args = vec!["dao", sub, "--private-key", who, "--model-id", &id, "--addresses", &book];
+        args.extend(["--proposal", &proposal]);
+        args.extend(extra);
+        run(&args)
     };
+    let vote = |who: &str, support: &str| on_proposal("vote", who, &["--support", support]);
     let (success, text) = vote(&stranger, "against")?;
     assert!(!success && text.contains("no votes at the proposal's snapshot"), "{text}");
     let (success, text) = vote(&alice, "for")?;
@@ -165,20 +157,7 @@ async fn token_holders_run_their_model_through_the_dao_and_its_timelock() -> any
     let (success, text) = vote(&bob, "for")?;
     assert!(success, "{text}");
 
-    let execute = |who: &str| {
-        run(&[
-            "dao",
-            "execute",
-            "--private-key",
-            who,
-            "--model-id",
-            &id,
-            "--addresses",
-            &book,
-            "--proposal",
-            &proposal,
-        ])
-    };
+    let execute = |who: &str| on_proposal("execute", who, &[]);
     let (success, text) = execute(&stranger)?;
     assert!(!success && text.contains("is active"), "voting is still open: {text}");
     advance(&chain, 61).await?;
