@@ -46,6 +46,12 @@ results_out["machine_nproc"] = machine["nproc"]
 head = (f"# DIV benchmark results\n\nMeasured by `make bench` in one run on {machine['nproc']} cores "
         f"({machine['cpu']}), commit {machine['commit']}, {machine['date']}.\n"
         "Every ratio compares against a baseline measured in the same run.\n")
+# a section re-measured alone after a change (`cargo bench --bench NAME`, then this script) says
+# so here, so no reader takes the page for one run
+note = os.environ.get("DIV_BENCH_NOTE", "").strip()
+if note:
+    head = (f"# DIV benchmark results\n\nOn {machine['nproc']} cores ({machine['cpu']}). {note}\n"
+            "Every ratio compares against a baseline measured in the same run as it.\n")
 # the goals the issues name, judged on this run's numbers
 GOALS = [
     ("gas_per_request_at_1000", "<=", 100, "settlement gas per request, one permit covering 1000 requests"),
