@@ -6,7 +6,7 @@
 import { formatUnits } from 'viem';
 import type { ChainModel } from './catalog';
 import type { HostModel, Stablecoin } from './host';
-import { amount } from './units';
+import { amount, priceIn } from './units';
 
 type Child = Node | string | null | undefined | false;
 
@@ -51,7 +51,7 @@ export function paintShell(root: HTMLElement, page: string) {
                     { 'data-testid': 'model-row' },
                     h('td', {}, h('a', { href: `#/model/${m.id}` }, m.name)),
                     h('td', {}, taskOf(m.id) ?? '—'),
-                    h('td', {}, amount(m.pricePerRequest, coin.decimals, coin.symbol)),
+                    h('td', {}, amount(priceIn(m.pricePerRequest, coin.decimals), coin.decimals, coin.symbol)),
                     h('td', {}, `${formatUnits(m.token.accessThreshold, 18)} ${m.token.symbol}`),
                     h('td', {}, m.totalInferences.toString()),
                     h('td', {}, m.active ? h('span', { class: 'ok' }, 'active') : h('span', { class: 'warn' }, 'paused')),

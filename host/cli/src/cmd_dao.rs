@@ -110,10 +110,10 @@ struct ProposeArgs {
     /// The member's hex private key.
     #[arg(long, env = "DIV_USER_KEY", hide_env_values = true)]
     private_key: String,
-    /// New price per request, in whole units of the stablecoin (e.g. 0.002).
+    /// New price per request in US dollars (e.g. 0.002).
     #[arg(long)]
     set_price: Option<String>,
-    /// New price per 1000 tokens, in whole units (with --set-price; default: unchanged).
+    /// New price per 1000 tokens in US dollars (with --set-price; default: unchanged).
     #[arg(long, requires = "set_price")]
     set_price_per_1k_tokens: Option<String>,
     /// Authorise this host to serve the model.
@@ -125,9 +125,6 @@ struct ProposeArgs {
     /// What the proposal is for, in words (voters read it).
     #[arg(long)]
     description: String,
-    /// The stablecoin prices are in (symbol in the address book).
-    #[arg(long, default_value = "USDC")]
-    token: String,
 }
 
 /// A proposal of the model's DAO, and the key that acts on it.
@@ -207,14 +204,15 @@ async fn propose(a: ProposeArgs) -> anyhow::Result<()> {
     let p = client.provider();
     let dao = dao_of(p, &d, a.common.model_id).await?;
     let id = a.common.model_id;
-    let coin =
-        d.stablecoin(&a.token).with_context(|| format!("no stablecoin {:?} in the address book", a.token))?;
     let mut calls: Vec<Bytes> = Vec::new();
     if let Some(price) = &a.set_price {
         let m = ModelVault::new(d.model_vault, p).getModel(id).call().await?;
-        let per_request = parse_units(price, coin.decimals).context("--set-price")?.get_absolute();
+        let per_request =
+            parse_units(price, div_meter::PRICE_DECIMALS).context("--set-price")?.get_absolute();
         let per_1k = match &a.set_price_per_1k_tokens {
-            Some(v) => parse_units(v, coin.decimals).context("--set-price-per-1k-tokens")?.get_absolute(),
+            Some(v) => {
+                parse_units(v, div_meter::PRICE_DECIMALS).context("--set-price-per-1k-tokens")?.get_absolute()
+            }
             None => m.pricePer1kTokens,
         };
         calls.push(

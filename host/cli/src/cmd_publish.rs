@@ -40,11 +40,12 @@ pub struct PublishArgs {
     /// Shares needed to recover the key.
     #[arg(long, default_value_t = 2)]
     threshold: u8,
-    /// Price per request, in whole units of the sale stablecoin (e.g. 0.001).
+    /// Price per request in US dollars (e.g. 0.001), charged in whichever accepted stablecoin a
+    /// user's permit names (stored in micro-dollars).
     #[arg(long, default_value = "0.001")]
     price: String,
-    /// Price per 1000 tokens (prompt and generated; text generation), in whole units of the sale
-    /// stablecoin, charged on top of `--price`.
+    /// Price per 1000 tokens (prompt and generated; text generation) in US dollars, charged on
+    /// top of `--price`.
     #[arg(long, default_value = "0")]
     price_per_1k_tokens: String,
     /// Price of one access token, in whole units of the sale stablecoin.
@@ -201,15 +202,19 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             let coin = d
                 .stablecoin(&args.sale_token)
                 .with_context(|| format!("no stablecoin {:?} in the address book", args.sale_token))?;
-            let units = |s: &str, what: &str| -> anyhow::Result<U256> {
-                Ok(parse_units(s, coin.decimals).with_context(|| format!("{what} {s:?}"))?.get_absolute())
+            let parse = |s: &str, decimals: u8, what: &str| -> anyhow::Result<U256> {
+                Ok(parse_units(s, decimals).with_context(|| format!("{what} {s:?}"))?.get_absolute())
             };
+            // request prices are dollars (micro-dollars on chain); the token sale's price is an
+            // amount of its stablecoin
+            let usd = |s: &str, what: &str| parse(s, div_meter::PRICE_DECIMALS, what);
+            let units = |s: &str, what: &str| parse(s, coin.decimals, what);
             let reg = ModelRegistration {
                 name: name.clone(),
                 cid: cid.clone(),
                 plugin_cid: plugin_cid.clone(),
-                price_per_request: units(&args.price, "--price")?,
-                price_per_1k_tokens: units(&args.price_per_1k_tokens, "--price-per-1k-tokens")?,
+                price_per_request: usd(&args.price, "--price")?,
+                price_per_1k_tokens: usd(&args.price_per_1k_tokens, "--price-per-1k-tokens")?,
                 payout: None,
                 custodians: state.custodians.clone(),
                 threshold: state.threshold,

@@ -42,6 +42,23 @@ impl Ticket {
     }
 }
 
+/// A model price (micro-dollars, 6 decimals: the unit the vault stores) in the base units of a
+/// stablecoin with `decimals`: the same dollars, rounded up. Without it a user paying with an
+/// 18-decimal stablecoin (USDFC) would pay a trillionth of the price.
+pub fn in_token_units(micro_usd: U256, decimals: u8) -> U256 {
+    let ten = U256::from(10u64);
+    match decimals.cmp(&PRICE_DECIMALS) {
+        std::cmp::Ordering::Greater => {
+            micro_usd.saturating_mul(ten.pow(U256::from(decimals - PRICE_DECIMALS)))
+        }
+        std::cmp::Ordering::Less => micro_usd.div_ceil(ten.pow(U256::from(PRICE_DECIMALS - decimals))),
+        std::cmp::Ordering::Equal => micro_usd,
+    }
+}
+
+/// The decimals of the prices `ModelVault` stores (micro-dollars).
+pub const PRICE_DECIMALS: u8 = 6;
+
 /// A request's price: per request plus per 1000 tokens, rounded up to the base unit.
 pub fn price_with_tokens(price: U256, price_per_1k: U256, tokens: u64) -> U256 {
     let per_tokens = (price_per_1k * U256::from(tokens)).div_ceil(U256::from(1000u64));
@@ -139,7 +156,8 @@ impl Meter {
         }
         self.take_rate(hash, premium)?;
         let funds = self.funds_info(permit.user, permit.token).await?;
-        let price = price_with_tokens(info.price, info.price_per_1k, max_tokens);
+        let (unit_price, unit_price_per_1k) = self.prices_in(&info, permit.token).await?;
+        let price = price_with_tokens(unit_price, unit_price_per_1k, max_tokens);
         let (user, token) = (permit.user, permit.token);
         let mut r = self.reserved.lock().unwrap_or_else(|p| p.into_inner());
         let in_flight_permit = r.by_permit.get(&hash).copied().unwrap_or_default();
@@ -167,8 +185,8 @@ impl Meter {
             user,
             token,
             amount: price,
-            price: info.price,
-            price_per_1k: info.price_per_1k,
+            price: unit_price,
+            price_per_1k: unit_price_per_1k,
             done: false,
         }))
     }
@@ -247,5 +265,22 @@ impl Meter {
         }
         bucket.tokens -= 1.0;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_price_costs_the_same_dollars_in_every_stablecoin() {
+        let price = U256::from(1_000u64); // 0.001 USD
+        assert_eq!(in_token_units(price, 6), price, "USDC counts in micro-dollars");
+        assert_eq!(in_token_units(price, 18), U256::from(1_000_000_000_000_000u64), "0.001 USDFC");
+        // fewer decimals: rounded up, never free
+        assert_eq!(in_token_units(U256::from(1u64), 2), U256::from(1u64));
+        assert_eq!(in_token_units(U256::from(10_001u64), 2), U256::from(2u64));
+        assert_eq!(in_token_units(U256::ZERO, 18), U256::ZERO);
+        assert_eq!(in_token_units(U256::MAX, 77), U256::MAX, "saturates instead of wrapping");
     }
 }

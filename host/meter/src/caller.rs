@@ -192,12 +192,13 @@ impl Meter {
                 return Err(MeterError::InsufficientTokens { have: tokens.balance, need: tokens.access });
             }
             let funds = self.funds_info(permit.user, permit.token).await?;
+            let (price, _) = self.prices_in(&info, permit.token).await?;
             let committed = self.ledger.unsettled_of(permit.user, permit.token) + funds.pending_withdrawal;
             let available = funds.balance.saturating_sub(committed);
-            if available < info.price || permit.max_amount < info.price {
+            if available < price || permit.max_amount < price {
                 return Err(MeterError::InsufficientFunds {
                     available: available.min(permit.max_amount),
-                    price: info.price,
+                    price,
                 });
             }
         }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::Provider;
-use div_chain::bindings::{ModelAccessToken, ModelVault, PaymentStream};
+use div_chain::bindings::{DevStablecoin, ModelAccessToken, ModelVault, PaymentStream};
 
 use crate::{Meter, MeterError};
 
@@ -75,6 +75,7 @@ pub(crate) struct Caches {
     funds: HashMap<(Address, Address), Cached<FundsInfo>>,
     revoked: HashMap<B256, Cached<bool>>,
     code: HashMap<Address, Cached<bool>>,
+    decimals: HashMap<Address, Cached<u8>>,
 }
 
 /// Whether the RPC answers, and since when it does not.
@@ -217,6 +218,27 @@ impl Meter {
             Ok(TokenInfo { balance, access, premium })
         })
         .await
+    }
+
+    /// A payment token's decimals (`ERC20.decimals`; only whitelisted tokens have deposits).
+    pub(crate) async fn token_decimals(&self, token: Address) -> Result<u8, MeterError> {
+        let t = DevStablecoin::new(token, self.config.provider.clone());
+        self.cached(|c| &mut c.decimals, token, async move { t.decimals().call().await.map_err(read_err) })
+            .await
+    }
+
+    /// The model's prices (per request, per 1000 tokens) in `token`'s base units: the vault holds
+    /// them in micro-dollars (6 decimals, as USDC counts) whatever stablecoin pays.
+    pub(crate) async fn prices_in(
+        &self,
+        info: &ModelInfo,
+        token: Address,
+    ) -> Result<(U256, U256), MeterError> {
+        let decimals = self.token_decimals(token).await?;
+        Ok((
+            crate::admit::in_token_units(info.price, decimals),
+            crate::admit::in_token_units(info.price_per_1k, decimals),
+        ))
     }
 
     pub(crate) async fn funds_info(&self, user: Address, token: Address) -> Result<FundsInfo, MeterError> {

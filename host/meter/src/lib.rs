@@ -33,7 +33,7 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol_types::Eip712Domain;
 use div_chain::permit_domain;
 
-pub use admit::{Admitted, Ticket, price_with_tokens};
+pub use admit::{Admitted, PRICE_DECIMALS, Ticket, in_token_units, price_with_tokens};
 pub use caller::{Credential, Proof, ecdsa_exact, key_proof_message};
 pub use error::{MeterError, skip_reason};
 pub use ledger::{Charge, Ledger, ModelUsage, PermitAccount, PermitFields, Totals};

@@ -4,7 +4,7 @@ import { useEffect, useState } from 'react';
 import { formatUnits } from 'viem';
 import type { ChainModel } from '../catalog';
 import type { HostModel, Stablecoin } from '../host';
-import { amount } from '../units';
+import { amount, priceIn } from '../units';
 
 /** Marks, once per page load, when the catalogue was first on screen (for the browser test). */
 function useFirstDataMark(shown: boolean) {
@@ -67,7 +67,7 @@ export function MarketplaceView({
                   <a href={`#/model/${m.id}`}>{m.name}</a>
                 </td>
                 <td>{taskOf(m.id) ?? '—'}</td>
-                <td>{amount(m.pricePerRequest, stablecoin.decimals, stablecoin.symbol)}</td>
+                <td>{amount(priceIn(m.pricePerRequest, stablecoin.decimals), stablecoin.decimals, stablecoin.symbol)}</td>
                 <td>
                   {formatUnits(m.token.accessThreshold, 18)} {m.token.symbol}
                 </td>

@@ -3,6 +3,7 @@ import { formatUnits, type Hex } from 'viem';
 import { useApp } from '../context';
 import { hostUrl, useHostProbe, useModel, usePublishedHosts, type PublishedHost } from '../models';
 import { amount, describeError, short } from '../format';
+import { priceIn } from '../units';
 import { AccessPanel } from './Access';
 import { TryIt } from './TryIt';
 import { DaoPanel } from './Dao';
@@ -61,8 +62,8 @@ export function ModelPage({ id }: { id: Hex }) {
           <dd>{served ? `${served.task}${served.dimensions ? ` (${served.dimensions} dimensions)` : ''}` : '—'}</dd>
           <dt>Price</dt>
           <dd data-testid="price">
-            {amount(m.pricePerRequest, stablecoin.decimals, stablecoin.symbol)} per request
-            {m.pricePer1kTokens > 0n && ` + ${amount(m.pricePer1kTokens, stablecoin.decimals, stablecoin.symbol)} per 1000 tokens`}
+            {amount(priceIn(m.pricePerRequest, stablecoin.decimals), stablecoin.decimals, stablecoin.symbol)} per request
+            {m.pricePer1kTokens > 0n && ` + ${amount(priceIn(m.pricePer1kTokens, stablecoin.decimals), stablecoin.decimals, stablecoin.symbol)} per 1000 tokens`}
           </dd>
           <dt>Access token</dt>
           <dd>

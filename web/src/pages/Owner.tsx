@@ -9,6 +9,7 @@ import { useApp } from '../context';
 import { modelAccessTokenAbi, modelVaultAbi, paymentStreamAbi, stablecoinAbi } from '../contracts';
 import { hostFetch, type ModelUsage } from '../host';
 import { amount, describeError, short } from '../format';
+import { PRICE_DECIMALS } from '../units';
 import { useModels, useModelHosts, type ChainModel } from '../models';
 import { useTx } from '../tx';
 
@@ -106,7 +107,7 @@ function ModelCard({ m }: { m: ChainModel }) {
     queryFn: async () => (await hostFetch<{ usage?: ModelUsage }>(`/v1/models/${encodeURIComponent(served!.id)}`)).body.usage,
   });
   const [newHost, setNewHost] = useState('');
-  const [price, setPrice] = useState(formatUnits(m.pricePerRequest, stablecoin.decimals));
+  const [price, setPrice] = useState(formatUnits(m.pricePerRequest, PRICE_DECIMALS));
   const [access, setAccess] = useState(formatUnits(m.token.accessThreshold, 18));
   const [premium, setPremium] = useState(formatUnits(m.token.premiumThreshold, 18));
   const vault = { address: deployment.modelVault, abi: modelVaultAbi } as const;
@@ -176,13 +177,13 @@ function ModelCard({ m }: { m: ChainModel }) {
       <h3>Price and thresholds</h3>
       <div className="form-row">
         <label>
-          Price <input value={price} onChange={(e) => setPrice(e.target.value)} aria-label="price per request" size={8} /> {stablecoin.symbol}/request
+          Price <input value={price} onChange={(e) => setPrice(e.target.value)} aria-label="price per request" size={8} /> USD/request (charged in any accepted stablecoin)
         </label>
         <button
           data-testid="update-price"
           onClick={() =>
-            tx(`Set price to ${price} ${stablecoin.symbol}`, async () => [
-              { ...vault, functionName: 'updatePrice', args: [m.id, parseUnits(price, d), m.pricePer1kTokens] },
+            tx(`Set price to ${price} USD`, async () => [
+              { ...vault, functionName: 'updatePrice', args: [m.id, parseUnits(price, PRICE_DECIMALS), m.pricePer1kTokens] },
             ])
           }
         >

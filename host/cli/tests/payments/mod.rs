@@ -565,3 +565,45 @@ async fn streamed_generation_is_charged_per_token_and_a_hang_up_only_for_what_wa
     assert_eq!(p.usdc_of(owner).await? - before, U256::from(charged));
     Ok(())
 }
+
+/// Prices are dollars. A user who pays with an 18-decimal stablecoin (USDFC) is charged the same
+/// 0.001 per request as one paying with USDC (6 decimals), not a trillionth of it: the vault's
+/// price is micro-dollars and the host converts it to the permit's token. Settlement credits the
+/// model in USDFC and the claim pays the owner exactly the receipts.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_eighteen_decimal_stablecoin_pays_the_same_dollars_not_a_trillionth() -> anyhow::Result<()> {
+    let p = Paid::start("pay-usdfc", &[]).await?;
+    let u = 2usize;
+    p.fund(u, 1_000_000, true).await?; // USDC too, and the access token
+    p.cli(u, &["deposit", "--token", "USDFC", "--amount", "1", "--mint"])?;
+    // a cap of 0.0025 USDFC admits two requests of 0.001, not a third (a trillionth would admit billions)
+    let out = p.cli(
+        u,
+        &["permit", "--token", "USDFC", "--url", &p.url, "--model", "tiny-paid", "--max", "0.0025"],
+    )?;
+    let key = out.lines().find_map(|l| l.strip_prefix("DIV_API_KEY=")).context("no key printed")?.to_string();
+    let per_request = U256::from(PRICE) * U256::from(10u64).pow(U256::from(12u64));
+    let mut total = U256::ZERO;
+    for n in 1..=2u64 {
+        let (s, b) = p.embed(Some(&key), 1).await?;
+        assert_eq!(s, 200, "{b}");
+        let r: Receipt = serde_json::from_value(b["receipt"].clone())?;
+        assert!(r.verify());
+        assert_eq!(r.amount, per_request, "0.001 USDFC = 10^15 base units");
+        assert_eq!(r.cumulative_requests, n);
+        total += r.amount;
+    }
+    let (s, b) = p.embed(Some(&key), 1).await?;
+    assert_eq!((s, code(&b)), (402, "insufficient_quota"), "{b}");
+
+    let owner = p.key(OWNER).address();
+    let usdfc = p.rig.chain.deployment.stablecoin("USDFC").context("no USDFC")?.address;
+    let coin = div_chain::bindings::DevStablecoin::new(usdfc, p.rig.provider()?);
+    let before = coin.balanceOf(owner).call().await?;
+    assert!(p.settle().await?.contains("settled 2 requests"));
+    let ps = PaymentStream::new(p.rig.chain.deployment.payment_stream, p.rig.provider()?);
+    assert_eq!(ps.claimable(p.id, usdfc).call().await?, total, "the model's USDFC credit");
+    assert!(p.claim().await?.contains("claimed 0.002000000000000000 USDFC"));
+    assert_eq!(coin.balanceOf(owner).call().await? - before, total, "payout Δ = Σ receipts, in USDFC");
+    Ok(())
+}
