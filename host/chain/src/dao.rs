@@ -9,7 +9,7 @@
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::Filter;
-use alloy::sol_types::SolEvent;
+use alloy::sol_types::{SolCall, SolEvent};
 
 use crate::addresses::Deployment;
 use crate::bindings::{DaoTimelock, ModelAccessToken, ModelGovernor, ModelVault};
@@ -104,6 +104,48 @@ impl Client {
         confirm("handing the model to the DAO", vault.transferModelOwnership(model_id, tl).send().await)
             .await?;
         Ok(Dao { governor: gov, timelock: tl })
+    }
+}
+
+impl Client {
+    /// Hands the governance of `ModelVault` and `PaymentStream` (upgrades, accepted tokens,
+    /// delays) to a new `DaoTimelock` whose only proposer and executor is the sender, with a
+    /// delay of `delay` seconds: from then on every governance call, an upgrade first, is public
+    /// for that long before it can run. The timelock starts with no delay so that it can accept
+    /// the ownerships and set its own delay in one batch, before anyone else can use it. Returns
+    /// the timelock and records it as the deployment's governance.
+    pub async fn govern_by_timelock(&self, d: &mut Deployment, delay: u64) -> Result<Address, ChainError> {
+        let p = self.provider();
+        let me = self.address();
+        let timelock = DaoTimelock::deploy(p, U256::ZERO, vec![me], vec![me], Address::ZERO)
+            .await
+            .map_err(ChainError::contract("deploying the governance timelock"))?;
+        let tl = *timelock.address();
+        let vault = ModelVault::new(d.model_vault, p);
+        let stream = crate::bindings::PaymentStream::new(d.payment_stream, p);
+        confirm("offering the vault to the timelock", vault.transferOwnership(tl).send().await).await?;
+        confirm("offering PaymentStream to the timelock", stream.transferOwnership(tl).send().await).await?;
+        let targets = vec![d.model_vault, d.payment_stream, tl];
+        let values = vec![U256::ZERO; 3];
+        let accept = alloy::primitives::Bytes::from(ModelVault::acceptOwnershipCall {}.abi_encode());
+        let set_delay = DaoTimelock::updateDelayCall { newDelay: U256::from(delay) }.abi_encode().into();
+        let payloads = vec![accept.clone(), accept, set_delay];
+        let (zero, salt) = (B256::ZERO, B256::ZERO);
+        confirm(
+            "scheduling the hand-over",
+            timelock
+                .scheduleBatch(targets.clone(), values.clone(), payloads.clone(), zero, salt, U256::ZERO)
+                .send()
+                .await,
+        )
+        .await?;
+        confirm(
+            "running the hand-over",
+            timelock.executeBatch(targets, values, payloads, zero, salt).send().await,
+        )
+        .await?;
+        d.governance = tl;
+        Ok(tl)
     }
 }
 

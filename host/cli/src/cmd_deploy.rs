@@ -29,6 +29,11 @@ pub struct DeployArgs {
     /// Also merge the addresses into this env file.
     #[arg(long)]
     env_file: Option<PathBuf>,
+    /// Hand governance (upgrades, accepted tokens, delays) to a timelock with this delay in
+    /// seconds, the key its only proposer: every upgrade is then public that long before it
+    /// runs. Use at least 172800 (2 days) on a public chain.
+    #[arg(long)]
+    governance_timelock_secs: Option<u64>,
 }
 
 /// Runs `div deploy`.
@@ -50,7 +55,12 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<()> {
     let client = Client::connect(&args.rpc_url, signer)
         .await
         .with_context(|| format!("connecting to {}", args.rpc_url))?;
-    let d = client.deploy_all(&coins).await.context("deploying the contracts")?;
+    let mut d = client.deploy_all(&coins).await.context("deploying the contracts")?;
+    if let Some(delay) = args.governance_timelock_secs {
+        let tl =
+            client.govern_by_timelock(&mut d, delay).await.context("handing governance to a timelock")?;
+        println!("governance: timelock {tl} (delay {delay} s, proposer {})", client.address());
+    }
     d.save(&args.out)?;
     if let Some(env) = &args.env_file {
         demo_env::merge(env, &demo_env::deployment_pairs(&d))?;

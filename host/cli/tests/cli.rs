@@ -6,7 +6,7 @@ use std::process::Command;
 use alloy::primitives::Address;
 use alloy::providers::{Provider, ProviderBuilder};
 use div_chain::Deployment;
-use div_chain::bindings::ModelVault;
+use div_chain::bindings::{DaoTimelock, ModelVault, PaymentStream};
 use div_tests::{LocalChain, anvil_bin};
 
 mod dao;
@@ -49,6 +49,55 @@ async fn deploy_writes_an_address_book_that_points_at_live_contracts() -> anyhow
     assert_eq!(linked, d.payment_stream, "vault is linked to the payment contract");
     let env = std::fs::read_to_string(dir.join("demo.env"))?;
     assert!(env.contains(&format!("DIV_PAYMENT_STREAM={}", d.payment_stream)), "{env}");
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
+/// `div deploy --governance-timelock-secs`: the deploying key keeps no direct power; an upgrade
+/// can only be scheduled through the timelock, and not for sooner than its delay.
+#[tokio::test]
+async fn deploy_behind_a_timelock_makes_every_upgrade_wait() -> anyhow::Result<()> {
+    let chain = LocalChain::start().await?;
+    let dir = scratch("deploy-timelock");
+    let deployer = chain.keys[9].clone();
+    let out = div()
+        .args(["deploy", "--rpc-url", &chain.rpc_url, "--governance-timelock-secs", "3600", "--out"])
+        .arg(dir.join("addresses.json"))
+        .env("DIV_PRIVATE_KEY", format!("0x{}", alloy::hex::encode(deployer.to_bytes())))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "div deploy failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let d = Deployment::load(&dir.join("addresses.json"))?;
+    let timelock = d.governance;
+    assert_ne!(timelock, deployer.address());
+    assert!(stdout.contains(&format!("governance: timelock {timelock}")), "{stdout}");
+    let client = div_chain::Client::connect(&chain.rpc_url, deployer).await?;
+    let p = client.provider();
+    let (vault, stream) = (ModelVault::new(d.model_vault, p), PaymentStream::new(d.payment_stream, p));
+    assert_eq!(vault.owner().call().await?, timelock);
+    assert_eq!(stream.owner().call().await?, timelock);
+    assert_eq!(vault.pendingOwner().call().await?, Address::ZERO);
+    let tl = DaoTimelock::new(timelock, p);
+    assert_eq!(tl.getMinDelay().call().await?, alloy::primitives::U256::from(3600u64));
+    // the deployer cannot upgrade directly, nor schedule an upgrade for sooner than the delay
+    let upgrade =
+        ModelVault::upgradeToAndCallCall { newImplementation: d.model_vault, data: Default::default() };
+    let direct = vault.upgradeToAndCall(d.model_vault, Default::default()).call().await;
+    let reason = direct.err().map(|e| div_chain::revert_reason(&e)).unwrap_or_default();
+    assert!(reason.starts_with("OwnableUnauthorizedAccount"), "{reason}");
+    let early = tl
+        .schedule(
+            d.model_vault,
+            Default::default(),
+            alloy::sol_types::SolCall::abi_encode(&upgrade).into(),
+            Default::default(),
+            Default::default(),
+            alloy::primitives::U256::from(60u64),
+        )
+        .call()
+        .await;
+    let reason = early.err().map(|e| div_chain::revert_reason(&e)).unwrap_or_default();
+    assert!(reason.starts_with("TimelockInsufficientDelay"), "{reason}");
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
