@@ -256,12 +256,12 @@ impl Client {
             .await
             .map_err(ChainError::contract("reading the host's registration"))?;
         let registered = now.registeredAt != 0 && now.url == url;
-        let want: Vec<alloy::primitives::B256> = match models {
+        let mut wanted: Vec<alloy::primitives::B256> = match models {
             Some(m) => m.to_vec(),
             None if registered => return Ok(false),
             None => Vec::new(),
         };
-        let (mut have, mut wanted) = (now.models.clone(), want.clone());
+        let mut have = now.models;
         have.sort();
         wanted.sort();
         wanted.dedup();

@@ -292,13 +292,12 @@ async fn vote(a: VoteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The proposal's actions, from its `ProposalCreated` event.
-async fn proposal_of(
+/// Every proposal of the DAO's governor, from its `ProposalCreated` events, oldest first.
+async fn proposals(
     p: &DynProvider,
     d: &Deployment,
     governor: Address,
-    id: U256,
-) -> anyhow::Result<ModelGovernor::ProposalCreated> {
+) -> anyhow::Result<Vec<ModelGovernor::ProposalCreated>> {
     let logs = p
         .get_logs(
             &Filter::new()
@@ -307,9 +306,23 @@ async fn proposal_of(
                 .from_block(d.deployed_at_block),
         )
         .await?;
-    logs.iter()
+    Ok(logs
+        .iter()
         .filter_map(|l| ModelGovernor::ProposalCreated::decode_log(&l.inner).ok())
         .map(|e| e.data)
+        .collect())
+}
+
+/// The proposal's actions, from its `ProposalCreated` event.
+async fn proposal_of(
+    p: &DynProvider,
+    d: &Deployment,
+    governor: Address,
+    id: U256,
+) -> anyhow::Result<ModelGovernor::ProposalCreated> {
+    proposals(p, d, governor)
+        .await?
+        .into_iter()
         .find(|e| e.proposalId == id)
         .with_context(|| format!("the DAO has no proposal {id}"))
 }
@@ -373,17 +386,8 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let logs = p
-        .get_logs(
-            &Filter::new()
-                .address(dao.governor)
-                .event_signature(ModelGovernor::ProposalCreated::SIGNATURE_HASH)
-                .from_block(d.deployed_at_block),
-        )
-        .await?;
-    for l in &logs {
-        let Ok(e) = ModelGovernor::ProposalCreated::decode_log(&l.inner) else { continue };
-        let id = e.data.proposalId;
+    for e in proposals(&p, &d, dao.governor).await? {
+        let id = e.proposalId;
         let state = gov.state(id).call().await? as usize;
         let votes = gov.proposalVotes(id).call().await?;
         println!(
@@ -392,7 +396,7 @@ async fn status(a: StatusArgs) -> anyhow::Result<()> {
             whole(votes.forVotes),
             whole(votes.againstVotes),
             whole(votes.abstainVotes),
-            e.data.description
+            e.description
         );
     }
     Ok(())

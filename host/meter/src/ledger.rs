@@ -92,11 +92,13 @@ impl PermitAccount {
     /// contract checks it only at the first settlement, and leaving its ~100 bytes of calldata
     /// out saves ~1.5k gas per permit and round).
     pub fn settlement_signature(&self) -> Bytes {
-        if self.settled_amount.is_zero() && self.settled_requests == 0 {
-            self.signature.clone()
-        } else {
-            Bytes::new()
-        }
+        if self.settled_before() { Bytes::new() } else { self.signature.clone() }
+    }
+
+    /// Whether the chain had settled this permit (as last read back): its stored state then
+    /// proves the signature.
+    pub fn settled_before(&self) -> bool {
+        !self.settled_amount.is_zero() || self.settled_requests != 0
     }
 
     /// Whether settlement has something to send for it.

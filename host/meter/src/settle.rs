@@ -200,8 +200,7 @@ pub async fn settle_now(
         .skipped
         .iter()
         .filter(|(hash, reason)| {
-            !(*reason == BAD_SIGNATURE
-                && entries.iter().any(|(h, a)| h == hash && a.settlement_signature().is_empty()))
+            !(*reason == BAD_SIGNATURE && entries.iter().any(|(h, a)| h == hash && a.settled_before()))
         })
         .copied()
         .collect();
