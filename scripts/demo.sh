@@ -31,6 +31,22 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 [ -f "$STATE/addresses.json" ] && [ -f "$STATE/demo.env" ] || { echo "timed out waiting for the deployment" >&2; exit 1; }
+# a second chain the host also takes payment on: anvil as chain 314159 (Filecoin Calibration's
+# id), with a USDFC stand-in of 18 decimals; its own address book
+CHAIN2=314159
+CHAIN2_DIR=$STATE/chain-$CHAIN2
+rm -rf "$CHAIN2_DIR"
+nohup "$DIV" dev --port "$((PORT + 1))" --chain-id "$CHAIN2" --state-dir "$CHAIN2_DIR" >"$STATE/logs/dev-$CHAIN2.log" 2>&1 &
+echo $! >"$STATE/pids/dev-$CHAIN2.pid"
+for _ in $(seq 1 120); do
+  [ -f "$CHAIN2_DIR/addresses.json" ] && [ -f "$CHAIN2_DIR/demo.env" ] && break
+  if ! kill -0 "$(cat "$STATE/pids/dev-$CHAIN2.pid")" 2>/dev/null; then
+    echo "div dev (chain $CHAIN2) stopped; its log:" >&2; cat "$STATE/logs/dev-$CHAIN2.log" >&2; exit 1
+  fi
+  sleep 0.5
+done
+[ -f "$CHAIN2_DIR/demo.env" ] || { echo "timed out waiting for chain $CHAIN2" >&2; exit 1; }
+BOOK2=$CHAIN2_DIR/addresses.json
 
 set -a; . "$STATE/demo.env"; set +a
 sed -n '/^DIV contracts/,/^accounts/p' "$STATE/logs/dev.log"
@@ -100,13 +116,22 @@ div publish "$CHAT_DIR" --plugin plugins/target/wasm32-wasip2/release/div_chat.w
   --threshold 2 --price 0.0005 --price-per-1k-tokens 0.002 --token-price 1 --authorize "$DIV_HOST" \
   --store "$STATE/store" --work-dir "$STATE/publish/smollm2-135m-instruct"
 
+# the same MiniLM on the second chain: the same ciphertext and custodians (the work folder is
+# reused), registered there with its access token sold for USDFC
+echo "== registering $MODEL_DIR on chain $CHAIN2 too =="
+div publish "$MODEL_DIR" --plugin "$PLUGIN" --quiet \
+  --custodian "${CUSTODIAN_URLS[0]}" --custodian "${CUSTODIAN_URLS[1]}" --custodian "${CUSTODIAN_URLS[2]}" \
+  --threshold 2 --price 0.001 --token-price 1 --sale-token USDFC --authorize "$DIV_HOST" --store "$STATE/store" \
+  --work-dir "$STATE/publish/all-minilm-l6-v2" --addresses "$BOOK2"
+
 # the host: serves what ModelVault authorises it for, decrypted in memory only
 HTTP_PORT=${DIV_HTTP_PORT:-8080}
 rm -rf "$STATE/host"
 # the host serves only what its operator allows: here, the demo owner's models
 nohup "$DIV" serve --listen "127.0.0.1:$HTTP_PORT" --vault --host-key-file "$(key_file host "$DIV_HOST_KEY")" \
   --allow-owner "$DIV_OWNER" --custodian "$(IFS=,; echo "${CUSTODIAN_URLS[*]}")" --store "$STATE/store" --state-dir "$STATE/host" \
-  --settle-interval-secs "${DIV_SETTLE_INTERVAL_SECS:-60}" --cache-dir "$STATE/cache" --web-dir web/dist >"$STATE/logs/serve.log" 2>&1 &
+  --settle-interval-secs "${DIV_SETTLE_INTERVAL_SECS:-60}" --cache-dir "$STATE/cache" --web-dir web/dist \
+  --payment-chain "$BOOK2" >"$STATE/logs/serve.log" 2>&1 &
 echo $! >"$STATE/pids/serve.pid"
 # it listens at once; /readyz answers 200 once every model it serves is loaded
 wait_up "div serve" "$STATE/pids/serve.pid" "$STATE/logs/serve.log" "http://127.0.0.1:$HTTP_PORT/readyz"
@@ -145,6 +170,18 @@ run div buy --private-key "$DIV_USER_KEY" --model-id "$CHAT_MODEL_ID" --amount 1
 run div permit --private-key "$DIV_USER_KEY" --url "$DIV_URL" --model "$DIV_CHAT_MODEL" --max 5 --env-file "$STATE/demo.env" --env-var DIV_CHAT_API_KEY
 set -a; . "$STATE/demo.env"; set +a
 run .venv/bin/python examples/openai_chat_stream.py "What is the capital of France?"
+# the same model paid on the second chain, in USDFC: the host keeps that chain's ledger apart
+# and settles there too (it publishes itself on that chain's ModelVault once the model is loaded)
+book2() { python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$BOOK2" "$1"; }
+for _ in $(seq 1 120); do
+  cast call "$(book2 modelVault)" "isHostServing(bytes32,address)(bool)" "$MODEL_ID" "$DIV_HOST" --rpc-url "$(book2 rpcUrl)" | grep -q true && break
+  sleep 0.5
+done
+run div deposit --private-key "$DIV_USER_KEY" --addresses "$BOOK2" --token USDFC --amount 10 --mint
+run div buy --private-key "$DIV_USER_KEY" --addresses "$BOOK2" --model-id "$MODEL_ID" --amount 1 --mint
+run div permit --private-key "$DIV_USER_KEY" --addresses "$BOOK2" --token USDFC --url "$DIV_URL" --model "$DIV_MODEL" --max 5 --env-file "$STATE/demo.env" --env-var DIV_API_KEY_CHAIN2
+set -a; . "$STATE/demo.env"; set +a
+run curl -s -o /dev/null -w "%{http_code} paid on chain $CHAIN2\n" "$DIV_URL/v1/embeddings" -H "Authorization: Bearer $DIV_API_KEY_CHAIN2" -H 'content-type: application/json' -d "{\"model\":\"$DIV_MODEL\",\"input\":\"paid in USDFC\"}"
 run curl -s -o /dev/null -w '%{http_code} without a key\n' "$DIV_URL/v1/embeddings" -d "{\"model\":\"$DIV_MODEL\",\"input\":\"hi\"}"
 run div settle --now --url "$DIV_URL" --state-dir "$STATE/host"
 run div balance --private-key "$DIV_USER_KEY"
@@ -154,6 +191,7 @@ run div earnings --private-key "$DIV_OWNER_KEY"
 OWNER_BEFORE=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 run div claim --private-key "$DIV_OWNER_KEY"
 OWNER_AFTER=$(cast call "$DIV_USDC" "balanceOf(address)(uint256)" "$DIV_OWNER" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
+run div claim --private-key "$DIV_OWNER_KEY" --addresses "$BOOK2"
 USER_AFTER=$(cast call "$DIV_PAYMENT_STREAM" "getBalance(address,address)(uint256)" "$DIV_USER" "$DIV_USDC" --rpc-url "$DIV_RPC_URL" | cut -d' ' -f1)
 GAS=$(curl -s "$DIV_URL/metrics" | awk '/^div_settle_gas_total/ {print $2}')
 REQS=$(curl -s "$DIV_URL/metrics" | awk '/^div_settled_requests_total/ {print $2}')
@@ -166,5 +204,5 @@ print(f"owner earned {(oa - ob) / 1e6:.6f} USDC, user paid {(ub - ua) / 1e6:.6f}
 PY
 echo
 echo "Address book: $STATE/addresses.json   Environment (with the demo user's DIV_API_KEY): $STATE/demo.env (set -a; . $STATE/demo.env; set +a)"
-echo "Chain: $DIV_RPC_URL (chain id $DIV_CHAIN_ID), custodians $DIV_CUSTODIANS and host $DIV_URL, left running. Stop them with: make stop"
+echo "Chains: $DIV_RPC_URL (chain id $DIV_CHAIN_ID) and $(book2 rpcUrl) (chain id $CHAIN2, address book $BOOK2), custodians $DIV_CUSTODIANS and host $DIV_URL, left running. Stop them with: make stop"
 echo "Open the dApp: $DIV_WEB_URL"

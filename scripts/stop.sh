@@ -18,10 +18,11 @@ for f in "$STATE"/pids/*.pid; do
   rm -f "$f"
 done
 # anvil is div dev's child; if div dev was killed hard, its anvil may be left
-if [ -f "$STATE/demo.env" ]; then
-  apid=$(sed -n 's/^DIV_ANVIL_PID=//p' "$STATE/demo.env")
+for env in "$STATE/demo.env" "$STATE"/chain-*/demo.env; do
+  [ -f "$env" ] || continue
+  apid=$(sed -n 's/^DIV_ANVIL_PID=//p' "$env")
   if [ -n "$apid" ] && kill -0 "$apid" 2>/dev/null && grep -q anvil "/proc/$apid/cmdline" 2>/dev/null; then
     kill -TERM "$apid" 2>/dev/null || true
   fi
-fi
+done
 exit 0

@@ -313,10 +313,18 @@ impl LocalChain {
 
     /// [`LocalChain::start`] with `accounts` funded anvil accounts.
     pub async fn start_with_accounts(accounts: usize) -> anyhow::Result<Self> {
+        Self::start_on(31337, accounts).await
+    }
+
+    /// [`LocalChain::start`] on a chain with id `chain_id` (a second chain beside 31337, say
+    /// 314159 as Filecoin's calibration network has), with `accounts` funded anvil accounts (the
+    /// same keys on every chain).
+    pub async fn start_on(chain_id: u64, accounts: usize) -> anyhow::Result<Self> {
         let bin = anvil_bin();
         let accounts = accounts.to_string();
         let anvil = Anvil::new()
             .path(&bin)
+            .chain_id(chain_id)
             .args(["--accounts", accounts.as_str()])
             .try_spawn()
             .with_context(|| format!("starting {} (run `make bootstrap`)", bin.display()))?;

@@ -455,6 +455,47 @@ try {
     await ready(page);
   });
 
+  await check('the user switches to the second chain and pays there in USDFC, then switches back', async () => {
+    // the host takes payment on chain 314159 too (scripts/demo.sh): the header offers it
+    await page.getByTestId('network').selectOption('314159');
+    // on that chain the owner registered the F32 MiniLM only
+    await page.waitForFunction(() => document.querySelectorAll('[data-testid="model-row"]').length === 1);
+    await page.getByRole('link', { name: 'all-minilm-l6-v2', exact: true }).click();
+    await page.getByTestId('tier').filter({ hasText: /no access yet/ }).waitFor();
+    await page.getByTestId('wallet-address').waitFor();
+    await page.getByTestId('pay-with').selectOption({ label: 'USDFC' });
+    await page.getByTestId('mint').click();
+    await confirmed(page, 'Mint 100 test USDFC');
+    await page.getByLabel('deposit amount').fill('2');
+    await page.getByTestId('deposit').click();
+    await confirmed(page, 'Deposit 2 USDFC');
+    await page.getByTestId('deposit-balance').filter({ hasText: '2.00 USDFC' }).waitFor();
+    await page.getByTestId('buy').click();
+    await confirmed(page, 'Buy 1 DIVA');
+    await page.getByTestId('tier').filter({ hasText: 'access' }).waitFor();
+    const keyDeadline = Date.now() + 20_000;
+    for (;;) {
+      await page.getByTestId('sign-permit').click();
+      await page.waitForFunction(() => document.querySelector('[data-testid="api-key"]') || document.querySelector('[data-testid="permit-error"]'));
+      await page.waitForFunction(() => !document.querySelector('[data-testid="sign-permit"]').disabled);
+      if (await page.getByTestId('api-key').count()) break;
+      assert.ok(Date.now() < keyDeadline, `still no key on chain 314159: ${await page.getByTestId('permit-error').textContent()}`);
+      await page.waitForTimeout(500);
+    }
+    await page.getByTestId('run').click();
+    await page.getByTestId('receipt-verified').waitFor();
+    // the same 0.001 dollars, in an 18-decimal stablecoin
+    assert.match(await page.getByTestId('cost').textContent(), /0\.001 USDFC/);
+    await shot(page, 'paid-on-second-chain');
+    // back on the first chain the user's USDC key and balance are as they were
+    await page.getByTestId('network').selectOption('31337');
+    await page.getByTestId('deposit-balance').filter({ hasText: 'USDC' }).waitFor();
+    await page.goto(url);
+    await page.getByTestId('model-row').first().waitFor();
+    await ready(page);
+    assert.ok((await page.getByTestId('model-row').count()) > 1, 'the first chain lists its models again');
+  });
+
   await check('a wallet on the wrong network sees the banner and switches', async () => {
     const ctx = await browser.newContext({ viewport: { width: 1200, height: 900 } });
     await ctx.addInitScript(wrongNetworkWallet, { rpc: process.env.DIV_RPC_URL, account: process.env.DIV_USER });

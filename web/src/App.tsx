@@ -2,6 +2,7 @@ import { createElement, lazy, Suspense, useEffect, useState, type ComponentType 
 import { useConnect, useConnection, useConnectors, useDisconnect, useSwitchChain } from 'wagmi';
 import { useApp, useRoute } from './context';
 import { DEV_ROLES } from './devWallet';
+import { chainName } from './host';
 import { short, describeError } from './format';
 import { TxPanel } from './tx';
 import { SignIn } from './session';
@@ -87,7 +88,7 @@ function Wallet() {
               </option>
             ))}
           </select>
-          <button data-testid="connect-dev" onClick={() => connect.mutate({ connector: devs[Number(dev)]! })}>
+          <button data-testid="connect-dev" onClick={() => connect.mutate({ connector: devs[Number(dev)]!, chainId: deployment.chainId })}>
             Connect dev wallet
           </button>
         </span>
@@ -116,6 +117,33 @@ function PayWith() {
           </option>
         ))}
       </select>
+    </label>
+  );
+}
+
+/** Which of the host's chains the app works on (shown when the host takes payment on several):
+ * switching asks the wallet to switch too; deposits, permits, balances and the catalogue are
+ * that chain's. */
+function Network() {
+  const { deployment, deployments } = useApp();
+  const switchChain = useSwitchChain();
+  if (deployments.length < 2) return null;
+  return (
+    <label className="pay-with">
+      network{' '}
+      <select
+        value={deployment.chainId}
+        onChange={(e) => switchChain.mutate({ chainId: Number(e.target.value) })}
+        aria-label="network"
+        data-testid="network"
+      >
+        {deployments.map((d) => (
+          <option key={d.chainId} value={d.chainId}>
+            {chainName(d)}
+          </option>
+        ))}
+      </select>
+      {switchChain.error && <span className="error"> {describeError(switchChain.error)}</span>}
     </label>
   );
 }
@@ -149,6 +177,7 @@ export function App() {
           <a href="#/account" className={page === 'account' ? 'active' : ''}>Account</a>
           <a href="#/owner" className={page === 'owner' ? 'active' : ''}>Owner</a>
         </nav>
+        <Network />
         <PayWith />
         <Wallet />
         <SignIn />

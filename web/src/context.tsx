@@ -6,7 +6,10 @@ import type { Deployment, HostInfo, HostModel, Stablecoin } from './host';
 
 export type AppCtx = {
   info: HostInfo;
+  /** The chain the app works on now (the user picks it among `deployments`). */
   deployment: Deployment;
+  /** Every chain the host takes payment on. */
+  deployments: Deployment[];
   hostModels: HostModel[];
   /** The stablecoin the user pays with (deposits, permits, balances): their choice, kept. */
   stablecoin: Stablecoin;
@@ -21,11 +24,13 @@ const coinKey = (chain: number) => `div.stablecoin.${chain}`;
 export function AppProvider({
   info,
   deployment,
+  deployments,
   hostModels,
   children,
 }: {
   info: HostInfo;
   deployment: Deployment;
+  deployments: Deployment[];
   hostModels: HostModel[];
   children: ReactNode;
 }) {
@@ -37,7 +42,7 @@ export function AppProvider({
     setChosen(a);
   };
   return (
-    <AppContext.Provider value={{ info, deployment, hostModels, stablecoin, setStablecoin }}>{children}</AppContext.Provider>
+    <AppContext.Provider value={{ info, deployment, deployments, hostModels, stablecoin, setStablecoin }}>{children}</AppContext.Provider>
   );
 }
 

@@ -1,7 +1,8 @@
 // A wallet built into the dApp for local chains: it holds one of anvil's well-known test keys
 // (derived from the mnemonic every Foundry user knows, printed by anvil at start) and signs in the
-// page, so the demo and the browser tests need no extension. It is offered only on chain 31337
-// and never for real funds.
+// page, so the demo and the browser tests need no extension. It is offered only on local chains
+// (31337, or a deployment of dev stand-in stablecoins) and never for real funds; it switches
+// between them as a browser wallet would.
 import { createConnector } from 'wagmi';
 import {
   createWalletClient,
@@ -69,16 +70,18 @@ export async function devAccount(index: number): Promise<PrivateKeyAccount> {
 
 const STORAGE_KEY = 'div.devWallet.connected';
 
-export function devWallet(index: number, chain: Chain) {
+export function devWallet(index: number, chains: Chain[]) {
   return createConnector((config) => {
-    const rpc = chain.rpcUrls.default.http[0]!;
+    let chain = chains[0]!;
+    const rpc = () => chain.rpcUrls.default.http[0]!;
     let client: ReturnType<typeof createWalletClient> | undefined;
-    const wallet = async () => (client ??= createWalletClient({ account: await devAccount(index), chain, transport: http(rpc) }));
+    const wallet = async () =>
+      (client ??= createWalletClient({ account: await devAccount(index), chain, transport: http(rpc()) }));
     const account = { address: ANVIL_ADDRESSES[index]! };
-    // everything but accounts and signing goes to the chain's RPC
+    // everything but accounts and signing goes to the current chain's RPC
     const forward = custom({
       async request({ method, params }) {
-        const res = await fetch(rpc, {
+        const res = await fetch(rpc(), {
           method: 'POST',
           headers: { 'content-type': 'application/json' },
           body: JSON.stringify({ jsonrpc: '2.0', id: 1, method, params }),
@@ -87,7 +90,7 @@ export function devWallet(index: number, chain: Chain) {
         if (json.error) throw Object.assign(new Error(json.error.message), json.error);
         return json.result;
       },
-    })({ chain });
+    })({ chain: chains[0] });
     const request: EIP1193RequestFn = async ({ method, params }) => {
       switch (method) {
         case 'eth_chainId':
@@ -105,7 +108,12 @@ export function devWallet(index: number, chain: Chain) {
       id: `dev-${index}`,
       name: `Dev wallet #${index}${DEV_ROLES[index] ? ` (${DEV_ROLES[index]})` : ''}`,
       type: 'devWallet',
-      async connect() {
+      async connect({ chainId }: { chainId?: number } = {}) {
+        const want = chains.find((c) => c.id === chainId);
+        if (want && want.id !== chain.id) {
+          chain = want;
+          client = undefined;
+        }
         localStorage.setItem(STORAGE_KEY, String(index));
         config.emitter.emit('change', { accounts: [account.address] });
         return { accounts: [getAddress(account.address)] as never, chainId: chain.id };
@@ -118,6 +126,14 @@ export function devWallet(index: number, chain: Chain) {
       },
       async getChainId() {
         return chain.id;
+      },
+      async switchChain({ chainId }: { chainId: number }) {
+        const next = chains.find((c) => c.id === chainId);
+        if (!next) throw new Error(`the dev wallet knows no chain ${chainId}`);
+        chain = next;
+        client = undefined;
+        config.emitter.emit('change', { chainId });
+        return next;
       },
       async getProvider() {
         return { request };

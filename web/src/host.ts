@@ -17,8 +17,53 @@ export type Deployment = {
 export type HostInfo = {
   host?: Address;
   metered: boolean;
+  /** The first chain's deployment. */
   deployment?: Deployment;
+  /** Every chain this host takes payment on, the first first. */
+  deployments?: Deployment[];
 };
+
+/** Every deployment the host takes payment on (older hosts name only one). */
+export function deploymentsOf(info: HostInfo): Deployment[] {
+  if (info.deployments?.length) return info.deployments;
+  return info.deployment ? [info.deployment] : [];
+}
+
+const CHAIN_KEY = 'div.chain';
+
+/** The deployment the user last chose in this browser, else the host's first. */
+export function chosenDeployment(info: HostInfo): Deployment | undefined {
+  const all = deploymentsOf(info);
+  const want = Number(localStorage.getItem(CHAIN_KEY));
+  return all.find((d) => d.chainId === want) ?? all[0];
+}
+
+/** Remembers the chain the user works on (the first paint of the next visit reads it). */
+export function rememberChain(chainId: number) {
+  localStorage.setItem(CHAIN_KEY, String(chainId));
+}
+
+/** Whether a deployment is a local chain (its stablecoins are the dev stand-ins anyone mints). */
+export const isLocal = (d: Deployment) => d.stablecoins.some((c) => c.dev);
+
+const CHAIN_NAMES: Record<number, string> = {
+  1: 'Ethereum',
+  10: 'Optimism',
+  137: 'Polygon',
+  314: 'Filecoin',
+  8453: 'Base',
+  42161: 'Arbitrum One',
+  84532: 'Base Sepolia',
+  314159: 'Filecoin Calibration',
+  11155111: 'Sepolia',
+};
+
+/** A chain's name as the network picker shows it. */
+export function chainName(d: Deployment): string {
+  if (d.chainId === 31337) return 'Local anvil (31337)';
+  const name = CHAIN_NAMES[d.chainId] ?? 'Chain';
+  return `${name} (${d.chainId}${isLocal(d) ? ', local' : ''})`;
+}
 
 /** A model as the host lists it (`GET /v1/models`). */
 export type HostModel = {

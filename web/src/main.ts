@@ -3,7 +3,7 @@
 // libraries), then load the full app (full.tsx), which takes the page over. What the first page
 // needs — those two answers and one eth_call for the catalogue — is done before the big chunk is
 // even asked for.
-import { loadBoot, type Stablecoin } from './host';
+import { chosenDeployment, loadBoot, type Stablecoin } from './host';
 import { readCatalog } from './catalog';
 import { paintShell } from './shell';
 import './styles.css';
@@ -29,7 +29,8 @@ async function start() {
   const page = window.location.hash.replace(/^#\/?/, '').split('/')[0] ?? '';
   const shell = paintShell(container, page);
   const { info, hostModels } = await loadBoot();
-  const deployment = info.deployment;
+  // the chain the user last worked on here, of those the host takes payment on
+  const deployment = chosenDeployment(info);
   if (!deployment) throw new Error('this host publishes no deployment (run it with an address book)');
   if (!deployment.stablecoins[0]) throw new Error('the deployment accepts no stablecoin');
   const catalogue = page ? undefined : readCatalog(deployment.rpcUrl, deployment.modelVault);

@@ -55,7 +55,7 @@ export function SessionProvider({ children }: { children: ReactNode }) {
     setBusy(true);
     try {
       if (!wallet || !address) throw new Error('Connect a wallet first');
-      const { body: n } = await hostFetch<{ nonce: string; chain_id: number; domain?: string | null }>('/v1/siwe/nonce');
+      const { body: n } = await hostFetch<{ nonce: string; domain?: string | null }>('/v1/siwe/nonce');
       const now = new Date();
       const message = createSiweMessage({
         domain: n.domain ?? window.location.host,
@@ -63,7 +63,8 @@ export function SessionProvider({ children }: { children: ReactNode }) {
         statement: 'Sign in to this DIV host. This signature moves no funds.',
         uri: window.location.origin,
         version: '1',
-        chainId: n.chain_id,
+        // the chain the session pays on: the one the app works on (sessions are per chain)
+        chainId: deployment.chainId,
         nonce: n.nonce,
         issuedAt: now,
         expirationTime: new Date(now.getTime() + 12 * 3600_000),

@@ -48,6 +48,8 @@ contract PaymentStreamHandler is Base {
     mapping(address user => mapping(address token => uint256)) public ghostBalance;
     /// @notice Withdrawals that paid other than min(requested, balance) (must stay 0).
     uint256 public ghostOverWithdrawals;
+    /// @notice Settlements that paid for a permit replayed under another chain id (must stay 0).
+    uint256 public ghostCrossChainSettlements;
 
     mapping(bytes4 selector => uint256) public calls;
     uint256 public settlements;
@@ -211,6 +213,28 @@ contract PaymentStreamHandler is Base {
         if (a.permitHash != b.permitHash) {
             _record(b, stream.permitState(b.permitHash).settledAmount - beforeB);
         }
+    }
+
+    /// @notice The host (or anyone holding the calldata) replays entry `entrySeed`'s permit and
+    /// signature as if the chain had another id (the same contract deployed at the same address
+    /// on another chain, as a deterministic deployer gives): it must never settle.
+    function settleOnAnotherChain(uint256 entrySeed, uint256 chainSeed, uint256 delta)
+        external
+        tick(this.settleOnAnotherChain.selector)
+    {
+        Entry storage e = entries[entrySeed % entries.length];
+        (uint128 cumulativeAmount, uint64 cumulativeRequests) = _nextCharge(e, delta, 1);
+        uint256 home = block.chainid;
+        uint256 other = bound(chainSeed, 1, type(uint64).max);
+        if (other == home) other = home + 1;
+        vm.chainId(other);
+        vm.prank(host);
+        try stream.settle(e.permit, e.signature, cumulativeAmount, cumulativeRequests) returns (
+            uint256 amount
+        ) {
+            if (amount != 0) ++ghostCrossChainSettlements;
+        } catch {}
+        vm.chainId(home);
     }
 
     /// @notice Anyone claims a model's credit in a token: it all goes to that model's payout.

@@ -64,6 +64,10 @@ pub trait Catalog: Send + Sync {
     fn initial_sync_done(&self) -> bool;
 }
 
+/// What `POST /v1/host/settle` settles with: the host's wallet on each chain (by chain id), the
+/// operator's token, and how a round runs.
+pub(crate) type Settler = (Arc<[(u64, div_chain::Client)]>, Arc<str>, div_meter::settle::SettleConfig);
+
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
@@ -71,11 +75,15 @@ pub struct AppState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) config: Arc<ApiConfig>,
     pub(crate) permits: Arc<Semaphore>,
-    pub(crate) meter: Option<Arc<Meter>>,
-    pub(crate) settler: Option<(div_chain::Client, Arc<str>, div_meter::settle::SettleConfig)>,
+    /// One meter per chain the host takes payment on, the first (`--addresses`) first; empty:
+    /// nothing is metered.
+    pub(crate) meters: Arc<[Arc<Meter>]>,
+    /// The host's wallet on each chain of `meters` (by chain id), for `POST /v1/host/settle`.
+    pub(crate) settler: Option<Settler>,
     pub(crate) catalog: Option<Arc<dyn Catalog>>,
-    /// What a browser needs to reach the chain: the address book (with a public RPC URL).
-    pub(crate) deployment: Option<Arc<serde_json::Value>>,
+    /// What a browser needs to reach each chain: the address books (with public RPC URLs), the
+    /// first chain's first.
+    pub(crate) deployments: Arc<[Arc<serde_json::Value>]>,
     /// The built dApp served at `/`.
     pub(crate) web_dir: Option<Arc<std::path::Path>>,
 }
@@ -89,18 +97,22 @@ impl AppState {
             metrics,
             config: Arc::new(config),
             permits,
-            meter: None,
+            meters: Arc::new([]),
             settler: None,
             catalog: None,
-            deployment: None,
+            deployments: Arc::new([]),
             web_dir: None,
         }
     }
 
     /// Gates and meters every model from the vault with `meter` (models loaded from a local
-    /// folder stay free: they are the operator's own).
+    /// folder stay free: they are the operator's own). Called again with another chain's meter,
+    /// the host also takes payment on that chain: each request is charged on the chain of the
+    /// caller's API key or session, the first meter's chain when the caller names none.
     pub fn with_meter(mut self, meter: Arc<Meter>) -> Self {
-        self.meter = Some(meter);
+        let mut meters = self.meters.to_vec();
+        meters.push(meter);
+        self.meters = meters.into();
         self
     }
 
@@ -112,8 +124,11 @@ impl AppState {
 
     /// Publishes the deployment's address book (as `div dev`/`div deploy` wrote it, with the RPC
     /// URL browsers should use) in `GET /v1/host`, so the dApp needs no build-time configuration.
+    /// Called again, another chain's: the dApp offers to switch between them.
     pub fn with_deployment(mut self, deployment: serde_json::Value) -> Self {
-        self.deployment = Some(Arc::new(deployment));
+        let mut all = self.deployments.to_vec();
+        all.push(Arc::new(deployment));
+        self.deployments = all.into();
         self
     }
 
@@ -125,14 +140,14 @@ impl AppState {
     }
 
     /// Lets `POST /v1/host/settle` (with `Authorization: Bearer <admin_token>`) settle at once
-    /// with `client`, the host's wallet.
+    /// with `clients`, the host's wallet on each chain (by chain id).
     pub fn with_settler(
         mut self,
-        client: div_chain::Client,
+        clients: Vec<(u64, div_chain::Client)>,
         admin_token: &str,
         config: div_meter::settle::SettleConfig,
     ) -> Self {
-        self.settler = Some((client, Arc::from(admin_token), config));
+        self.settler = Some((clients.into(), Arc::from(admin_token), config));
         self
     }
 
@@ -159,12 +174,50 @@ impl AppState {
         Ok(model)
     }
 
-    /// The meter and the model's vault id, when requests on it are paid.
-    pub(crate) fn paid(&self, model: &div_models::LoadedModel) -> Option<(Arc<Meter>, ModelRef)> {
-        match (&self.meter, vault_ref(model)) {
-            (Some(meter), Some(mref)) => Some((meter.clone(), mref)),
+    /// The meter of the caller's chain and the model's vault id, when requests on it are paid.
+    pub(crate) fn paid(
+        &self,
+        model: &div_models::LoadedModel,
+        headers: &HeaderMap,
+    ) -> Option<(Arc<Meter>, ModelRef)> {
+        match (self.meter_of(credential(headers)), vault_ref(model)) {
+            (Some(meter), Some(mref)) => Some((meter, mref)),
             _ => None,
         }
+    }
+
+    /// The meter that knows this credential: the chain whose ledger issued the API key, or where
+    /// the session signed in; the first chain's for anything else (which then refuses it).
+    pub(crate) fn meter_of(&self, credential: Credential<'_>) -> Option<Arc<Meter>> {
+        let knows = |m: &&Arc<Meter>| match credential {
+            Credential::ApiKey(key) => m.ledger().permit_of_key(key).is_some(),
+            Credential::Session(token) => m.sessions.address(token).is_some(),
+            Credential::None => false,
+        };
+        self.meters.iter().find(knows).or_else(|| self.meters.first()).cloned()
+    }
+
+    /// The meter of `chain_id` (the first chain's when `None`); a chain this host takes no
+    /// payment on is refused with the list of those it does.
+    pub(crate) fn meter_on(&self, chain_id: Option<u64>, route: &str) -> Result<Arc<Meter>, ApiError> {
+        let first = self.meter_or_404(route)?;
+        let Some(id) = chain_id else { return Ok(first) };
+        self.meters.iter().find(|m| m.config().chain_id == id).cloned().ok_or_else(|| {
+            let ours: Vec<String> = self.meters.iter().map(|m| m.config().chain_id.to_string()).collect();
+            ApiError {
+                status: StatusCode::FORBIDDEN,
+                ..ApiError::invalid(
+                    "chain_id",
+                    "permit_wrong_chain",
+                    format!("this host takes no payment on chain {id}; it does on chain {}", ours.join(", ")),
+                )
+            }
+        })
+    }
+
+    /// The first meter, when requests are metered.
+    pub(crate) fn meter(&self) -> Option<&Arc<Meter>> {
+        self.meters.first()
     }
 
     fn missing(&self, model: &str) -> ApiError {
@@ -175,7 +228,7 @@ impl AppState {
     }
 
     pub(crate) fn meter_or_404(&self, route: &str) -> Result<Arc<Meter>, ApiError> {
-        self.meter.clone().ok_or_else(|| ApiError::route_not_found(route))
+        self.meters.first().cloned().ok_or_else(|| ApiError::route_not_found(route))
     }
 }
 

@@ -108,6 +108,28 @@ impl Client {
         Ok(Self { provider, from, rpc_url: rpc_url.to_string() })
     }
 
+    /// [`Client::connect_with_timeout`] without asking the chain anything: transactions are
+    /// signed for `chain_id` (from the address book). For a chain that may be down when the host
+    /// starts; check [`Provider::get_chain_id`] once it answers.
+    pub fn connect_lazy(
+        rpc_url: &str,
+        signer: PrivateKeySigner,
+        timeout: std::time::Duration,
+        chain_id: u64,
+    ) -> Result<Self, ChainError> {
+        let from = signer.address();
+        let client = crate::rpc::rpc_client(rpc_url, timeout)?;
+        let provider = ProviderBuilder::new()
+            .disable_recommended_fillers()
+            .with_gas_estimation()
+            .with_simple_nonce_management()
+            .with_chain_id(chain_id)
+            .wallet(EthereumWallet::from(signer))
+            .connect_client(client)
+            .erased();
+        Ok(Self { provider, from, rpc_url: rpc_url.to_string() })
+    }
+
     /// The provider (with the wallet attached).
     pub fn provider(&self) -> &DynProvider {
         &self.provider

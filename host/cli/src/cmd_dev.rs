@@ -22,6 +22,10 @@ pub struct DevArgs {
     /// Port for anvil's JSON-RPC.
     #[arg(long, default_value_t = 8545)]
     port: u16,
+    /// The chain id anvil runs as (say 314159 for a local stand-in of a second chain beside
+    /// 31337; permits are signed for it).
+    #[arg(long, default_value_t = 31337)]
+    chain_id: u64,
     /// The anvil binary.
     #[arg(long, env = "DIV_ANVIL")]
     anvil: Option<PathBuf>,
@@ -55,7 +59,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let anvil = Anvil::new()
         .path(&anvil_bin)
         .port(args.port)
-        .chain_id(31337)
+        .chain_id(args.chain_id)
         .try_spawn()
         .with_context(|| format!("starting {} on port {}", anvil_bin.display(), args.port))?;
     let rpc = format!("http://127.0.0.1:{}", anvil.port());

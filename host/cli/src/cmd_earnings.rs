@@ -61,7 +61,8 @@ pub struct EarningsArgs {
 pub struct ClaimArgs {
     #[command(flatten)]
     who: OwnerArgs,
-    /// Only this model (its id, 0x…); default: every model of the owner with a credit.
+    /// Only this model (its id, 0x…; anyone may claim it to its payout, no owner needed);
+    /// default: every model of the owner with a credit.
     #[arg(long)]
     model: Option<B256>,
 }
@@ -136,20 +137,34 @@ pub async fn earnings(args: EarningsArgs) -> anyhow::Result<()> {
 /// addresses, one transaction per model and stablecoin with a credit.
 pub async fn claim(args: ClaimArgs) -> anyhow::Result<()> {
     let d = Deployment::load(&args.who.addresses)?;
-    let owner = args.who.owner()?;
     let signer =
         args.who.signer()?.context("div claim sends transactions: set DIV_OWNER_KEY or --private-key")?;
     let client = Client::connect(&d.rpc_url, signer).await.context("connecting to the chain")?;
     let p = client.provider();
     let ps = PaymentStream::new(d.payment_stream, p);
-    let models = owned_models(p, &d, owner).await?;
-    let chosen: Vec<&OwnedModel> = match args.model {
-        Some(id) => {
-            let m = models.iter().find(|m| m.id == id);
-            vec![m.with_context(|| format!("{owner} owns no model {id:#x}"))?]
+    let models = match (args.model, args.who.owner) {
+        // anyone may claim a model's credit to its payout (a DAO's treasury, say): no owner needed
+        (Some(id), None) => {
+            let model = ModelVault::new(d.model_vault, p).getModel(id).call().await.map_err(|e| {
+                anyhow::anyhow!("reading the model {id:#x}: {}", div_chain::revert_reason(&e))
+            })?;
+            vec![OwnedModel { id, model }]
         }
-        None => models.iter().collect(),
+        (model, _) => {
+            let owner = args.who.owner()?;
+            let owned = owned_models(p, &d, owner).await?;
+            match model {
+                Some(id) => vec![
+                    owned
+                        .into_iter()
+                        .find(|m| m.id == id)
+                        .with_context(|| format!("{owner} owns no model {id:#x}"))?,
+                ],
+                None => owned,
+            }
+        }
     };
+    let chosen: Vec<&OwnedModel> = models.iter().collect();
     let mut claimed = 0;
     for OwnedModel { id, model: m } in chosen {
         for coin in &d.stablecoins {

@@ -4,7 +4,8 @@
 //! `--allow-model`) that `ModelVault` authorises it for: fetched by content id, decrypted in
 //! memory with keys from the custodians, and kept in step with the chain's events. It listens
 //! at once; each vault model is served as soon as it is ready (`503 model_loading` until then,
-//! `GET /readyz` says where each stands).
+//! `GET /readyz` says where each stands). Payment is metered and settled per chain by
+//! [`serve_meter`](crate::serve_meter): `--addresses`' chain, and every `--payment-chain`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,12 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256};
-use alloy::signers::local::PrivateKeySigner;
 use anyhow::{Context, bail};
 use div_api::{ApiConfig, AppState, Metrics, router};
-use div_chain::Deployment;
-use div_meter::settle::SettleConfig;
-use div_meter::{Ledger, Meter, MeterConfig};
 use div_models::{LoadOptions, ModelFiles, ModelStore, Origin};
 use div_nn::OnnxConfig;
 use div_runtime::{Limits, Runtime, RuntimeConfig};
@@ -63,9 +60,21 @@ pub struct ServeArgs {
     /// Where ciphertexts are fetched from: a directory, or `ipfs+http://HOST:PORT` (Kubo).
     #[arg(long, env = "DIV_STORE", default_value = ".div/store")]
     pub(crate) store: String,
-    /// The deployment's address book.
+    /// The deployment's address book: its `ModelVault` says which models this host serves, and
+    /// its `PaymentStream` takes payment for them.
     #[arg(long, env = "DIV_ADDRESSES", default_value = ".div/addresses.json")]
     pub(crate) addresses: PathBuf,
+    /// Also take payment on the deployment in this address book, another EVM chain (repeatable):
+    /// users whose deposits and permits live there are served too, each chain with a ledger and a
+    /// settlement of its own. An owner registers the model there too (`div publish` again with
+    /// that address book) and authorises this host there.
+    #[arg(
+        long = "payment-chain",
+        env = "DIV_PAYMENT_CHAINS",
+        value_delimiter = ',',
+        value_name = "ADDRESSES"
+    )]
+    pub(crate) payment_chains: Vec<PathBuf>,
     /// How often to read new `ModelVault` events (ms).
     #[arg(long, env = "DIV_VAULT_POLL_MS", default_value_t = 1000)]
     pub(crate) vault_poll_ms: u64,
@@ -74,34 +83,34 @@ pub struct ServeArgs {
     no_meter: bool,
     /// Where the host keeps its charge ledger and admin token.
     #[arg(long, env = "DIV_HOST_STATE", default_value = ".div/host")]
-    state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// Seconds between settlements while charges wait.
     #[arg(long, env = "DIV_SETTLE_INTERVAL_SECS", default_value_t = 30)]
-    settle_interval_secs: u64,
+    pub(crate) settle_interval_secs: u64,
     /// Settle at once when this many charged requests wait.
     #[arg(long, env = "DIV_SETTLE_MAX_PENDING", default_value_t = 1000)]
-    settle_max_pending: u64,
+    pub(crate) settle_max_pending: u64,
     /// How long a settlement transaction may wait to be mined before it is replaced (seconds).
     #[arg(long, env = "DIV_SETTLE_RECEIPT_TIMEOUT_SECS", default_value_t = 30)]
-    settle_receipt_timeout_secs: u64,
+    pub(crate) settle_receipt_timeout_secs: u64,
     /// Postpone settlement while the gas price is above this (gwei).
     #[arg(long, env = "DIV_MAX_GAS_PRICE_GWEI")]
-    max_gas_price_gwei: Option<u64>,
+    pub(crate) max_gas_price_gwei: Option<u64>,
     /// Largest batch (inputs) without the premium tier.
     #[arg(long, env = "DIV_PREMIUM_BATCH", default_value_t = 16)]
-    premium_batch: usize,
+    pub(crate) premium_batch: usize,
     /// Requests per second per permit (access tier; premium gets 10×).
     #[arg(long, env = "DIV_RATE_LIMIT", default_value_t = 50)]
-    rate_limit: u32,
+    pub(crate) rate_limit: u32,
     /// How long chain reads (balances, thresholds, revocations) are trusted, in ms.
     #[arg(long, env = "DIV_CHAIN_CACHE_MS", default_value_t = 5000)]
-    chain_cache_ms: u64,
+    pub(crate) chain_cache_ms: u64,
     /// Longest any chain call may take (ms); past it the RPC counts as down.
     #[arg(long, env = "DIV_RPC_TIMEOUT_MS", default_value_t = 5000)]
     pub(crate) rpc_timeout_ms: u64,
     /// Unexpired API keys one user may hold on this host.
     #[arg(long, env = "DIV_MAX_KEYS_PER_USER", default_value_t = 32)]
-    max_keys_per_user: usize,
+    pub(crate) max_keys_per_user: usize,
     /// First wait before retrying a vault model that failed to load (ms; doubles up to 5 min).
     #[arg(long, env = "DIV_LOAD_RETRY_MS", default_value_t = 2000)]
     pub(crate) load_retry_ms: u64,
@@ -272,6 +281,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             book["rpcUrl"] = url.clone().into();
         }
         state = state.with_deployment(book);
+        for path in &args.payment_chains {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the address book {}", path.display()))?;
+            let book: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("reading the address book {}", path.display()))?;
+            state = state.with_deployment(book);
+        }
     }
     if let Some(dir) = &args.web_dir {
         if !dir.join("index.html").is_file() {
@@ -280,11 +296,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         println!("serving the web dApp from {}", dir.display());
         state = state.with_web_dir(dir.clone());
     }
-    let mut settler = None;
+    let mut settlers = Vec::new();
     if let (Some(key), false) = (&host_key, args.no_meter) {
-        let (s, task) = start_meter(&args, key.clone(), state, metrics).await?;
+        let (s, tasks) = crate::serve_meter::start_meters(&args, key.clone(), state, metrics).await?;
         state = s;
-        settler = Some(task);
+        settlers = tasks;
     }
     println!("listening on http://{local}");
     let serve = div_api::ServeConfig {
@@ -297,99 +313,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some((_, task)) = sync {
         task.abort();
     }
-    if let Some(task) = settler {
+    for task in settlers {
         task.abort();
     }
     Ok(())
-}
-
-/// Opens the charge ledger, gates and meters the vault's models, and starts settling.
-async fn start_meter(
-    args: &ServeArgs,
-    host: PrivateKeySigner,
-    state: AppState,
-    metrics: Arc<Metrics>,
-) -> anyhow::Result<(AppState, tokio::task::JoinHandle<()>)> {
-    let d = Deployment::load(&args.addresses)?;
-    let rpc_timeout = Duration::from_millis(args.rpc_timeout_ms.max(100));
-    let provider = div_chain::rpc::read_provider(&d.rpc_url, rpc_timeout)?;
-    std::fs::create_dir_all(&args.state_dir)?;
-    let ledger = Arc::new(
-        Ledger::open(&args.state_dir.join("ledger"))
-            .with_context(|| format!("opening the ledger in {}", args.state_dir.display()))?,
-    );
-    let meter = Arc::new(Meter::new(
-        MeterConfig {
-            host: host.clone(),
-            chain_id: d.chain_id,
-            payment_stream: d.payment_stream,
-            model_vault: d.model_vault,
-            provider,
-            cache_ttl: Duration::from_millis(args.chain_cache_ms),
-            rpc_timeout,
-            premium_batch: args.premium_batch,
-            rate_per_sec: args.rate_limit,
-            premium_rate_per_sec: args.rate_limit.saturating_mul(10),
-            max_keys_per_user: args.max_keys_per_user.max(1),
-        },
-        ledger,
-    ));
-    let client = div_chain::Client::connect_with_timeout(&d.rpc_url, host, rpc_timeout)
-        .await
-        .context("connecting the host wallet")?;
-    // a user may withdraw once the delay passes: every charge must be settled well before that
-    let delay = div_chain::bindings::PaymentStream::new(d.payment_stream, client.provider())
-        .withdrawDelay()
-        .call()
-        .await
-        .context("reading PaymentStream.withdrawDelay")?;
-    if args.settle_interval_secs.saturating_mul(4) > delay {
-        bail!(
-            "--settle-interval-secs {} is not well inside the withdraw delay of {delay} s (at most a quarter)",
-            args.settle_interval_secs
-        );
-    }
-    let admin_token = admin_token(&args.state_dir)?;
-    let config = SettleConfig {
-        interval: Duration::from_secs(args.settle_interval_secs.max(1)),
-        max_pending: args.settle_max_pending.max(1),
-        max_gas_price: args.max_gas_price_gwei.map(|g| u128::from(g) * 1_000_000_000),
-        receipt_timeout: Duration::from_secs(args.settle_receipt_timeout_secs.max(1)),
-        ..SettleConfig::default()
-    };
-    let observer: div_meter::settle::SettleObserver = Arc::new(move |r| metrics.settle_round(r));
-    let (meter_for_settle, client_for_settle) = (meter.clone(), client.clone());
-    let follower = meter.clone();
-    let poll = Duration::from_millis(args.vault_poll_ms);
-    let task = tokio::spawn(async move {
-        tokio::join!(
-            div_meter::settle::run(meter_for_settle, client_for_settle, config, Some(observer)),
-            follower.follow_chain(poll),
-        );
-    });
-    println!("metering paid requests; ledger in {}", args.state_dir.join("ledger").display());
-    Ok((state.with_meter(meter).with_settler(client, &admin_token, config), task))
-}
-
-/// The operator's token for `POST /v1/host/settle`, made once and kept readable by its owner only.
-fn admin_token(dir: &std::path::Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join("admin-token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
-        return Ok(t.trim().to_string());
-    }
-    let token = format!("{:x}", rand_token());
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-    std::io::Write::write_all(&mut f, token.as_bytes())?;
-    Ok(token)
-}
-
-fn rand_token() -> u128 {
-    use std::hash::{BuildHasher, Hasher};
-    // two independently seeded SipHash states from the OS: 128 unpredictable bits
-    let a = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    let b = std::collections::hash_map::RandomState::new().build_hasher().finish();
-    (u128::from(a) << 64) | u128::from(b)
 }
 
 pub(crate) async fn shutdown_signal() {

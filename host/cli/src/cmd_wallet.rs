@@ -114,7 +114,7 @@ pub struct BuyArgs {
 
 /// Runs `div buy`: buys the model's access tokens in its primary sale.
 pub async fn buy(args: BuyArgs) -> anyhow::Result<()> {
-    let (client, d, coin) = args.wallet.open().await?;
+    let (client, d, _) = args.wallet.open().await?;
     let p = client.provider();
     let m = ModelVault::new(d.model_vault, p)
         .getModel(args.model_id)
@@ -122,6 +122,14 @@ pub async fn buy(args: BuyArgs) -> anyhow::Result<()> {
         .await
         .context("reading the model")?;
     let token = ModelAccessToken::new(m.accessToken, p);
+    // the sale takes the stablecoin its owner priced it in, whatever the user pays hosts with
+    let sale = token.paymentToken().call().await.context("reading the sale's stablecoin")?;
+    let coin = d
+        .stablecoins
+        .iter()
+        .find(|c| c.address == sale)
+        .with_context(|| format!("the sale takes {sale}, a token this deployment does not list"))?
+        .clone();
     let amount = parse_units(&args.amount, 18).context("--amount")?.get_absolute();
     let cost = token.quote(amount).call().await?;
     let usdc = DevStablecoin::new(coin.address, p);
@@ -318,6 +326,9 @@ pub struct SettleArgs {
     /// The host's state folder (holding its admin token).
     #[arg(long, env = "DIV_HOST_STATE", default_value = ".div/host")]
     state_dir: PathBuf,
+    /// Settle only on this chain (a host taking payment on several settles each by default).
+    #[arg(long)]
+    chain_id: Option<u64>,
 }
 
 /// Runs `div settle --now`: asks the host to settle at once.
@@ -328,7 +339,10 @@ pub async fn settle(args: SettleArgs) -> anyhow::Result<()> {
     let resp = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(300))
         .build()?
-        .post(format!("{}/v1/host/settle", args.url.trim_end_matches('/')))
+        .post(match args.chain_id {
+            Some(id) => format!("{}/v1/host/settle?chain_id={id}", args.url.trim_end_matches('/')),
+            None => format!("{}/v1/host/settle", args.url.trim_end_matches('/')),
+        })
         .bearer_auth(token.trim())
         .send()
         .await?;
@@ -341,21 +355,48 @@ pub async fn settle(args: SettleArgs) -> anyhow::Result<()> {
     if !status.is_success() {
         bail!("the host did not settle ({status}): {}", v["error"]["message"]);
     }
+    let Some(chains) = v["chains"].as_array() else {
+        print_round("", &v);
+        return Ok(());
+    };
+    // a host that takes payment on several chains settles each; one down does not stop the rest
+    let mut failed = Vec::new();
+    for c in chains {
+        let prefix = format!("chain {}: ", c["chain_id"]);
+        if let Some(message) = c["error"]["message"].as_str() {
+            println!("{prefix}not settled: {message}");
+            failed.push(c["chain_id"].to_string());
+        } else if c["status"] == "pending" {
+            println!("{prefix}the settlement is still waiting for the chain; it goes on in the background");
+        } else {
+            print_round(&prefix, c);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("not settled on chain {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// One chain's settlement round as `POST /v1/host/settle` reports it.
+fn print_round(prefix: &str, v: &serde_json::Value) {
     let already = v["already_settled"].as_u64().unwrap_or(0);
     if already > 0 {
-        println!("{already} requests were already settled on chain (a round mined but not seen)");
+        println!("{prefix}{already} requests were already settled on chain (a round mined but not seen)");
     }
     match v["tx"].as_str() {
         Some(tx) => println!(
-            "settled {} requests ({} base units) in {tx}, {} gas",
+            "{prefix}settled {} requests ({} base units) in {tx}, {} gas",
             v["requests"],
             v["amount"].as_str().unwrap_or("0"),
             v["gas_used"]
         ),
         None if v["skipped"].as_u64().unwrap_or(0) > 0 => {
-            println!("nothing to settle: PaymentStream would refuse every entry ({} skipped)", v["skipped"])
+            println!(
+                "{prefix}nothing to settle: PaymentStream would refuse every entry ({} skipped)",
+                v["skipped"]
+            )
         }
-        None => println!("nothing to settle"),
+        None => println!("{prefix}nothing to settle"),
     }
-    Ok(())
 }

@@ -15,6 +15,7 @@ mod cmd_wallet;
 mod config_file;
 mod demo_env;
 mod secrets;
+mod serve_meter;
 mod serve_vault;
 
 use clap::{CommandFactory, Parser, Subcommand};

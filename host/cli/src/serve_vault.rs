@@ -89,18 +89,35 @@ pub(crate) fn start_vault(
         store,
     ));
     println!("host {} following ModelVault {}, published at {public_url}", sync.host(), d.model_vault);
+    let mut elsewhere = Vec::new();
+    for path in &args.payment_chains {
+        elsewhere.push(
+            Deployment::load(path).with_context(|| format!("reading the address book {}", path.display()))?,
+        );
+    }
     let runner = sync.clone();
     let url = public_url.to_string();
     let task = tokio::spawn(async move {
+        // on the other chains the host takes payment on, it registers too (PaymentStream there
+        // settles only for a host that vault authorises, and an authorisation takes effect only
+        // for a registered host), and publishes the served models that vault knows
+        for other in elsewhere {
+            let (sync, signer, url) = (runner.clone(), signer.clone(), url.clone());
+            tokio::spawn(async move {
+                let client = publish_host(&other, signer, &url).await;
+                publish_served(sync, client, other, url, true).await
+            });
+        }
         let client = publish_host(&d, signer, &url).await;
-        tokio::spawn(publish_served(runner.clone(), client, d, url));
+        tokio::spawn(publish_served(runner.clone(), client, d, url, false));
         runner.run(std::future::pending()).await
     });
     Ok((sync, task))
 }
 
-/// Registers this host at `url` (keeping the models it published before under the same URL),
-/// retrying until the chain takes it: until then no custodian releases a share to this host.
+/// Registers this host at `url` on `d`'s `ModelVault` (keeping the models it published before
+/// under the same URL), retrying until the chain takes it: until then no custodian releases a
+/// share to this host, and no payment there settles.
 async fn publish_host(d: &Deployment, signer: PrivateKeySigner, url: &str) -> Client {
     let mut wait = Duration::from_secs(1);
     loop {
@@ -119,7 +136,8 @@ async fn publish_host(d: &Deployment, signer: PrivateKeySigner, url: &str) -> Cl
             Err(e) => {
                 tracing::warn!(
                     retry_in_secs = wait.as_secs(),
-                    "registering this host on ModelVault failed (no model loads until it is): {e}"
+                    chain_id = d.chain_id,
+                    "registering this host on ModelVault failed (nothing is served or settled there until it is): {e}"
                 );
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(30));
@@ -129,8 +147,10 @@ async fn publish_host(d: &Deployment, signer: PrivateKeySigner, url: &str) -> Cl
 }
 
 /// Publishes the models this host serves (ready, or held and paged out) whenever that set
-/// changes, so the dApp lists this host for them.
-async fn publish_served(sync: Arc<VaultSync>, client: Client, d: Deployment, url: String) {
+/// changes, so the dApp lists this host for them. On another chain than the one the models come
+/// from (`only_known`), only those its `ModelVault` has registered (the owner registers a model
+/// on each chain it takes payment on).
+async fn publish_served(sync: Arc<VaultSync>, client: Client, d: Deployment, url: String, only_known: bool) {
     let mut published: Option<Vec<alloy::primitives::B256>> = None;
     let mut wait = Duration::from_secs(2);
     loop {
@@ -144,13 +164,34 @@ async fn publish_served(sync: Arc<VaultSync>, client: Client, d: Deployment, url
             .filter(|r| matches!(r.state, "ready" | "evicted"))
             .map(|r| r.model_id)
             .collect();
+        if only_known {
+            let vault = div_chain::bindings::ModelVault::new(d.model_vault, client.provider());
+            let mut known = Vec::new();
+            let mut answered = true;
+            for id in served {
+                match vault.getModel(id).call().await {
+                    Ok(_) => known.push(id),
+                    // ModelNotFound: not registered on this chain
+                    Err(e) if e.as_revert_data().is_some() => {}
+                    Err(_) => answered = false,
+                }
+            }
+            if !answered {
+                continue; // the chain is not answering: keep what was published
+            }
+            served = known;
+        }
         served.sort();
         if published.as_ref() == Some(&served) {
             continue;
         }
         match client.ensure_host_registered(&d, &url, Some(&served)).await {
             Ok(_) => {
-                tracing::info!(models = served.len(), "published the models this host serves");
+                tracing::info!(
+                    models = served.len(),
+                    chain_id = d.chain_id,
+                    "published the models this host serves"
+                );
                 published = Some(served);
                 wait = Duration::from_secs(2);
             }

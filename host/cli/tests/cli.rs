@@ -9,6 +9,7 @@ use div_chain::Deployment;
 use div_chain::bindings::{DaoTimelock, ModelVault, PaymentStream};
 use div_tests::{LocalChain, anvil_bin};
 
+mod chains;
 mod dao;
 mod payments;
 mod rig;

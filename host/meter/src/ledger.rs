@@ -423,6 +423,33 @@ impl Ledger {
         })
     }
 
+    /// Ties this ledger to one chain's `PaymentStream`, or checks that it is tied to it: a
+    /// ledger holds one chain's charges, and a host that takes payment on several chains keeps a
+    /// ledger for each (its cumulative totals are what that chain's contract settles). A ledger
+    /// opened for another chain (a configuration that swapped two address books) is refused
+    /// before anything is charged or settled.
+    pub fn bind(&self, chain_id: u64, payment_stream: Address) -> Result<(), MeterError> {
+        let want = [chain_id.to_be_bytes().as_slice(), payment_stream.as_slice()].concat();
+        match self.db.get(b"meta/chain").map_err(db_err)? {
+            Some(have) if have.as_ref() == want.as_slice() => Ok(()),
+            Some(have) if have.len() == 28 => {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&have[..8]);
+                Err(MeterError::Ledger(format!(
+                    "this ledger holds the charges of chain {} / {}, not chain {chain_id} / {payment_stream}",
+                    u64::from_be_bytes(id),
+                    Address::from_slice(&have[8..])
+                )))
+            }
+            Some(_) => Err(MeterError::Ledger("this ledger's chain record is unreadable".into())),
+            None => {
+                self.db.insert(b"meta/chain", want).map_err(db_err)?;
+                self.db.flush().map_err(db_err)?;
+                Ok(())
+            }
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -774,6 +801,26 @@ mod tests {
         assert!(a.settlement_signature().is_empty());
         (a.settled_amount, a.settled_requests) = (U256::from(1u64), 0);
         assert!(a.settlement_signature().is_empty());
+    }
+
+    #[test]
+    fn a_ledger_keeps_one_chains_charges_and_refuses_another_chain() -> Result<(), MeterError> {
+        let dir = tempfile::tempdir().map_err(err)?;
+        let stream = Address::repeat_byte(7);
+        {
+            let l = Ledger::open(dir.path())?;
+            l.bind(31337, stream)?;
+            l.bind(31337, stream)?;
+        }
+        let l = Ledger::open(dir.path())?;
+        l.bind(31337, stream)?; // after a reopen
+        let other_chain = l.bind(314159, stream).map(|_| ()).map_err(|e| e.to_string());
+        assert!(
+            other_chain.as_ref().is_err_and(|e| e.contains("chain 31337") && e.contains("not chain 314159")),
+            "{other_chain:?}"
+        );
+        assert!(l.bind(31337, Address::repeat_byte(8)).is_err(), "another contract on the same chain");
+        Ok(())
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -84,7 +84,7 @@ pub struct Meter {
     health: chain_view::Health,
     reserved: Mutex<admit::Reservations>,
     buckets: Mutex<HashMap<B256, admit::Bucket>>,
-    challenges: siwe::Nonces,
+    challenges: Arc<siwe::Nonces>,
     /// One settlement round at a time.
     settling: tokio::sync::Mutex<()>,
     /// Woken when charges pile up (the settlement loop listens).
@@ -100,6 +100,23 @@ pub(crate) fn now() -> u64 {
 impl Meter {
     /// A meter keeping its ledger in `ledger`.
     pub fn new(config: MeterConfig, ledger: Arc<Ledger>) -> Self {
+        Self::with_nonces(config, ledger, Arc::default(), Arc::default())
+    }
+
+    /// The meter of another chain beside `first`: it keeps its own ledger, chain view, sessions
+    /// and settlement, and shares `first`'s single-use challenges and sign-in nonces, so a client
+    /// asks for one without naming a chain (what it then signs names the chain) and a nonce is
+    /// used once across every chain.
+    pub fn beside(first: &Meter, config: MeterConfig, ledger: Arc<Ledger>) -> Self {
+        Self::with_nonces(config, ledger, first.challenges.clone(), first.sessions.nonces().clone())
+    }
+
+    fn with_nonces(
+        config: MeterConfig,
+        ledger: Arc<Ledger>,
+        challenges: Arc<siwe::Nonces>,
+        sign_in: Arc<siwe::Nonces>,
+    ) -> Self {
         let domain = permit_domain(config.chain_id, config.payment_stream);
         Self {
             config,
@@ -109,10 +126,10 @@ impl Meter {
             health: chain_view::Health::default(),
             reserved: Mutex::default(),
             buckets: Mutex::default(),
-            challenges: siwe::Nonces::default(),
+            challenges,
             settling: tokio::sync::Mutex::new(()),
             charged: tokio::sync::Notify::new(),
-            sessions: siwe::Sessions::default(),
+            sessions: siwe::Sessions::with_nonces(sign_in),
         }
     }
 

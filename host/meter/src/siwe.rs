@@ -14,7 +14,7 @@
 //! scans them all, and past the bound the oldest go first.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
@@ -180,17 +180,29 @@ impl Nonces {
 
 /// Nonces handed out and sessions signed in.
 pub struct Sessions {
-    nonces: Nonces,
+    nonces: Arc<Nonces>,
     sessions: Mutex<Expiring<Address>>,
 }
 
 impl Default for Sessions {
     fn default() -> Self {
-        Self { nonces: Nonces::default(), sessions: Mutex::new(Expiring::new(SESSION_TTL)) }
+        Self::with_nonces(Arc::default())
     }
 }
 
 impl Sessions {
+    /// Sessions whose sign-in nonces come from `nonces` (shared by the meters of several chains:
+    /// a nonce is single-use across all of them, and a client need not say which chain it asks
+    /// for; the signed message names it).
+    pub fn with_nonces(nonces: Arc<Nonces>) -> Self {
+        Self { nonces, sessions: Mutex::new(Expiring::new(SESSION_TTL)) }
+    }
+
+    /// The nonce store (to share with another chain's sessions).
+    pub fn nonces(&self) -> &Arc<Nonces> {
+        &self.nonces
+    }
+
     /// A fresh single-use nonce.
     pub fn nonce(&self) -> String {
         self.nonces.issue()

@@ -104,7 +104,7 @@ function ModelCard({ m }: { m: ChainModel }) {
     queryKey: ['usage', served?.id],
     enabled: !!served,
     refetchInterval: 5_000,
-    queryFn: async () => (await hostFetch<{ usage?: ModelUsage }>(`/v1/models/${encodeURIComponent(served!.id)}`)).body.usage,
+    queryFn: async () => (await hostFetch<{ usage?: ModelUsage }>(`/v1/models/${encodeURIComponent(served!.id)}?chain_id=${deployment.chainId}`)).body.usage,
   });
   const [newHost, setNewHost] = useState('');
   const [price, setPrice] = useState(formatUnits(m.pricePerRequest, PRICE_DECIMALS));

@@ -208,6 +208,9 @@ export function TryIt({ model, served }: { model: ChainModel; served?: HostModel
         body: JSON.stringify({
           permit: { ...permit, maxAmount: toHex(maxAmount), expiry: Number(expiry), nonce: toHex(permit.nonce) },
           signature,
+          // the chain the permit is signed for: the host keeps it in that chain's ledger
+          chainId: deployment.chainId,
+          verifyingContract: deployment.paymentStream,
           proof: { challenge: ch.challenge, signature: proof },
         }),
       });

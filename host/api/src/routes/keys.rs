@@ -59,8 +59,10 @@ pub async fn challenge(State(s): State<AppState>) -> Response {
 /// `POST /v1/keys`.
 pub async fn issue_key(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let result = async {
-        let meter = s.meter_or_404("/v1/keys")?;
+        s.meter_or_404("/v1/keys")?;
         let req: KeyRequest = read_json(body, 64 * 1024).await?;
+        // the chain the permit was signed for picks the meter that keeps it
+        let meter = s.meter_on(req.chain_id, "/v1/keys")?;
         let model = match s.store.by_id(req.permit.model_id.0) {
             Some(m) => vault_ref(&m)
                 .ok_or_else(|| ApiError::model_not_found(&format!("{:#x}", req.permit.model_id)))?,
@@ -103,7 +105,8 @@ pub async fn issue_key(State(s): State<AppState>, headers: HeaderMap, body: Body
 /// `GET /v1/receipts/{id}`.
 pub async fn receipt(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     let result = (|| {
-        let meter = s.meter_or_404("/v1/receipts")?;
+        let meter =
+            s.meter_of(credential(&headers)).ok_or_else(|| ApiError::route_not_found("/v1/receipts"))?;
         match meter.receipt(credential(&headers), &id)? {
             Some(r) => Ok::<_, ApiError>(axum::Json(r).into_response()),
             None => Err(ApiError {

@@ -2,7 +2,7 @@
 //! answers), readiness (`GET /readyz`: 200 only when every model the host should serve is
 //! loaded, with each model's state either way) and `GET /metrics`.
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -46,9 +46,11 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
             true,
         ),
     };
-    let chain_up = s.meter.as_ref().is_none_or(|m| m.chain_up());
-    if let Some(m) = &s.meter {
-        s.metrics.set_chain_up(m.chain_up());
+    let chains: Vec<_> =
+        s.meters.iter().map(|m| json!({"chain_id": m.config().chain_id, "up": m.chain_up()})).collect();
+    let chain_up = s.meters.iter().all(|m| m.chain_up());
+    if !s.meters.is_empty() {
+        s.metrics.set_chain_up(chain_up);
     }
     for m in &models {
         if let Some(name) = m["name"].as_str() {
@@ -61,6 +63,7 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
         "status": if ready { "ready" } else { "not_ready" },
         "initial_sync_done": synced,
         "chain_up": chain_up,
+        "chains": chains,
         "models": models,
     });
     (status, axum::Json(body)).into_response()
@@ -68,9 +71,10 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(s): State<AppState>) -> Response {
-    if let Some(m) = &s.meter {
+    if let Some(m) = s.meter() {
+        // the first chain's: amounts on chains with other stablecoin decimals do not add up
         s.metrics.set_unsettled(m.ledger().unsettled_total());
-        s.metrics.set_chain_up(m.chain_up());
+        s.metrics.set_chain_up(s.meters.iter().all(|m| m.chain_up()));
     }
     s.metrics.refresh_llm();
     match s.metrics.encode() {
@@ -92,14 +96,33 @@ pub async fn list_models(State(s): State<AppState>) -> Response {
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// `GET /v1/models/{id}`: the model, with what this host charged and settled on it.
-pub async fn get_model(State(s): State<AppState>, Path(id): Path<String>) -> Response {
+/// The query of `GET /v1/models/{id}`.
+#[derive(serde::Deserialize)]
+pub struct ModelQuery {
+    chain_id: Option<u64>,
+}
+
+/// `GET /v1/models/{id}`: the model, with what this host charged and settled on it on the first
+/// chain, or on `?chain_id=N` (each chain's amounts are in its own stablecoins).
+pub async fn get_model(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ModelQuery>,
+) -> Response {
+    let meter = match (s.meters.is_empty(), q.chain_id) {
+        (false, chain) => match s.meter_on(chain, "/v1/models") {
+            Ok(m) => Some(m),
+            Err(e) => return e.into_response(),
+        },
+        (true, _) => None,
+    };
     match s.store.get(&id) {
         Some(m) => {
             let mut body = model_json(&m);
-            if let (Some(meter), Some(r)) = (&s.meter, vault_ref(&m)) {
+            if let (Some(meter), Some(r)) = (meter, vault_ref(&m)) {
                 let u = meter.ledger().usage_of(r.model_id);
                 body["usage"] = json!({
+                    "chain_id": meter.config().chain_id,
                     "permits": u.permits,
                     "charged_amount": u.charged_amount.to_string(),
                     "charged_requests": u.charged_requests,

@@ -17,7 +17,9 @@ pub async fn siwe_nonce(State(s): State<AppState>) -> Response {
     match s.meter_or_404("/v1/siwe/nonce") {
         Ok(m) => axum::Json(json!({
             "nonce": m.sessions.nonce(),
+            // the first chain; a message may name any of `chain_ids` (sessions are per chain)
             "chain_id": m.config().chain_id,
+            "chain_ids": s.meters.iter().map(|m| m.config().chain_id).collect::<Vec<_>>(),
             "domain": s.config.public_url.as_deref().map(siwe_domain),
         }))
         .into_response(),
@@ -35,8 +37,11 @@ struct SignIn {
 pub async fn siwe_sign_in(State(s): State<AppState>, body: Body) -> Response {
     let result =
         async {
-            let m = s.meter_or_404("/v1/siwe")?;
+            s.meter_or_404("/v1/siwe")?;
             let req: SignIn = read_json(body, 16 * 1024).await?;
+            // the chain the message names picks the meter the session pays on
+            let chain = div_meter::siwe::SiweMessage::parse(&req.message)?.chain_id;
+            let m = s.meter_on(Some(chain), "/v1/siwe")?;
             let domain =
                 s.config.public_url.as_deref().map(siwe_domain).ok_or_else(|| {
                     ApiError::internal("this host has no public URL configured (--public-url)")
@@ -56,9 +61,12 @@ pub async fn siwe_sign_in(State(s): State<AppState>, body: Body) -> Response {
 /// `DELETE /v1/siwe`: signs the session out.
 pub async fn siwe_sign_out(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let result = (|| {
-        let m = s.meter_or_404("/v1/siwe")?;
+        s.meter_or_404("/v1/siwe")?;
         let token =
             bearer(&headers).ok_or_else(|| ApiError::from(div_meter::MeterError::MissingCredential))?;
+        let m = s
+            .meter_of(div_meter::Credential::Session(token))
+            .ok_or_else(|| ApiError::route_not_found("/v1/siwe"))?;
         let was = m.sessions.sign_out(token);
         Ok::<_, ApiError>(axum::Json(json!({"signed_out": was})).into_response())
     })();
@@ -68,8 +76,12 @@ pub async fn siwe_sign_out(State(s): State<AppState>, headers: HeaderMap) -> Res
 /// `GET /v1/me`: the signed-in address and its permits on this host.
 pub async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
     let result = (|| {
-        let m = s.meter_or_404("/v1/me")?;
-        let who = bearer(&headers)
+        s.meter_or_404("/v1/me")?;
+        let token = bearer(&headers).unwrap_or_default();
+        let m = s
+            .meter_of(div_meter::Credential::Session(token))
+            .ok_or_else(|| ApiError::route_not_found("/v1/me"))?;
+        let who = Some(token)
             .and_then(|t| m.sessions.address(t))
             .ok_or_else(|| ApiError::from(div_meter::MeterError::MissingCredential))?;
         let permits: Vec<_> = m
@@ -92,7 +104,10 @@ pub async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
                 })
             })
             .collect();
-        Ok::<_, ApiError>(axum::Json(json!({"address": who, "permits": permits})).into_response())
+        Ok::<_, ApiError>(
+            axum::Json(json!({"address": who, "chain_id": m.config().chain_id, "permits": permits}))
+                .into_response(),
+        )
     })();
     result.unwrap_or_else(IntoResponse::into_response)
 }

@@ -190,6 +190,20 @@ impl Rig {
         hosts: &[Address],
         extra: &[&str],
     ) -> anyhow::Result<std::process::Output> {
+        self.publish_on(&self.book, owner, pkg, plugin, hosts, extra)
+    }
+
+    /// [`Rig::publish_as`] onto the deployment of address book `book` (another chain: the same
+    /// work folder, so the same ciphertext and custodians, registered there too).
+    pub fn publish_on(
+        &self,
+        book: &Path,
+        owner: usize,
+        pkg: &Path,
+        plugin: &Path,
+        hosts: &[Address],
+        extra: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
         let mut cmd = div();
         cmd.arg("publish").arg(pkg).arg("--plugin").arg(plugin).arg("--quiet").args(extra);
         for u in &self.urls {
@@ -202,7 +216,7 @@ impl Rig {
             .arg("--store")
             .arg(self.store())
             .arg("--addresses")
-            .arg(&self.book)
+            .arg(book)
             .arg("--work-dir")
             .arg(
                 self.dir.join(format!(
