@@ -36,6 +36,7 @@ test: bootstrap
 	$(MAKE) --no-print-directory web
 	cargo build --bin div --locked
 	tests/deploy/check.sh
+	tests/deploy/observability.sh
 	scripts/web-e2e.sh
 
 ## check: the fast inner loop (format, lint, unit tests)

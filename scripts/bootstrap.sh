@@ -58,6 +58,9 @@ apt_needs() {
   have_cmd systemd-analyze || echo systemd
   # the browser the dApp's end-to-end test drives (playwright-core launches this exact path)
   [ -x "$ROOT/usr/bin/chromium" ] || echo chromium
+  # the operator's alert rules are checked and unit-tested with promtool, and a real Prometheus
+  # scrapes the test stack (tests/deploy/observability.sh): both come with Debian's prometheus
+  { [ -x "$ROOT/usr/bin/promtool" ] && [ -x "$ROOT/usr/bin/prometheus" ]; } || echo prometheus
   # `python3 -m venv` needs ensurepip, which Debian ships apart from python3
   if [ -z "$ROOT" ]; then
     python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv

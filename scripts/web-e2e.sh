@@ -52,3 +52,6 @@ tick 2
   --description "Lower the int8 price to 0.0004 USDC" --addresses "$book" >/dev/null
 tick 2
 node web/e2e/run.mjs
+# the same stack watched by a real Prometheus with the operator's rules (deploy/prometheus)
+tests/deploy/observability.sh --live "127.0.0.1:$DIV_HTTP_PORT" \
+  "127.0.0.1:$((DIV_CUSTODIAN_PORT_BASE + 1))" "127.0.0.1:$((DIV_CUSTODIAN_PORT_BASE + 2))" "127.0.0.1:$((DIV_CUSTODIAN_PORT_BASE + 3))"

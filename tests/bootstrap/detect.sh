@@ -12,7 +12,7 @@ trap 'rm -rf "$tmp"' EXIT
 full_root() {
   local r=$1
   mkdir -p "$r/usr/bin" "$r/usr/lib/llvm-14/lib" "$r/usr/lib/x86_64-linux-gnu"
-  for c in node npm curl ipfs_cid cmake c++ chromium systemd-analyze; do
+  for c in node npm curl ipfs_cid cmake c++ chromium systemd-analyze promtool prometheus; do
     printf '#!/bin/sh\n' >"$r/usr/bin/$c"
     chmod +x "$r/usr/bin/$c"
   done
@@ -62,6 +62,12 @@ expect "no C++ compiler requests g++" "$r" g++
 
 r=$tmp/no-systemd-analyze; full_root "$r"; rm "$r/usr/bin/systemd-analyze"
 expect "no systemd-analyze requests systemd" "$r" systemd
+
+r=$tmp/no-promtool; full_root "$r"; rm "$r/usr/bin/promtool"
+expect "no /usr/bin/promtool requests prometheus" "$r" prometheus
+
+r=$tmp/no-prometheus; full_root "$r"; rm "$r/usr/bin/prometheus"
+expect "promtool without the server requests prometheus" "$r" prometheus
 
 echo "bootstrap detection: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]

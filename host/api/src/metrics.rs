@@ -36,6 +36,13 @@ struct TokenLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ChainLabel {
+    chain_id: u64,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CustodianLabel {
     custodian: String,
 }
@@ -66,12 +73,16 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     cancelled: Family<ModelLabel, Counter>,
     custodian_failures: Family<CustodianLabel, Counter>,
-    unsettled: Gauge,
-    last_settle: Gauge,
+    unsettled: Family<ChainLabel, FloatGauge>,
+    unsettled_requests: Family<ChainLabel, Gauge>,
+    unsettled_since: Family<ChainLabel, Gauge>,
+    last_settle: Family<ChainLabel, Gauge>,
+    withdraw_delay: Family<ChainLabel, Gauge>,
+    settle_interval: Gauge,
     settled_requests: Counter,
     settle_gas: Counter,
     settle_failures: Counter,
-    chain_up: Gauge,
+    chain_up: Family<ChainLabel, Gauge>,
     model_ready: Family<ModelLabel, Gauge>,
     parked: Family<ModelLabel, Counter<f64, std::sync::atomic::AtomicU64>>,
     llm_steps: Gauge,
@@ -138,26 +149,50 @@ impl Default for Metrics {
             "Key custodians that failed to give a valid share (down, refusing, or a wrong share)",
             custodian_failures.clone(),
         );
-        let unsettled = Gauge::default();
-        let last_settle = Gauge::default();
+        let unsettled = Family::<ChainLabel, FloatGauge>::default();
+        let unsettled_requests = Family::<ChainLabel, Gauge>::default();
+        let unsettled_since = Family::<ChainLabel, Gauge>::default();
+        let last_settle = Family::<ChainLabel, Gauge>::default();
+        let withdraw_delay = Family::<ChainLabel, Gauge>::default();
+        let settle_interval = Gauge::default();
         let settled_requests = Counter::default();
         let settle_gas = Counter::default();
         let settle_failures = Counter::default();
         registry.register(
             "unsettled_amount",
-            "Charged but not yet settled (token base units)",
+            "Charged but not yet settled, by chain (token base units, every stablecoin of the chain added)",
             unsettled.clone(),
         );
         registry.register(
+            "unsettled_requests",
+            "Charged requests not yet settled, by chain",
+            unsettled_requests.clone(),
+        );
+        registry.register(
+            "unsettled_since_timestamp_seconds",
+            "Since when the chain has had charges waiting (seen at a scrape or after a settlement; 0: none)",
+            unsettled_since.clone(),
+        );
+        registry.register(
             "last_settle_timestamp_seconds",
-            "When the last settlement landed",
+            "When the last settlement landed, by chain",
             last_settle.clone(),
         );
+        registry.register(
+            "withdraw_delay_seconds",
+            "PaymentStream's withdraw delay, by chain: every charge must be settled well before it",
+            withdraw_delay.clone(),
+        );
+        registry.register("settle_interval_seconds", "The settlement interval", settle_interval.clone());
         registry.register("settled_requests", "Requests settled on-chain", settled_requests.clone());
         registry.register("settle_gas", "Gas used by settlement transactions", settle_gas.clone());
         registry.register("settle_failures", "Settlement rounds that failed", settle_failures.clone());
-        let chain_up = Gauge::default();
-        registry.register("chain_up", "1 while the chain RPC answers, 0 while it does not", chain_up.clone());
+        let chain_up = Family::<ChainLabel, Gauge>::default();
+        registry.register(
+            "chain_up",
+            "1 while the chain's RPC answers, 0 while it does not, by chain",
+            chain_up.clone(),
+        );
         let model_ready = Family::<ModelLabel, Gauge>::default();
         registry.register(
             "model_ready",
@@ -201,7 +236,11 @@ impl Default for Metrics {
             cancelled,
             custodian_failures,
             unsettled,
+            unsettled_requests,
+            unsettled_since,
             last_settle,
+            withdraw_delay,
+            settle_interval,
             settled_requests,
             settle_gas,
             settle_failures,
@@ -215,6 +254,10 @@ impl Default for Metrics {
     }
 }
 
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 impl Metrics {
     /// Copies the text-generation batches' counters in (before an export).
     pub fn refresh_llm(&self) {
@@ -225,17 +268,28 @@ impl Metrics {
         self.llm_most_sequences.set(g(b.most_sequences));
     }
 
-    /// Records a settlement round or its failure.
-    pub fn settle_round(&self, round: Result<&div_meter::settle::SettleReport, &div_meter::MeterError>) {
+    /// Records a settlement round on `chain_id`, or its failure.
+    pub fn settle_round(
+        &self,
+        chain_id: u64,
+        round: Result<&div_meter::settle::SettleReport, &div_meter::MeterError>,
+    ) {
         match round {
-            Ok(r) => self.settlement(r),
+            Ok(r) => self.settlement(chain_id, r),
             Err(_) => self.settlement_failed(),
         }
     }
 
-    /// Whether the chain answers.
-    pub fn set_chain_up(&self, up: bool) {
-        self.chain_up.set(i64::from(up));
+    /// Whether `chain_id`'s RPC answers.
+    pub fn set_chain_up(&self, chain_id: u64, up: bool) {
+        self.chain_up.get_or_create(&ChainLabel { chain_id }).set(i64::from(up));
+    }
+
+    /// What the host must settle in time: `chain_id`'s withdraw delay, and its own interval.
+    pub fn set_settle_bounds(&self, chain_id: u64, withdraw_delay_secs: u64, interval_secs: u64) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.withdraw_delay.get_or_create(&ChainLabel { chain_id }).set(g(withdraw_delay_secs));
+        self.settle_interval.set(g(interval_secs));
     }
 
     /// Whether `model` is loaded and serving.
@@ -250,14 +304,13 @@ impl Metrics {
         }
     }
 
-    /// Records a settlement round.
-    pub fn settlement(&self, report: &div_meter::settle::SettleReport) {
+    /// Records a settlement round on `chain_id`.
+    pub fn settlement(&self, chain_id: u64, report: &div_meter::settle::SettleReport) {
         if report.tx.is_some() {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            self.last_settle.set(i64::try_from(now).unwrap_or(i64::MAX));
+            let label = ChainLabel { chain_id };
+            self.last_settle.get_or_create(&label).set(i64::try_from(now_secs()).unwrap_or(i64::MAX));
+            // what waits now was charged after this round began: its age counts from here
+            self.unsettled_since.get_or_create(&label).set(0);
             self.settled_requests.inc_by(report.requests);
             self.settle_gas.inc_by(report.gas_used);
         }
@@ -268,9 +321,17 @@ impl Metrics {
         self.settle_failures.inc();
     }
 
-    /// Sets the unsettled amount.
-    pub fn set_unsettled(&self, amount: alloy::primitives::U256) {
-        self.unsettled.set(i64::try_from(amount).unwrap_or(i64::MAX));
+    /// Sets what `chain_id` has charged and not settled; a backlog first seen now is dated now.
+    pub fn set_unsettled(&self, chain_id: u64, amount: alloy::primitives::U256, requests: u64) {
+        let label = ChainLabel { chain_id };
+        self.unsettled.get_or_create(&label).set(f64::from(amount));
+        self.unsettled_requests.get_or_create(&label).set(i64::try_from(requests).unwrap_or(i64::MAX));
+        let since = self.unsettled_since.get_or_create(&label);
+        if requests == 0 && amount.is_zero() {
+            since.set(0);
+        } else if since.get() == 0 {
+            since.set(i64::try_from(now_secs()).unwrap_or(i64::MAX));
+        }
     }
 
     /// Counts a custodian that failed to give a valid share.
@@ -331,5 +392,90 @@ impl Metrics {
     pub fn backend_observer(self: &Arc<Self>) -> div_models::BackendObserver {
         let me = self.clone();
         Arc::new(move |model, run| me.backend_run(model, run))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metric names (`div_…`) an operator's file refers to, as the exposition names their
+    /// families: counters without `_total`, histograms without `_bucket`/`_sum`/`_count`.
+    pub(crate) fn referenced(text: &str) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        let bytes = text.as_bytes();
+        let mut i = 0;
+        while let Some(at) = text[i..].find("div_") {
+            let start = i + at;
+            let boundary =
+                start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            let end = text[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .map_or(text.len(), |n| start + n);
+            if boundary {
+                let name = &text[start..end];
+                let base = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                names.insert(base.to_string());
+            }
+            i = end.max(start + 4);
+        }
+        names
+    }
+
+    /// Every metric the alert rules and the Grafana dashboard use is one the host exports (the
+    /// custodian's own are checked in `div-custodian`): a renamed metric fails here, not
+    /// silently in an operator's dashboard.
+    #[test]
+    fn the_alert_rules_and_the_dashboard_use_metrics_the_host_exports()
+    -> Result<(), Box<dyn std::error::Error>> {
+        // a family is exported once it has a series: give each one, as a serving host would
+        let m = Metrics::default();
+        m.request("/v1/embeddings", "m", 200, Duration::from_millis(3));
+        m.sandbox("m", Duration::from_micros(50), Duration::from_millis(2));
+        let run = div_nn::RunReport {
+            took: Duration::from_millis(1),
+            requests: 2,
+            rows: 2,
+            waits: vec![Duration::ZERO],
+        };
+        m.backend_run("m", &run);
+        m.generation("m", 5, 7, true);
+        m.custodian_failure("0xc1");
+        m.set_unsettled(31337, alloy::primitives::U256::from(1000u64), 1);
+        m.settlement(
+            31337,
+            &div_meter::settle::SettleReport { tx: Some(Default::default()), ..Default::default() },
+        );
+        m.settlement_failed();
+        m.set_chain_up(31337, true);
+        m.set_settle_bounds(31337, 3600, 30);
+        m.set_model_ready("m", true);
+        m.parked("m", Duration::from_millis(1));
+        let exported: std::collections::BTreeSet<String> = m
+            .encode()?
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        for file in ["deploy/prometheus/rules.yml", "deploy/grafana/div-host.json"] {
+            let text = std::fs::read_to_string(root.join(file))?;
+            let used = referenced(&text);
+            assert!(used.len() > 5, "{file}: too few metrics found ({used:?})");
+            for name in used.iter().filter(|n| !n.starts_with("div_custodian_requests")) {
+                assert!(exported.contains(name), "{file} uses {name}, which the host does not export");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn referenced_names_lose_their_sample_suffixes() {
+        let used = referenced("rate(div_requests_total[5m]) x_div_no div_a_bucket{le} div_b_count");
+        assert_eq!(used.into_iter().collect::<Vec<_>>(), ["div_a", "div_b", "div_requests"]);
     }
 }

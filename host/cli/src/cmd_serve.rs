@@ -181,6 +181,10 @@ pub struct ServeArgs {
     /// Run `initialize` in every request instead of snapshotting it once (for comparison).
     #[arg(long, env = "DIV_NO_SNAPSHOT")]
     no_snapshot: bool,
+    /// Send a trace of every request (gate, sandbox, backend, ledger) over OTLP/HTTP to this
+    /// collector (`http://HOST:4318`; `/v1/traces` is appended). Off by default.
+    #[arg(long, env = "DIV_OTLP_ENDPOINT")]
+    pub(crate) otlp_endpoint: Option<String>,
 }
 
 /// Runs `div serve`.

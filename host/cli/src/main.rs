@@ -17,9 +17,9 @@ mod demo_env;
 mod secrets;
 mod serve_meter;
 mod serve_vault;
+mod telemetry;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 /// DIV, the Decentralized Inference Vault.
 #[derive(Parser)]
@@ -65,10 +65,6 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("DIV_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
     secrets::private_umask();
     // `--config FILE` (serve, custodian): the file's settings become flags clap then checks
     let args = match config_file::expand(&Cli::command(), std::env::args_os().collect()) {
@@ -79,6 +75,17 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let cli = Cli::parse_from(args);
+    let otlp = match &cli.command {
+        Command::Serve(a) => a.otlp_endpoint.clone(),
+        _ => None,
+    };
+    let telemetry = match telemetry::init(otlp.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Dev(args) => cmd_dev::run(args).await,
         Command::Deploy(args) => cmd_deploy::run(args).await,
@@ -96,6 +103,7 @@ async fn main() -> std::process::ExitCode {
         Command::Custodian(args) => cmd_custodian::run(args).await,
         Command::Publish(args) => cmd_publish::run(*args).await,
     };
+    telemetry.flush().await;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -53,12 +53,13 @@ enum ChainCheck {
 
 /// Checks a chain before settling on it: the RPC is the chain the address book names (permits
 /// are signed for that chain id), and settlement runs well inside its withdraw delay (a user may
-/// withdraw once it passes: every charge must be settled well before that).
+/// withdraw once it passes: every charge must be settled well before that). Returns that delay
+/// (seconds).
 async fn check_chain(
     client: &div_chain::Client,
     d: &Deployment,
     interval_secs: u64,
-) -> Result<(), ChainCheck> {
+) -> Result<u64, ChainCheck> {
     use alloy::providers::Provider;
     let down = |what: &str, e: &dyn std::fmt::Display| {
         ChainCheck::Down(format!("{what} on chain {}: {e}", d.chain_id))
@@ -81,7 +82,7 @@ async fn check_chain(
             d.chain_id
         )));
     }
-    Ok(())
+    Ok(delay)
 }
 
 /// Opens a charge ledger per chain, gates and meters the vault's models, and starts settling on
@@ -138,7 +139,10 @@ pub(crate) async fn start_meters(
         });
         let client = div_chain::Client::connect_lazy(&d.rpc_url, host.clone(), rpc_timeout, d.chain_id)?;
         let checked = match check_chain(&client, &d, args.settle_interval_secs).await {
-            Ok(()) => true,
+            Ok(delay) => {
+                metrics.set_settle_bounds(d.chain_id, delay, args.settle_interval_secs);
+                true
+            }
             Err(ChainCheck::Wrong(why)) => bail!("{why}"),
             Err(ChainCheck::Down(why)) if chain.first => bail!("the chain does not answer: {why}"),
             Err(ChainCheck::Down(why)) => {
@@ -147,9 +151,10 @@ pub(crate) async fn start_meters(
             }
         };
         let observer: div_meter::settle::SettleObserver = {
-            let metrics = metrics.clone();
-            Arc::new(move |r| metrics.settle_round(r))
+            let (metrics, chain_id) = (metrics.clone(), d.chain_id);
+            Arc::new(move |r| metrics.settle_round(chain_id, r))
         };
+        let late_metrics = metrics.clone();
         let (settling, follower, settle_client, interval) =
             (meter.clone(), meter.clone(), client.clone(), args.settle_interval_secs);
         tasks.push(tokio::spawn(async move {
@@ -159,7 +164,10 @@ pub(crate) async fn start_meters(
                     loop {
                         tokio::time::sleep(wait).await;
                         match check_chain(&settle_client, &d, interval).await {
-                            Ok(()) => break,
+                            Ok(delay) => {
+                                late_metrics.set_settle_bounds(d.chain_id, delay, interval);
+                                break;
+                            }
                             Err(ChainCheck::Down(_)) => wait = (wait * 2).min(Duration::from_secs(30)),
                             Err(ChainCheck::Wrong(why)) => {
                                 tracing::error!(chain_id = d.chain_id, "not settling on this chain: {why}");

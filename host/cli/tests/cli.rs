@@ -13,6 +13,7 @@ mod chains;
 mod dao;
 mod payments;
 mod rig;
+mod traces;
 mod vault;
 
 fn div() -> Command {

@@ -7,6 +7,7 @@
 //!   (hosts), verifying every share against the commitments before combining.
 
 pub mod client;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 

@@ -199,13 +199,19 @@ fn parse_model(s: &str) -> Result<B256, Refusal> {
 
 /// The custodian's HTTP routes.
 pub fn router(custodian: Arc<Custodian>) -> Router {
-    Router::new()
+    let metrics = Arc::new(crate::metrics::CustodianMetrics::default());
+    let observed = Router::new()
         .route("/v1/info", get(info))
         .route("/v1/models/{model_id}/share", put(deposit))
         .route("/v1/models/{model_id}/release", post(release))
-        .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(custodian)
+        .layer(axum::middleware::from_fn_with_state(metrics.clone(), crate::metrics::count));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(crate::metrics::metrics))
+        .with_state(metrics)
+        .merge(observed)
 }
 
 async fn info(State(c): State<Arc<Custodian>>) -> Result<Json<CustodianInfo>, Refusal> {

@@ -105,6 +105,8 @@ impl Staged {
         inputs: Option<Vec<NamedTensor>>,
         run: impl FnOnce(Vec<NamedTensor>) -> Result<Vec<NamedTensor>, NnError>,
     ) -> Result<Option<Vec<NamedTensor>>, NnError> {
+        // inside the sandbox's span: the request's trace shows the backend's share of it
+        let _span = tracing::info_span!("backend").entered();
         match inputs {
             Some(inputs) => Ok(Some(run(inputs)?)),
             None => {

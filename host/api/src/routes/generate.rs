@@ -19,6 +19,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use tracing::Instrument;
 
 use crate::body::read_json;
 use crate::chat::{
@@ -114,9 +115,11 @@ async fn generate(
     // gate, and reserve the price of a full context; charged only for the tokens used
     let paid = s.paid(&model, headers);
     let ticket = match &paid {
-        Some((meter, mref)) => {
-            meter.admit_tokens(credential(headers), mref, 1, u64::from(context)).await?.ticket()
-        }
+        Some((meter, mref)) => meter
+            .admit_tokens(credential(headers), mref, 1, u64::from(context))
+            .instrument(tracing::info_span!("gate", model = %mref.name))
+            .await?
+            .ticket(),
         None => None,
     };
     let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
@@ -147,40 +150,48 @@ async fn generate(
     };
     // the generation and its charge run to their end in a task of their own, caller or not
     let (m, metrics, sandbox_rid) = (model.clone(), s.metrics.clone(), ids.host.clone());
-    let work = tokio::spawn(async move {
-        let name = m.manifest.name.clone();
-        let (result, report) = tokio::task::spawn_blocking(move || {
-            let _held = (permit, in_flight);
-            m.plugin.handle_streaming(&request, sandbox_rid, sink)
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("the sandbox thread failed: {e}")))?;
-        metrics.sandbox(&name, report.instantiate, report.call);
-        metrics.parked(&name, report.parked);
-        // what the backend counted: the host's own numbers, whatever the plugin reports
-        let (prompt_tokens, generated) = report.usage.tokens();
-        let usage = Usage { prompt_tokens, completion_tokens: generated.min(max_tokens) };
-        let resp = result.map_err(|e| match report.usage.refusal() {
-            Some(r) => ApiError::refused(&r),
-            None => ApiError::from(e),
-        })?;
-        let outcome = outcome_of(resp, usage, max_bytes)?;
-        metrics.generation(
-            &name,
-            outcome.usage.prompt_tokens,
-            outcome.usage.completion_tokens,
-            outcome.finish_reason == "cancelled",
-        );
-        let tokens = u64::from(outcome.usage.prompt_tokens) + u64::from(outcome.usage.completion_tokens);
-        let receipt = match (ticket, &paid) {
-            // durable before the answer (or the stream's last chunk) leaves
-            (Some(t), Some((meter, mref))) => {
-                Some(meter.charge_tokens(t, &ids.host, ids.client.as_deref(), mref, tokens).await?)
-            }
-            _ => None,
-        };
-        Ok::<_, ApiError>((outcome, receipt))
-    });
+    let span = tracing::info_span!("sandbox", model = %model.manifest.name);
+    let work = tokio::spawn(
+        async move {
+            let name = m.manifest.name.clone();
+            let (result, report) = tokio::task::spawn_blocking(move || {
+                let _held = (permit, in_flight);
+                let _span = span.entered();
+                m.plugin.handle_streaming(&request, sandbox_rid, sink)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("the sandbox thread failed: {e}")))?;
+            metrics.sandbox(&name, report.instantiate, report.call);
+            metrics.parked(&name, report.parked);
+            // what the backend counted: the host's own numbers, whatever the plugin reports
+            let (prompt_tokens, generated) = report.usage.tokens();
+            let usage = Usage { prompt_tokens, completion_tokens: generated.min(max_tokens) };
+            let resp = result.map_err(|e| match report.usage.refusal() {
+                Some(r) => ApiError::refused(&r),
+                None => ApiError::from(e),
+            })?;
+            let outcome = outcome_of(resp, usage, max_bytes)?;
+            metrics.generation(
+                &name,
+                outcome.usage.prompt_tokens,
+                outcome.usage.completion_tokens,
+                outcome.finish_reason == "cancelled",
+            );
+            let tokens = u64::from(outcome.usage.prompt_tokens) + u64::from(outcome.usage.completion_tokens);
+            let receipt = match (ticket, &paid) {
+                // durable before the answer (or the stream's last chunk) leaves
+                (Some(t), Some((meter, mref))) => Some(
+                    meter
+                        .charge_tokens(t, &ids.host, ids.client.as_deref(), mref, tokens)
+                        .instrument(tracing::info_span!("ledger"))
+                        .await?,
+                ),
+                _ => None,
+            };
+            Ok::<_, ApiError>((outcome, receipt))
+        }
+        .instrument(tracing::Span::current()),
+    );
     let joined = |r: Result<
         Result<(Outcome, Option<div_meter::Receipt>), ApiError>,
         tokio::task::JoinError,

@@ -75,7 +75,7 @@ pub async fn settle_now(
         let (meter, client, metrics) = (meter.clone(), client.clone(), s.metrics.clone());
         let round = tokio::spawn(async move {
             let r = div_meter::settle::settle_now(&meter, &client, &config).await;
-            metrics.settle_round(r.as_ref());
+            metrics.settle_round(chain_id, r.as_ref());
             r
         });
         rounds.push((chain_id, round));

@@ -19,6 +19,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use div_runtime::Input;
+use tracing::Instrument;
 
 use crate::body::read_json;
 use crate::embeddings::{EmbeddingsRequest, EmbeddingsResponse};
@@ -149,7 +150,11 @@ async fn embed(
     // gate and reserve the price before any work; charged only if the plugin succeeds
     let paid = s.paid(&model, headers);
     let ticket = match &paid {
-        Some((meter, mref)) => meter.admit(credential(headers), mref, inputs.len()).await?.ticket(),
+        Some((meter, mref)) => meter
+            .admit(credential(headers), mref, inputs.len())
+            .instrument(tracing::info_span!("gate", model = %mref.name))
+            .await?
+            .ticket(),
         None => None,
     };
     let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
@@ -158,10 +163,13 @@ async fn embed(
     let m = model.clone();
     let count = inputs.len();
     let sandbox_rid = ids.host.clone();
+    // the sandbox's thread continues the request's trace (the backend's span nests inside)
+    let span = tracing::info_span!("sandbox", model = %model.manifest.name, inputs = count);
     // the permit and the gauge travel with the work: a caller who disconnects drops this future,
     // but the sandbox runs to its end and holds its slot until then
     let (result, report) = tokio::task::spawn_blocking(move || {
         let _held = (permit, in_flight);
+        let _span = span.entered();
         m.plugin.embed(&inputs, sandbox_rid)
     })
     .await
@@ -177,7 +185,12 @@ async fn embed(
         EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding);
     if let (Some(ticket), Some((meter, mref))) = (ticket, &paid) {
         // durable before the answer leaves
-        response.receipt = Some(meter.charge(ticket, &ids.host, ids.client.as_deref(), mref).await?);
+        response.receipt = Some(
+            meter
+                .charge(ticket, &ids.host, ids.client.as_deref(), mref)
+                .instrument(tracing::info_span!("ledger"))
+                .await?,
+        );
     }
     Ok(response)
 }

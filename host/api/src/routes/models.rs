@@ -49,8 +49,8 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
     let chains: Vec<_> =
         s.meters.iter().map(|m| json!({"chain_id": m.config().chain_id, "up": m.chain_up()})).collect();
     let chain_up = s.meters.iter().all(|m| m.chain_up());
-    if !s.meters.is_empty() {
-        s.metrics.set_chain_up(chain_up);
+    for m in s.meters.iter() {
+        s.metrics.set_chain_up(m.config().chain_id, m.chain_up());
     }
     for m in &models {
         if let Some(name) = m["name"].as_str() {
@@ -71,10 +71,10 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(s): State<AppState>) -> Response {
-    if let Some(m) = s.meter() {
-        // the first chain's: amounts on chains with other stablecoin decimals do not add up
-        s.metrics.set_unsettled(m.ledger().unsettled_total());
-        s.metrics.set_chain_up(s.meters.iter().all(|m| m.chain_up()));
+    for m in s.meters.iter() {
+        let chain_id = m.config().chain_id;
+        s.metrics.set_unsettled(chain_id, m.ledger().unsettled_total(), m.ledger().unsettled_requests());
+        s.metrics.set_chain_up(chain_id, m.chain_up());
     }
     s.metrics.refresh_llm();
     match s.metrics.encode() {

@@ -173,6 +173,22 @@ async fn one_host_takes_payment_on_two_chains_and_a_stalled_chain_stops_only_its
     let mut on_b = spend(&p, &key_b, 3).await?;
     assert_eq!(on_a[0].amount, U256::from(1_000u64), "0.001 USDC");
     assert_eq!(on_b[0].amount, U256::from(10u64).pow(U256::from(15u64)), "the same 0.001 dollars in USDFC");
+    // the operator sees each chain apart; the custodians count the releases they answered
+    let metrics = reqwest::get(format!("{}/metrics", p.url)).await?.text().await?;
+    for line in [
+        r#"div_unsettled_requests{chain_id="31337"} 4"#,
+        r#"div_unsettled_requests{chain_id="314159"} 3"#,
+        r#"div_withdraw_delay_seconds{chain_id="314159"} 3600"#,
+        r#"div_chain_up{chain_id="314159"} 1"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line} in:\n{metrics}");
+    }
+    let custodian = reqwest::get(format!("{}/metrics", p.rig.urls[0])).await?.text().await?;
+    assert!(
+        custodian
+            .contains(r#"div_custodian_requests_total{route="/v1/models/{model_id}/release",status="200"}"#),
+        "{custodian}"
+    );
 
     // hostile: Bob's chain-B permit replayed as if signed for chain A, and a chain this host
     // does not take payment on, are refused; neither leaves a key behind
