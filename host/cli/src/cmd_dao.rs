@@ -175,6 +175,22 @@ async fn create(a: CreateArgs) -> anyhow::Result<()> {
     if m.owner != client.address() {
         bail!("the key is not the owner of model {:#x} (its owner is {})", a.common.model_id, m.owner);
     }
+    // members vote with the access token's checkpoints: a token without them (an access token
+    // from before ERC20Votes, not upgraded) would make a DAO nobody can ever vote in
+    let token = div_chain::bindings::ModelAccessToken::new(m.accessToken, client.provider());
+    match token.CLOCK_MODE().call().await {
+        Ok(mode) if mode == "mode=timestamp" => {}
+        Ok(mode) => bail!(
+            "the model's access token keeps votes by {mode:?}, not by timestamp; DIV's governor counts time in seconds"
+        ),
+        Err(_) => bail!(
+            "the model's access token {} has no vote checkpoints (ERC20Votes): upgrade it to the current ModelAccessToken first, or nobody could vote",
+            m.accessToken
+        ),
+    }
+    if token.totalSupply().call().await.context("reading the token's supply")?.is_zero() {
+        println!("note: nobody holds {}'s token yet; no proposal can pass until members buy some", m.name);
+    }
     let params = DaoParams {
         voting_delay: a.voting_delay_secs,
         voting_period: a.voting_period_secs,

@@ -81,8 +81,9 @@ pub async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
         let m = s
             .meter_of(div_meter::Credential::Session(token))
             .ok_or_else(|| ApiError::route_not_found("/v1/me"))?;
-        let who = Some(token)
-            .and_then(|t| m.sessions.address(t))
+        let who = m
+            .sessions
+            .address(token)
             .ok_or_else(|| ApiError::from(div_meter::MeterError::MissingCredential))?;
         let permits: Vec<_> = m
             .ledger()

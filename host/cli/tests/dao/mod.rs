@@ -200,5 +200,35 @@ async fn token_holders_run_their_model_through_the_dao_and_its_timelock() -> any
     assert_eq!(usdc.balanceOf(timelock).call().await? - treasury_before, U256::from(14_000u64));
     let status = ok(&["dao", "status", "--model-id", &id, "--addresses", &book])?;
     assert!(status.contains("executed — for 90"), "{status}");
+
+    // a model whose "access token" keeps no vote checkpoints (here a plain stablecoin) gets no
+    // DAO: nobody could ever vote in it
+    let owner_client = chain.client(1).await?;
+    let config = div_chain::bindings::IModelVault::ModelConfig {
+        name: "no-votes".into(),
+        cid: "bafybeigdyrzt5sfp7udm7hu76uh7y26nf3efuylqabf3oclgtqy55fbzdi".into(),
+        pluginCid: String::new(),
+        accessToken: chain.usdc()?,
+        payout: chain.keys[1].address(),
+        pricePerRequest: U256::from(1_000u64),
+        pricePer1kTokens: U256::ZERO,
+        custodians: chain.keys.iter().skip(5).take(3).map(|k| k.address()).collect(),
+        threshold: 2,
+    };
+    let vault = ModelVault::new(chain.deployment.model_vault, owner_client.provider());
+    assert!(vault.registerModel(config).send().await?.get_receipt().await?.status());
+    let plain = vault.modelIdOf(chain.keys[1].address(), "no-votes".into()).call().await?;
+    let (created, text) = run(&[
+        "dao",
+        "create",
+        "--private-key",
+        &owner,
+        "--model-id",
+        &format!("{plain:#x}"),
+        "--addresses",
+        &book,
+    ])?;
+    assert!(!created && text.contains("has no vote checkpoints"), "{text}");
+    assert_eq!(vault.getModel(plain).call().await?.owner, chain.keys[1].address(), "nothing was handed over");
     Ok(())
 }
