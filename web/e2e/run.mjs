@@ -90,6 +90,23 @@ async function connect(page, index) {
   await connected.waitFor();
 }
 
+/** Buys one access token on the model page, then signs a permit until the host gives its key:
+ * the host's balance cache follows Transfer events, so retry like a user would until it has. */
+async function buyAndGetKey(page) {
+  await page.getByTestId('buy').click();
+  await confirmed(page, 'Buy 1 DIVA');
+  await page.getByTestId('tier').filter({ hasText: 'access' }).waitFor();
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    await page.getByTestId('sign-permit').click();
+    await page.waitForFunction(() => document.querySelector('[data-testid="api-key"]') || document.querySelector('[data-testid="permit-error"]'));
+    await page.waitForFunction(() => !document.querySelector('[data-testid="sign-permit"]').disabled);
+    if (await page.getByTestId('api-key').count()) return;
+    assert.ok(Date.now() < deadline, `still no key: ${await page.getByTestId('permit-error').textContent()}`);
+    await page.waitForTimeout(500);
+  }
+}
+
 /** Runs a snippet copied from the page the way a user would: curl in a shell, Python with the
  * project's venv (the stock `openai` package), JavaScript with node and the stock `openai` npm
  * package. Returns its output; a non-zero exit fails the check with what it printed. */
@@ -305,19 +322,7 @@ try {
   });
 
   await check('the user buys tokens, gets a key, runs the playground and gets vectors with a verified receipt', async () => {
-    await page.getByTestId('buy').click();
-    await confirmed(page, 'Buy 1 DIVA');
-    await page.getByTestId('tier').filter({ hasText: 'access' }).waitFor();
-    // the host's balance cache follows Transfer events; retry like a user would until it has
-    const keyDeadline = Date.now() + 20_000;
-    for (;;) {
-      await page.getByTestId('sign-permit').click();
-      await page.waitForFunction(() => document.querySelector('[data-testid="api-key"]') || document.querySelector('[data-testid="permit-error"]'));
-      await page.waitForFunction(() => !document.querySelector('[data-testid="sign-permit"]').disabled);
-      if (await page.getByTestId('api-key').count()) break;
-      assert.ok(Date.now() < keyDeadline, `still no key: ${await page.getByTestId('permit-error').textContent()}`);
-      await page.waitForTimeout(500);
-    }
+    await buyAndGetKey(page);
     assert.match(await page.getByTestId('api-key').textContent(), /^div-/);
     assert.match(await page.getByTestId('snippet-curl').textContent(), /Authorization: Bearer div-/);
     assert.match(await page.getByTestId('snippet-python').textContent(), /OpenAI\(base_url=/);
@@ -470,18 +475,7 @@ try {
     await page.getByTestId('deposit').click();
     await confirmed(page, 'Deposit 2 USDFC');
     await page.getByTestId('deposit-balance').filter({ hasText: '2.00 USDFC' }).waitFor();
-    await page.getByTestId('buy').click();
-    await confirmed(page, 'Buy 1 DIVA');
-    await page.getByTestId('tier').filter({ hasText: 'access' }).waitFor();
-    const keyDeadline = Date.now() + 20_000;
-    for (;;) {
-      await page.getByTestId('sign-permit').click();
-      await page.waitForFunction(() => document.querySelector('[data-testid="api-key"]') || document.querySelector('[data-testid="permit-error"]'));
-      await page.waitForFunction(() => !document.querySelector('[data-testid="sign-permit"]').disabled);
-      if (await page.getByTestId('api-key').count()) break;
-      assert.ok(Date.now() < keyDeadline, `still no key on chain 314159: ${await page.getByTestId('permit-error').textContent()}`);
-      await page.waitForTimeout(500);
-    }
+    await buyAndGetKey(page);
     await page.getByTestId('run').click();
     await page.getByTestId('receipt-verified').waitFor();
     // the same 0.001 dollars, in an 18-decimal stablecoin

@@ -94,18 +94,9 @@ impl Client {
         signer: PrivateKeySigner,
         timeout: std::time::Duration,
     ) -> Result<Self, ChainError> {
-        let from = signer.address();
-        let client = crate::rpc::rpc_client(rpc_url, timeout)?;
-        let provider = ProviderBuilder::new()
-            .disable_recommended_fillers()
-            .with_gas_estimation()
-            .with_simple_nonce_management()
-            .fetch_chain_id()
-            .wallet(EthereumWallet::from(signer))
-            .connect_client(client)
-            .erased();
-        provider.get_chain_id().await.map_err(ChainError::rpc("reading the chain id"))?;
-        Ok(Self { provider, from, rpc_url: rpc_url.to_string() })
+        let me = Self::build(rpc_url, signer, timeout, None)?;
+        me.provider.get_chain_id().await.map_err(ChainError::rpc("reading the chain id"))?;
+        Ok(me)
     }
 
     /// [`Client::connect_with_timeout`] without asking the chain anything: transactions are
@@ -117,13 +108,24 @@ impl Client {
         timeout: std::time::Duration,
         chain_id: u64,
     ) -> Result<Self, ChainError> {
+        Self::build(rpc_url, signer, timeout, Some(chain_id))
+    }
+
+    /// The wallet's provider: gas estimated, the nonce read from the chain at each send, and the
+    /// chain id `chain_id` (or the RPC's, asked once, when `None`).
+    fn build(
+        rpc_url: &str,
+        signer: PrivateKeySigner,
+        timeout: std::time::Duration,
+        chain_id: Option<u64>,
+    ) -> Result<Self, ChainError> {
         let from = signer.address();
         let client = crate::rpc::rpc_client(rpc_url, timeout)?;
         let provider = ProviderBuilder::new()
             .disable_recommended_fillers()
             .with_gas_estimation()
             .with_simple_nonce_management()
-            .with_chain_id(chain_id)
+            .filler(alloy::providers::fillers::ChainIdFiller::new(chain_id))
             .wallet(EthereumWallet::from(signer))
             .connect_client(client)
             .erased();
