@@ -1,0 +1,459 @@
+//! The charge ledger: every charge is on disk before the response that carries its receipt
+//! leaves the host, and a permit's recorded total can only grow.
+//!
+//! One sled tree holds every kind of record, so one atomic batch can write several:
+//! `p/<permit hash>` (the permit, its signature, its settled totals; written when the permit is
+//! recorded and when a settlement is read back), `t/<permit hash>` (its charged totals, 40 bytes,
+//! the one record a charge rewrites),
+//! `j/<seq>` (the journal: one entry per charged request), `k/<sha256(api key)>` (which permit a
+//! key spends; only the key's hash is stored), `r/<request id>` (the journal entry of a
+//! host-issued request id) and `c/<permit hash><client request id>` (the same, by the id the
+//! client sent). What a charge writes (`t/`, `j/`, `r/`, `c/`) lives in a tree of its own,
+//! apart from the permit directory (`p/`, `k/`): a charge's write costs the same whether the
+//! host has recorded ten permits or a hundred thousand. No write spans both trees. Durability is a **group commit**: requests hand their writes to one committer
+//! thread, which applies everything waiting as one batch and `fsync`s once for all of them, then
+//! wakes each request. No request is answered before its charge is durable. A failed commit
+//! poisons the ledger: the host refuses further paid requests rather than serve what it cannot
+//! record.
+//!
+//! **Order.** A permit's totals are assigned under one lock, and the writes that carry them are
+//! handed to the committer *under that same lock*, so the committer receives them in the order
+//! the totals were assigned: an older record can never overwrite a newer one (it once could,
+//! when the hand-over happened after the lock was released, and a crash then left a permit's
+//! record behind receipts already issued). As a second guard, [`Ledger::open`] rebuilds each
+//! permit's totals from the journal and keeps whichever is larger, so even a damaged `p/` record
+//! cannot make the host issue a cumulative number twice.
+//!
+//! **Indexes.** Everything a paid request asks of the ledger is O(1) in the number of permits:
+//! unsettled amounts per (user, token), the host's totals, and per-model usage are kept up to
+//! date as charges and settlements land, never recomputed by scanning.
+
+mod index;
+mod records;
+mod store;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use alloy::primitives::{Address, B256, U256};
+
+use crate::MeterError;
+use index::State;
+pub use records::{Charge, ModelUsage, PermitAccount, PermitFields, Totals};
+use store::{
+    Commit, ckey, committer, db_err, jkey, json, kkey, kpkey, now, pkey, rkey, tkey, totals_bytes, totals_of,
+};
+
+/// Called with a charge's journal position just before its writes go to the committer (tests
+/// use it to hold one charge back while others run).
+#[cfg(test)]
+pub(crate) type CommitHook = Arc<dyn Fn(u64) + Send + Sync>;
+
+/// The durable ledger.
+pub struct Ledger {
+    db: sled::Db,
+    /// What charges write: totals, journal, request ids.
+    hot: sled::Tree,
+    tx: Mutex<Option<mpsc::Sender<Commit>>>,
+    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    state: Mutex<State>,
+    poisoned: Arc<AtomicBool>,
+    #[cfg(test)]
+    hook: Mutex<Option<CommitHook>>,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir`, reads its totals back and checks them against the
+    /// journal (the larger wins: a total never goes backwards).
+    pub fn open(dir: &Path) -> Result<Self, MeterError> {
+        // the database's file lock outlives a dropped handle by a moment (sled's flusher thread
+        // lets go of it last), so a ledger reopened at once by the same process waits for it;
+        // another live process holding it is still refused, after two seconds
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(MeterError::Ledger(format!("opening {}: {e}", dir.display()))),
+            }
+        };
+        let hot_tree = db.open_tree(b"charges").map_err(db_err)?;
+        let mut accounts: HashMap<B256, PermitAccount> = HashMap::new();
+        for kv in db.scan_prefix(b"p/") {
+            let (k, v) = kv.map_err(db_err)?;
+            let acc: PermitAccount =
+                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("permit record: {e}")))?;
+            accounts.insert(B256::from_slice(&k[2..]), acc);
+        }
+        for kv in hot_tree.scan_prefix(b"t/") {
+            let (k, v) = kv.map_err(db_err)?;
+            if let (Some(a), Some((amount, requests))) =
+                (accounts.get_mut(&B256::from_slice(&k[2..])), totals_of(&v))
+            {
+                a.charged_amount = a.charged_amount.max(amount);
+                a.charged_requests = a.charged_requests.max(requests);
+            }
+        }
+        let mut next_seq = 0;
+        for kv in hot_tree.scan_prefix(b"j/") {
+            let (_, v) = kv.map_err(db_err)?;
+            let c: Charge =
+                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))?;
+            next_seq = next_seq.max(c.seq + 1);
+            if let Some(a) = accounts.get_mut(&c.permit_hash)
+                && (c.cumulative_requests > a.charged_requests || c.cumulative_amount > a.charged_amount)
+            {
+                tracing::warn!(
+                    permit = %c.permit_hash, record = a.charged_requests, journal = c.cumulative_requests,
+                    "a permit's record was behind its journal; rebuilt from the journal"
+                );
+                a.charged_requests = a.charged_requests.max(c.cumulative_requests);
+                a.charged_amount = a.charged_amount.max(c.cumulative_amount);
+            }
+        }
+        let mut state = State { next_seq, ..State::default() };
+        for kv in db.scan_prefix(b"kp/") {
+            let (k, _) = kv.map_err(db_err)?;
+            state.keyed.insert(B256::from_slice(&k[3..]));
+        }
+        for (h, a) in accounts {
+            state.insert(h, a);
+        }
+        let (tx, rx) = mpsc::channel::<Commit>();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let (cdb, chot, cpoison) = (db.clone(), hot_tree.clone(), poisoned.clone());
+        let handle = std::thread::Builder::new()
+            .name("div-ledger-commit".into())
+            .spawn(move || committer(cdb, chot, rx, cpoison))
+            .map_err(|e| MeterError::Ledger(format!("starting the committer: {e}")))?;
+        Ok(Self {
+            db,
+            hot: hot_tree,
+            tx: Mutex::new(Some(tx)),
+            committer: Mutex::new(Some(handle)),
+            state: Mutex::new(state),
+            poisoned,
+            #[cfg(test)]
+            hook: Mutex::new(None),
+        })
+    }
+
+    /// Ties this ledger to one chain's `PaymentStream`, or checks that it is tied to it: a
+    /// ledger holds one chain's charges, and a host that takes payment on several chains keeps a
+    /// ledger for each (its cumulative totals are what that chain's contract settles). A ledger
+    /// opened for another chain (a configuration that swapped two address books) is refused
+    /// before anything is charged or settled.
+    pub fn bind(&self, chain_id: u64, payment_stream: Address) -> Result<(), MeterError> {
+        let want = [chain_id.to_be_bytes().as_slice(), payment_stream.as_slice()].concat();
+        match self.db.get(b"meta/chain").map_err(db_err)? {
+            Some(have) if have.as_ref() == want.as_slice() => Ok(()),
+            Some(have) if have.len() == 28 => {
+                let mut id = [0u8; 8];
+                id.copy_from_slice(&have[..8]);
+                Err(MeterError::Ledger(format!(
+                    "this ledger holds the charges of chain {} / {}, not chain {chain_id} / {payment_stream}",
+                    u64::from_be_bytes(id),
+                    Address::from_slice(&have[8..])
+                )))
+            }
+            Some(_) => Err(MeterError::Ledger("this ledger's chain record is unreadable".into())),
+            None => {
+                self.db.insert(b"meta/chain", want).map_err(db_err)?;
+                self.db.flush().map_err(db_err)?;
+                Ok(())
+            }
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands `ops` to the committer; call it while holding the state lock, so writes reach the
+    /// committer in the order their totals were assigned. Returns what to wait on.
+    fn send(
+        &self,
+        ops: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, MeterError> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(MeterError::Ledger("the ledger failed to write earlier; refusing to charge".into()));
+        }
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(|| MeterError::Ledger("the ledger is closed".into()))?
+            .send(Commit { ops, done })
+            .map_err(|_| MeterError::Ledger("the committer stopped".into()))?;
+        Ok(wait)
+    }
+
+    async fn wait(wait: tokio::sync::oneshot::Receiver<Result<(), String>>) -> Result<(), MeterError> {
+        wait.await
+            .map_err(|_| MeterError::Ledger("the committer stopped".into()))?
+            .map_err(MeterError::Ledger)
+    }
+
+    /// The account of a permit.
+    pub fn account(&self, hash: &B256) -> Option<PermitAccount> {
+        self.state().accounts.get(hash).cloned()
+    }
+
+    /// The permit's charged total (amount, requests), if it is recorded.
+    pub fn charged(&self, hash: &B256) -> Option<(U256, u64)> {
+        self.state().accounts.get(hash).map(|a| (a.charged_amount, a.charged_requests))
+    }
+
+    /// The permits with something to settle, most unsettled first, at most `max`.
+    pub fn settleable(&self, max: usize) -> Vec<(B256, PermitAccount)> {
+        let g = self.state();
+        let mut v: Vec<(B256, PermitAccount)> =
+            g.settleable.iter().filter_map(|h| g.accounts.get(h).map(|a| (*h, a.clone()))).collect();
+        drop(g);
+        v.sort_by_key(|(_, a)| std::cmp::Reverse(a.unsettled()));
+        v.truncate(max);
+        v
+    }
+
+    /// The permits of `user` (for `GET /v1/me`).
+    pub fn accounts_of(&self, user: Address) -> Vec<(B256, PermitAccount)> {
+        let g = self.state();
+        g.permits_by_user
+            .get(&user)
+            .map(|hs| hs.iter().filter_map(|h| g.accounts.get(h).map(|a| (*h, a.clone()))).collect())
+            .unwrap_or_default()
+    }
+
+    /// Permits of `user` with an API key that have not expired at `now`.
+    pub fn live_keys_of(&self, user: Address, now: u64) -> usize {
+        let g = self.state();
+        g.permits_by_user.get(&user).map_or(0, |hs| {
+            hs.iter()
+                .filter(|h| g.keyed.contains(*h))
+                .filter(|h| g.accounts.get(*h).is_some_and(|a| a.permit.expiry > now && a.rejected.is_none()))
+                .count()
+        })
+    }
+
+    /// Unsettled charges of `user` in `token` across this ledger's permits.
+    pub fn unsettled_of(&self, user: Address, token: Address) -> U256 {
+        self.state().unsettled_by_user.get(&(user, token)).copied().unwrap_or_default()
+    }
+
+    /// The host's totals.
+    pub fn totals(&self) -> Totals {
+        self.state().totals
+    }
+
+    /// Charged requests not yet settled, across every permit.
+    pub fn unsettled_requests(&self) -> u64 {
+        self.totals().unsettled_requests
+    }
+
+    /// Charged amount not yet settled, across every permit.
+    pub fn unsettled_total(&self) -> U256 {
+        self.totals().unsettled_amount
+    }
+
+    /// Charged and settled amounts of `model_id` on this host (the owner dashboard's numbers).
+    pub fn usage_of(&self, model_id: B256) -> ModelUsage {
+        self.state().usage_by_model.get(&model_id).cloned().unwrap_or_default()
+    }
+
+    /// Records a permit with the API key that spends it (only the key's hash is stored). Returns
+    /// false if the permit already has a key (a replayed permit); nothing is written then.
+    pub async fn register(
+        &self,
+        hash: B256,
+        account: PermitAccount,
+        api_key: &str,
+    ) -> Result<bool, MeterError> {
+        let wait = {
+            let mut g = self.state();
+            if g.keyed.contains(&hash) {
+                return Ok(false);
+            }
+            let mut ops = vec![(kkey(api_key), hash.to_vec()), (kpkey(&hash), b"1".to_vec())];
+            if !g.accounts.contains_key(&hash) {
+                ops.push((pkey(&hash), json(&account)?));
+            }
+            let wait = self.send(ops)?;
+            g.keyed.insert(hash);
+            if !g.accounts.contains_key(&hash) {
+                g.insert(hash, account);
+            }
+            wait
+        };
+        Self::wait(wait).await?;
+        Ok(true)
+    }
+
+    /// The permit an API key spends.
+    pub fn permit_of_key(&self, api_key: &str) -> Option<B256> {
+        self.db.get(kkey(api_key)).ok().flatten().filter(|v| v.len() == 32).map(|v| B256::from_slice(&v))
+    }
+
+    /// Charges `amount` to the permit and returns the journal entry once it is on disk.
+    /// `request_id` is the host's (unique) id; `client_request_id` what the client sent, if any.
+    pub async fn charge(
+        &self,
+        hash: B256,
+        amount: U256,
+        request_id: &str,
+        client_request_id: Option<&str>,
+    ) -> Result<Charge, MeterError> {
+        let (charge, wait) = {
+            let mut g = self.state();
+            let seq = g.next_seq;
+            let (charge, acc) = g
+                .update(&hash, |acc| {
+                    acc.charged_amount += amount;
+                    acc.charged_requests += 1;
+                    Charge {
+                        seq,
+                        request_id: request_id.to_string(),
+                        client_request_id: client_request_id.map(str::to_string),
+                        permit_hash: hash,
+                        amount,
+                        cumulative_amount: acc.charged_amount,
+                        cumulative_requests: acc.charged_requests,
+                        at: now(),
+                    }
+                })
+                .ok_or_else(|| MeterError::Ledger(format!("unknown permit {hash}")))?;
+            let mut ops = vec![
+                (tkey(&hash), totals_bytes(&acc)),
+                (jkey(seq), json(&charge)?),
+                (rkey(request_id), seq.to_be_bytes().to_vec()),
+            ];
+            if let Some(c) = client_request_id {
+                ops.push((ckey(&hash, c), seq.to_be_bytes().to_vec()));
+            }
+            g.next_seq += 1;
+            #[cfg(test)]
+            if let Some(hook) = self.hook.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                hook(seq);
+            }
+            let wait = match self.send(ops) {
+                Ok(w) => w,
+                Err(e) => {
+                    // not recorded: take the charge back out of memory too
+                    g.update(&hash, |acc| {
+                        acc.charged_amount -= amount;
+                        acc.charged_requests -= 1;
+                    });
+                    g.next_seq -= 1;
+                    return Err(e);
+                }
+            };
+            (charge, wait)
+        };
+        Self::wait(wait).await?;
+        Ok(charge)
+    }
+
+    /// Records what `PaymentStream` says is settled on a permit (read back after a settlement).
+    /// Settled totals only grow: an older read that arrives late changes nothing.
+    pub async fn mark_settled(&self, hash: B256, amount: U256, requests: u64) -> Result<(), MeterError> {
+        let wait = {
+            let mut g = self.state();
+            let Some((changed, acc)) = g.update(&hash, |acc| {
+                let changed = amount > acc.settled_amount || requests > acc.settled_requests;
+                acc.settled_amount = acc.settled_amount.max(amount);
+                acc.settled_requests = acc.settled_requests.max(requests);
+                changed
+            }) else {
+                return Ok(());
+            };
+            if !changed {
+                return Ok(());
+            }
+            self.send(vec![(pkey(&hash), json(&acc)?)])?
+        };
+        Self::wait(wait).await
+    }
+
+    /// Marks a permit the contract refused for good (`reason` is its `SkipReason`): its key stops
+    /// working and settlement stops sending it.
+    pub async fn mark_rejected(&self, hash: B256, reason: u8) -> Result<(), MeterError> {
+        let wait = {
+            let mut g = self.state();
+            let Some((_, acc)) = g.update(&hash, |acc| acc.rejected = Some(reason)) else { return Ok(()) };
+            self.send(vec![(pkey(&hash), json(&acc)?)])?
+        };
+        Self::wait(wait).await
+    }
+
+    /// The journal entry of a request, by the host's id.
+    pub fn charge_by_request(&self, request_id: &str) -> Result<Option<Charge>, MeterError> {
+        match self.hot.get(rkey(request_id)).map_err(db_err)? {
+            Some(seq) => self.entry(&seq),
+            None => Ok(None),
+        }
+    }
+
+    /// The latest journal entry of `permit` whose client sent `client_request_id`.
+    pub fn charge_by_client_id(
+        &self,
+        permit: &B256,
+        client_request_id: &str,
+    ) -> Result<Option<Charge>, MeterError> {
+        match self.hot.get(ckey(permit, client_request_id)).map_err(db_err)? {
+            Some(seq) => self.entry(&seq),
+            None => Ok(None),
+        }
+    }
+
+    fn entry(&self, seq: &[u8]) -> Result<Option<Charge>, MeterError> {
+        let Ok(seq) = <[u8; 8]>::try_from(seq) else { return Ok(None) };
+        match self.hot.get(jkey(u64::from_be_bytes(seq))).map_err(db_err)? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| MeterError::Ledger(format!("journal entry: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every journal entry, in order.
+    pub fn journal(&self) -> Result<Vec<Charge>, MeterError> {
+        self.hot
+            .scan_prefix(b"j/")
+            .map(|kv| {
+                let (_, v) = kv.map_err(db_err)?;
+                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_hook(&self, hook: Option<CommitHook>) {
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// The permit's charged totals as they are on disk (tests compare them with what was issued).
+    #[cfg(test)]
+    pub(crate) fn totals_on_disk(&self, hash: &B256) -> Option<(U256, u64)> {
+        self.hot.get(tkey(hash)).ok().flatten().and_then(|v| totals_of(&v))
+    }
+}
+
+impl Drop for Ledger {
+    /// Lets the committer finish what is queued and stop, so the database is closed (and its
+    /// lock released) when the ledger is.
+    fn drop(&mut self) {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = self.committer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
