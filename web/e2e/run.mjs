@@ -90,6 +90,14 @@ async function connect(page, index) {
   await connected.waitFor();
 }
 
+/** Moves the local chain's clock `secs` ahead and mines a block (a vote's period, a timelock's
+ * delay). */
+function tick(secs) {
+  const rpc = ['--rpc-url', process.env.DIV_RPC_URL];
+  execFileSync('cast', ['rpc', 'evm_increaseTime', String(secs), ...rpc], { stdio: 'ignore' });
+  execFileSync('cast', ['rpc', 'evm_mine', ...rpc], { stdio: 'ignore' });
+}
+
 /** Buys one access token on the model page, then signs a permit until the host gives its key:
  * the host's balance cache follows Transfer events, so retry like a user would until it has. */
 async function buyAndGetKey(page) {
@@ -588,7 +596,7 @@ try {
     await shot(page, 'owner-decoded-error');
   });
 
-  await check('a member of a Data DAO votes on a proposal with the tokens it held', async () => {
+  await check('a member of a Data DAO votes, proposes, and queues and executes what passed', async () => {
     await page.goto(`${url}#/model/${process.env.DIV_DAO_MODEL_ID}`);
     await ready(page);
     await connect(page, 7);
@@ -605,6 +613,27 @@ try {
     await connect(page, 9);
     await p.getByTestId('no-votes').waitFor({ timeout: 20_000 });
     assert.equal(await p.getByTestId('vote-for').count(), 0);
+    assert.equal(await dao.getByTestId('propose-price').count(), 0, 'a non-member is offered no proposal');
+    // a member proposes a new price from the page
+    await connect(page, 7);
+    await dao.getByLabel('proposed price').fill('0.0003');
+    await dao.getByTestId('propose-price').click();
+    await confirmed(page, 'Propose');
+    await dao.getByTestId('proposal').filter({ hasText: 'to 0.0003 USD per request' }).waitFor({ timeout: 20_000 });
+    // the first proposal's vote ends (the chain's clock moves past its voting period): it is
+    // queued in the timelock from the page, waits out the delay, and runs from the page
+    tick(3601);
+    await p.getByTestId('queue').click({ timeout: 20_000 });
+    await confirmed(page, 'Queue');
+    await p.getByTestId('eta').waitFor({ timeout: 20_000 });
+    tick(61);
+    await p.getByTestId('execute').click({ timeout: 20_000 });
+    await confirmed(page, 'Execute');
+    await p.getByTestId('proposal-state').filter({ hasText: /^executed$/ }).waitFor({ timeout: 20_000 });
+    await page.reload();
+    await ready(page);
+    await page.getByTestId('price').filter({ hasText: /^0\.0004 USDC per request/ }).waitFor({ timeout: 20_000 });
+    await shot(page, 'dao-executed');
     await connect(page, 1); // the owner again, for the checks that follow
   });
 

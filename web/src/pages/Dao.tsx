@@ -1,13 +1,18 @@
 // A model owned by its Data DAO: the governor is found from the chain alone (the model's owner
 // is a timelock whose proposer is a governor of the model's access token), its proposals are
 // read from ProposalCreated events, and a member votes here with the votes it held at each
-// proposal's snapshot. Proposing stays with `div dao propose` (it builds the calls).
+// proposal's snapshot, proposes a new price, and queues and executes what passed (anyone may:
+// the timelock runs exactly the calls the members voted on). Host authorisations are proposed
+// with `div dao propose`.
+import { useState } from 'react';
 import { useQuery } from '@tanstack/react-query';
 import { useConnection, usePublicClient } from 'wagmi';
-import { formatUnits, type Address, type Hex, type PublicClient } from 'viem';
+import { encodeFunctionData, formatUnits, keccak256, parseUnits, toBytes, type Address, type Hex, type PublicClient } from 'viem';
 import { daoTimelockAbi, modelGovernorAbi } from '../generated/dao';
+import { modelVaultAbi } from '../contracts';
 import { useApp } from '../context';
-import { describeError, short } from '../format';
+import { describeError, duration, short } from '../format';
+import { PRICE_DECIMALS } from '../units';
 import { useTx } from '../tx';
 import type { ChainModel } from '../models';
 
@@ -49,6 +54,12 @@ export function useDao(m: ChainModel) {
 type Proposal = {
   id: bigint;
   description: string;
+  /** What the proposal runs, as it was proposed (queue and execute take them again). */
+  targets: readonly Address[];
+  values: readonly bigint[];
+  calldatas: readonly Hex[];
+  /** When a queued proposal may run (unix seconds). */
+  eta: bigint;
   state: (typeof STATES)[number];
   forVotes: bigint;
   againstVotes: bigint;
@@ -74,10 +85,11 @@ export function DaoPanel({ model }: { model: ChainModel }) {
       return Promise.all(
         created.reverse().map(async (e) => {
           const id = e.args.proposalId!;
-          const [state, [againstVotes, forVotes, abstainVotes], snapshot] = await Promise.all([
+          const [state, [againstVotes, forVotes, abstainVotes], snapshot, eta] = await Promise.all([
             c.readContract({ ...gov, functionName: 'state', args: [id] }),
             c.readContract({ ...gov, functionName: 'proposalVotes', args: [id] }),
             c.readContract({ ...gov, functionName: 'proposalSnapshot', args: [id] }),
+            c.readContract({ ...gov, functionName: 'proposalEta', args: [id] }),
           ]);
           const [mine, voted] = address
             ? await Promise.all([
@@ -85,23 +97,54 @@ export function DaoPanel({ model }: { model: ChainModel }) {
                 c.readContract({ ...gov, functionName: 'hasVoted', args: [id, address] }),
               ])
             : [undefined, false];
-          return { id, description: e.args.description ?? '', state: STATES[state] ?? 'pending', forVotes, againstVotes, abstainVotes, mine, voted };
+          return {
+            id,
+            description: e.args.description ?? '',
+            targets: e.args.targets ?? [],
+            values: e.args.values ?? [],
+            calldatas: e.args.calldatas ?? [],
+            eta,
+            state: STATES[state] ?? 'pending',
+            forVotes,
+            againstVotes,
+            abstainVotes,
+            mine,
+            voted,
+          };
         }),
       );
     },
+  });
+  const chainNow = useQuery({
+    queryKey: ['chain-time'],
+    enabled: !!client,
+    refetchInterval: 5_000,
+    queryFn: async () => (await (client as PublicClient).getBlock()).timestamp,
   });
   if (dao.isPending || !dao.data) return null;
   const gov = dao.data.governor;
   const cast = (p: Proposal, support: 0 | 1 | 2, word: string) =>
     tx(`Vote ${word} “${p.description.slice(0, 40)}”`, [{ address: gov, abi: modelGovernorAbi, functionName: 'castVote', args: [p.id, support] }]);
+  // queue and execute take the proposal as it was made; the description is hashed, not sent
+  const run = (p: Proposal, step: 'queue' | 'execute') =>
+    tx(`${step === 'queue' ? 'Queue' : 'Execute'} “${p.description.slice(0, 40)}”`, [
+      {
+        address: gov,
+        abi: modelGovernorAbi,
+        functionName: step,
+        args: [p.targets, p.values, p.calldatas, keccak256(toBytes(p.description))],
+      },
+    ]);
   return (
     <div className="panel" data-testid="dao">
       <h2>Data DAO</h2>
       <p className="muted">
         The model is owned by its token holders: governor <code title={gov}>{short(gov)}</code>, treasury and timelock{' '}
-        <code title={dao.data.timelock}>{short(dao.data.timelock)}</code> (settlements are paid there). Proposals are made with{' '}
-        <code>div dao propose</code>; each member votes with the tokens it held at the proposal's start.
+        <code title={dao.data.timelock}>{short(dao.data.timelock)}</code> (settlements are paid there). Each member votes with
+        the tokens it held when voting opened; what passes is queued in the timelock and runs after its delay. Host
+        authorisations are proposed with <code>div dao propose</code>.
       </p>
+      <ProposePrice model={model} governor={gov} />
       {proposals.error && <p className="error">{describeError(proposals.error)}</p>}
       {proposals.data?.length === 0 && <p className="empty">No proposal yet.</p>}
       <ul className="proposals">
@@ -111,6 +154,22 @@ export function DaoPanel({ model }: { model: ChainModel }) {
             <div className="small" data-testid="proposal-votes">
               for {votes(p.forVotes)} · against {votes(p.againstVotes)} · abstain {votes(p.abstainVotes)}
             </div>
+            {p.state === 'succeeded' && (
+              <div className="form-row">
+                <button data-testid="queue" onClick={() => run(p, 'queue')}>Queue in the timelock</button>
+              </div>
+            )}
+            {p.state === 'queued' && (
+              <div className="form-row">
+                {chainNow.data !== undefined && chainNow.data < p.eta ? (
+                  <span className="muted small" data-testid="eta">
+                    runs in {duration(Number(p.eta - chainNow.data))}
+                  </span>
+                ) : (
+                  <button data-testid="execute" onClick={() => run(p, 'execute')}>Execute</button>
+                )}
+              </div>
+            )}
             {p.state === 'active' && address && (
               <div className="form-row">
                 {p.voted ? (
@@ -130,6 +189,60 @@ export function DaoPanel({ model }: { model: ChainModel }) {
           </li>
         ))}
       </ul>
+    </div>
+  );
+}
+
+/** A member proposes a new price per request (in US dollars, as the vault stores it). */
+function ProposePrice({ model, governor }: { model: ChainModel; governor: Address }) {
+  const client = usePublicClient();
+  const { deployment } = useApp();
+  const { address } = useConnection();
+  const tx = useTx();
+  const [price, setPrice] = useState(formatUnits(model.pricePerRequest, PRICE_DECIMALS));
+  const [error, setError] = useState<string>();
+  // the governor counts the proposer's votes as of the previous second
+  const standing = useQuery({
+    queryKey: ['proposer', governor, address],
+    enabled: !!client && !!address,
+    queryFn: async () => {
+      const c = client as PublicClient;
+      const gov = { address: governor, abi: modelGovernorAbi } as const;
+      const now = await c.readContract({ ...gov, functionName: 'clock' });
+      const [votes, threshold] = await Promise.all([
+        c.readContract({ ...gov, functionName: 'getVotes', args: [address!, BigInt(now) - 1n] }),
+        c.readContract({ ...gov, functionName: 'proposalThreshold' }),
+      ]);
+      return { votes, threshold };
+    },
+  });
+  if (!address || !standing.data) return null;
+  if (standing.data.votes < standing.data.threshold || standing.data.votes === 0n) {
+    return <p className="muted small" data-testid="cannot-propose">Members holding {model.token.symbol} propose changes here.</p>;
+  }
+  const propose = () => {
+    setError(undefined);
+    let micro: bigint;
+    try {
+      micro = parseUnits(price, PRICE_DECIMALS);
+    } catch {
+      setError(`${price} is not a price in dollars`);
+      return;
+    }
+    const description = `Set the price of ${model.name} to ${price} USD per request`;
+    const call = encodeFunctionData({ abi: modelVaultAbi, functionName: 'updatePrice', args: [model.id, micro, model.pricePer1kTokens] });
+    void tx(`Propose: ${description}`, [
+      { address: governor, abi: modelGovernorAbi, functionName: 'propose', args: [[deployment.modelVault], [0n], [call], description] },
+    ]);
+  };
+  return (
+    <div className="form-row" data-testid="propose">
+      <label>
+        Propose a price of <input value={price} onChange={(e) => setPrice(e.target.value)} aria-label="proposed price" size={8} /> USD
+        per request
+      </label>
+      <button data-testid="propose-price" onClick={propose}>Propose</button>
+      {error && <span className="error">{error}</span>}
     </div>
   );
 }
