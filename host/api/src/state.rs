@@ -86,6 +86,9 @@ pub struct AppState {
     pub(crate) deployments: Arc<[Arc<serde_json::Value>]>,
     /// The built dApp served at `/`.
     pub(crate) web_dir: Option<Arc<std::path::Path>>,
+    /// Set when the host is told to stop: `/readyz` answers 503 `draining` so a load balancer
+    /// sends nothing new, while requests keep being served until the listener closes.
+    pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -102,6 +105,7 @@ impl AppState {
             catalog: None,
             deployments: Arc::new([]),
             web_dir: None,
+            draining: Arc::default(),
         }
     }
 
@@ -130,6 +134,11 @@ impl AppState {
         all.push(Arc::new(deployment));
         self.deployments = all.into();
         self
+    }
+
+    /// The flag that turns `/readyz` to 503 `draining` (set it when the host starts to stop).
+    pub fn draining(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.draining.clone()
     }
 
     /// Serves the built web dApp from `dir` at every path outside `/v1/` (unknown paths get its

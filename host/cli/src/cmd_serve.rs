@@ -137,6 +137,11 @@ pub struct ServeArgs {
     /// Longest a connection may sit idle (seconds).
     #[arg(long, env = "DIV_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     idle_timeout_secs: u64,
+    /// On SIGTERM, keep serving this long with `/readyz` answering 503 `draining` before closing
+    /// the listener (seconds): behind a load balancer, longer than its health checks take to
+    /// notice, so no request is sent to a closed port. In-flight requests then finish.
+    #[arg(long, env = "DIV_DRAIN_NOTICE_SECS", default_value_t = 0)]
+    drain_notice_secs: u64,
     /// Largest answer a plugin may give (bytes).
     #[arg(long, env = "DIV_MAX_RESPONSE_BYTES", default_value_t = 16 << 20)]
     max_response_bytes: usize,
@@ -313,7 +318,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
         ..div_api::ServeConfig::default()
     };
-    div_api::serve(listener, router(state), serve, shutdown_signal()).await.context("serving")?;
+    let (draining, notice) = (state.draining(), Duration::from_secs(args.drain_notice_secs));
+    let stop = async move {
+        shutdown_signal().await;
+        draining.store(true, std::sync::atomic::Ordering::Release);
+        if !notice.is_zero() {
+            tracing::info!(
+                notice_secs = notice.as_secs(),
+                "draining: /readyz answers 503 while requests are still served"
+            );
+            tokio::time::sleep(notice).await;
+        }
+    };
+    div_api::serve(listener, router(state), serve, stop).await.context("serving")?;
     if let Some((_, task)) = sync {
         task.abort();
     }

@@ -163,7 +163,16 @@ fn serve_answers_the_openai_python_client_and_stops_gracefully() -> anyhow::Resu
     );
     let mut child = Child(
         div()
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--model", &model, "--cache-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--model",
+                &model,
+                "--drain-notice-secs",
+                "5",
+            ])
+            .arg("--cache-dir")
             .arg(root.join("target/div-test-cache"))
             .env("ORT_DYLIB_PATH", div_tests::ort_dylib()?)
             .stdout(std::process::Stdio::null())
@@ -206,9 +215,32 @@ fn serve_answers_the_openai_python_client_and_stops_gracefully() -> anyhow::Resu
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("3 vectors of 384 dimensions"), "{stdout}");
-    // SIGTERM: drains and exits cleanly
+    // SIGTERM: /readyz turns 503 `draining` at once while requests are still answered for the
+    // notice (a load balancer stops sending), then the host stops accepting, finishes and exits
+    let curl = |path: &str| -> anyhow::Result<(String, String)> {
+        let out =
+            Command::new("curl").args(["-s", "-w", "\n%{http_code}", &format!("{url}{path}")]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        Ok((body.to_string(), code.to_string()))
+    };
+    assert_eq!(curl("/readyz")?.1, "200");
     Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status()?;
+    let signalled = std::time::Instant::now();
+    let mut drained = None;
+    while signalled.elapsed() < std::time::Duration::from_secs(4) {
+        let (body, code) = curl("/readyz")?;
+        if code == "503" {
+            drained = Some(body);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let body = drained.ok_or_else(|| anyhow::anyhow!("/readyz never said draining"))?;
+    assert!(body.contains("\"status\":\"draining\""), "{body}");
+    assert_eq!(curl("/v1/models")?.1, "200", "requests are still served during the notice");
     let status = child.0.wait()?;
     assert!(status.success(), "div serve exited with {status} after SIGTERM");
+    assert!(signalled.elapsed() >= std::time::Duration::from_secs(5), "it kept serving for the notice");
     Ok(())
 }

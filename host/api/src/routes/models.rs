@@ -37,7 +37,7 @@ pub async fn healthz(State(s): State<AppState>) -> Response {
 
 /// `GET /readyz`: 200 when the host has read the chain once and every model it should serve is
 /// loaded (or was evicted by the cache and loads on demand), else 503; each model's state, last
-/// error and next retry either way.
+/// error and next retry either way. 503 `draining` once the host has been told to stop.
 pub async fn readyz(State(s): State<AppState>) -> Response {
     let (models, synced) = match &s.catalog {
         Some(c) => (c.readiness(), c.initial_sync_done()),
@@ -57,10 +57,12 @@ pub async fn readyz(State(s): State<AppState>) -> Response {
             s.metrics.set_model_ready(name, m["state"] == "ready");
         }
     }
-    let ready = synced && models.iter().all(|m| m["state"] == "ready" || m["state"] == "evicted");
+    let draining = s.draining.load(std::sync::atomic::Ordering::Acquire);
+    let ready =
+        !draining && synced && models.iter().all(|m| m["state"] == "ready" || m["state"] == "evicted");
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
-        "status": if ready { "ready" } else { "not_ready" },
+        "status": if draining { "draining" } else if ready { "ready" } else { "not_ready" },
         "initial_sync_done": synced,
         "chain_up": chain_up,
         "chains": chains,
