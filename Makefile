@@ -37,6 +37,7 @@ test: bootstrap
 	cargo build --bin div --locked
 	tests/deploy/check.sh
 	tests/deploy/observability.sh
+	tests/deploy/haproxy.sh
 	scripts/web-e2e.sh
 
 ## check: the fast inner loop (format, lint, unit tests)

@@ -61,6 +61,8 @@ apt_needs() {
   # the operator's alert rules are checked and unit-tested with promtool, and a real Prometheus
   # scrapes the test stack (tests/deploy/observability.sh): both come with Debian's prometheus
   { [ -x "$ROOT/usr/bin/promtool" ] && [ -x "$ROOT/usr/bin/prometheus" ]; } || echo prometheus
+  # replicas behind a real load balancer (tests/deploy/haproxy.sh)
+  [ -x "$ROOT/usr/sbin/haproxy" ] || echo haproxy
   # `python3 -m venv` needs ensurepip, which Debian ships apart from python3
   if [ -z "$ROOT" ]; then
     python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv

@@ -11,12 +11,14 @@ trap 'rm -rf "$tmp"' EXIT
 # a root with every tool present, then one thing taken away per case
 full_root() {
   local r=$1
-  mkdir -p "$r/usr/bin" "$r/usr/lib/llvm-14/lib" "$r/usr/lib/x86_64-linux-gnu"
+  mkdir -p "$r/usr/bin" "$r/usr/sbin" "$r/usr/lib/llvm-14/lib" "$r/usr/lib/x86_64-linux-gnu"
   for c in node npm curl ipfs_cid cmake c++ chromium systemd-analyze promtool prometheus; do
     printf '#!/bin/sh\n' >"$r/usr/bin/$c"
     chmod +x "$r/usr/bin/$c"
   done
   touch "$r/usr/lib/llvm-14/lib/libclang.so.1"
+  printf '#!/bin/sh\n' >"$r/usr/sbin/haproxy"
+  chmod +x "$r/usr/sbin/haproxy"
 }
 
 needs() { DIV_BOOTSTRAP_ROOT=$1 scripts/bootstrap.sh --needs | tr '\n' ' '; }
@@ -68,6 +70,9 @@ expect "no /usr/bin/promtool requests prometheus" "$r" prometheus
 
 r=$tmp/no-prometheus; full_root "$r"; rm "$r/usr/bin/prometheus"
 expect "promtool without the server requests prometheus" "$r" prometheus
+
+r=$tmp/no-haproxy; full_root "$r"; rm "$r/usr/sbin/haproxy"
+expect "no /usr/sbin/haproxy requests haproxy" "$r" haproxy
 
 echo "bootstrap detection: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]
