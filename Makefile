@@ -55,6 +55,8 @@ bench: bootstrap contracts
 	cargo bench -p div-meter --locked
 	cargo bench -p div-tests --locked
 	cargo bench -p div-cli --bench soak --locked
+	cargo build --bin div --locked
+	tests/deploy/haproxy.sh --bench
 	scripts/bench-report.py
 
 ## web: the dApp's production build (web/dist), which `div serve --web-dir` serves

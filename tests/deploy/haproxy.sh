@@ -5,13 +5,15 @@
 # with SIGTERM (it drains: /readyz 503 while it still serves, so HAProxy takes it out first): no
 # request fails. Another is killed with SIGKILL: only requests it held fail, and once HAProxy's
 # health check has taken it out (1 s) none does. The last replica serves everything.
+# With --bench (run by `make bench`): one replica, 32 clients for 10 s straight at it, then 10 s
+# through HAProxy (the load generator both times); writes bench/out/lb.json (`lb_overhead_c32`).
 set -euo pipefail
+bench=${1:-}
 cd "$(dirname "$0")/../.."
 HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
 [ -x "$HAPROXY" ] || { echo "no $HAPROXY: run make bootstrap (it installs Debian's haproxy)" >&2; exit 1; }
 DIV=${DIV_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/debug/div}
 [ -x "$DIV" ] || { echo "no div binary at $DIV: cargo build --bin div" >&2; exit 1; }
-"$HAPROXY" -c -q -f deploy/haproxy/haproxy.cfg 2>/dev/null || true
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -19,7 +21,9 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 model="build/models/all-minilm-l6-v2=plugins/target/wasm32-wasip2/release/div_embeddings.wasm"
 replicas=()
-for i in 1 2 3; do
+n=3
+[ "$bench" = --bench ] && n=1
+for i in $(seq 1 "$n"); do
   p=$(port)
   "$DIV" serve --listen "127.0.0.1:$p" --model "$model" --drain-notice-secs 3 --cache-dir target/div-test-cache \
     >"$work/replica$i.log" 2>&1 &
@@ -31,12 +35,40 @@ for r in "${replicas[@]}"; do
   curl -sf "http://$r/readyz" >/dev/null || { echo "replica $r never got ready" >&2; cat "$work"/replica*.log >&2; exit 1; }
 done
 lb=127.0.0.1:$(port)
-DIV_LB_LISTEN=$lb DIV_REPLICA_1=${replicas[0]} DIV_REPLICA_2=${replicas[1]} DIV_REPLICA_3=${replicas[2]} \
-  "$HAPROXY" -c -q -f deploy/haproxy/haproxy.cfg
-DIV_LB_LISTEN=$lb DIV_REPLICA_1=${replicas[0]} DIV_REPLICA_2=${replicas[1]} DIV_REPLICA_3=${replicas[2]} \
-  "$HAPROXY" -db -f deploy/haproxy/haproxy.cfg >"$work/haproxy.log" 2>&1 &
+# for the bench, the config's three servers are the one replica
+export DIV_LB_LISTEN=$lb DIV_REPLICA_1=${replicas[0]} DIV_REPLICA_2=${replicas[1]:-${replicas[0]}} DIV_REPLICA_3=${replicas[2]:-${replicas[0]}}
+"$HAPROXY" -c -q -f deploy/haproxy/haproxy.cfg
+"$HAPROXY" -db -f deploy/haproxy/haproxy.cfg >"$work/haproxy.log" 2>&1 &
 pids+=($!)
+disown "${pids[@]:1}" 2>/dev/null || true  # a killed replica is this test's doing: no job notice
 for _ in $(seq 1 100); do curl -sf "http://$lb/readyz" >/dev/null && break; sleep 0.1; done
+
+if [ "$bench" = --bench ]; then
+  load() { cargo bench -q -p div-tests --bench load --locked -- "http://$1" --model all-minilm-l6-v2 --clients 32 --secs 10 | tail -n 2; }
+  direct=$(load "${replicas[0]}")
+  through=$(load "$lb")
+  python3 - "$direct" "$through" <<'PY'
+import json, re, sys
+from pathlib import Path
+def parse(line):
+    m = re.search(r"(\d+) ok, (\d+) errors .*: (\d+) req/s, p50 ([\d.]+) ms, p99 ([\d.]+) ms", line)
+    assert m, f"no load result in {line!r}"
+    ok, errors, rps, p50, p99 = m.groups()
+    assert int(errors) == 0, f"errors under load: {line}"
+    return float(rps), float(p50), float(p99)
+d, t = parse(sys.argv[1]), parse(sys.argv[2])
+out = Path("bench/out"); out.mkdir(parents=True, exist_ok=True)
+keys = {"lb_overhead_c32": t[0] / d[0], "lb_rps_c32": t[0], "lb_direct_rps_c32": d[0], "lb_p99_ms_c32": t[2], "lb_direct_p99_ms_c32": d[2]}
+(out / "lb.json").write_text(json.dumps(keys, indent=2) + "\n")
+(out / "lb.md").write_text(
+    "## Through HAProxy\n\nOne `div serve` replica (F32 MiniLM, free), 32 clients for 10 s each way (the load generator): "
+    f"directly {d[0]:.0f} req/s (p50 {d[1]:.1f} ms, p99 {d[2]:.1f} ms), through HAProxy 2.6 with deploy/haproxy/haproxy.cfg "
+    f"{t[0]:.0f} req/s (p50 {t[1]:.1f} ms, p99 {t[2]:.1f} ms): **{t[0] / d[0]:.3f}** (`lb_overhead_c32`, goal >= 0.95). "
+    "HAProxy shares the two cores with the replica and the load generator.\n")
+print(f"lb: direct {d[0]:.0f} req/s, through HAProxy {t[0]:.0f} req/s: {t[0] / d[0]:.3f}")
+PY
+  exit 0
+fi
 python3 - "$lb" "${pids[0]}" "${pids[1]}" <<'PY'
 import json, os, signal, sys, threading, time, urllib.request, urllib.error
 lb, drained_pid, killed_pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
