@@ -203,7 +203,11 @@ impl AppState {
             Credential::Session(token) => m.sessions.address(token).is_some(),
             Credential::None => false,
         };
-        self.meters.iter().find(knows).or_else(|| self.meters.first()).cloned()
+        match self.meters.as_ref() {
+            // one chain: no lookup here (the meter resolves the credential itself, once)
+            [only] => Some(only.clone()),
+            all => all.iter().find(knows).or_else(|| all.first()).cloned(),
+        }
     }
 
     /// The meter of `chain_id` (the first chain's when `None`); a chain this host takes no

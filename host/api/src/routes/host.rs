@@ -102,8 +102,10 @@ pub async fn settle_now(
         };
         reports.push((chain_id, answer));
     }
-    if let [(_, only)] = reports.as_mut_slice() {
-        return match std::mem::replace(only, Ok(serde_json::Value::Null)) {
+    if reports.len() == 1
+        && let Some((_, only)) = reports.pop()
+    {
+        return match only {
             Ok(r) if r["status"] == "pending" => (
                 StatusCode::ACCEPTED,
                 axum::Json(json!({"status": "pending", "message": "the round is still waiting for the chain; it goes on in the background"})),
