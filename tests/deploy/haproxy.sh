@@ -3,8 +3,8 @@
 # Debian's HAProxy (deploy/haproxy/haproxy.cfg, as an operator would run it, as a plain process
 # of its own), 16 clients sending embeddings through it without pause. One replica is stopped
 # with SIGTERM (it drains: /readyz 503 while it still serves, so HAProxy takes it out first): no
-# request fails. Another is killed with SIGKILL: only requests it held fail, and once HAProxy's
-# health check has taken it out (1 s) none does. The last replica serves everything.
+# request fails. Another is killed with SIGKILL: only requests sent to it before it died fail,
+# and once HAProxy's health check has taken it out (1 s) none does. The last replica serves everything.
 # With --bench (run by `make bench`): one replica, 32 clients for 10 s straight at it, then 10 s
 # through HAProxy (the load generator both times); writes bench/out/lb.json (`lb_overhead_c32`).
 set -euo pipefail
@@ -72,12 +72,13 @@ fi
 python3 - "$lb" "${pids[0]}" "${pids[1]}" <<'PY'
 import json, os, signal, sys, threading, time, urllib.request, urllib.error
 lb, drained_pid, killed_pid = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-results = []  # (time, status)
+results = []  # (time answered, status, time sent)
 lock = threading.Lock()
 stop = threading.Event()
 body = json.dumps({"model": "all-minilm-l6-v2", "input": "replicas behind a load balancer"}).encode()
 def client():
     while not stop.is_set():
+        sent = time.monotonic()
         req = urllib.request.Request(f"http://{lb}/v1/embeddings", data=body, headers={"content-type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
@@ -88,14 +89,14 @@ def client():
         except OSError:
             status = 0
         with lock:
-            results.append((time.monotonic(), status))
+            results.append((time.monotonic(), status, sent))
 threads = [threading.Thread(target=client) for _ in range(16)]
 t0 = time.monotonic()
 for t in threads:
     t.start()
 def window(a, b):
     with lock:
-        return [s for (t, s) in results if a <= t - t0 < b]
+        return [s for (t, s, _) in results if a <= t - t0 < b]
 time.sleep(3)
 os.kill(drained_pid, signal.SIGTERM)        # replica 1 drains
 t_term = time.monotonic() - t0
@@ -116,7 +117,12 @@ print(f"haproxy: {len(results)} requests through 3 replicas; before {len(before)
 assert before and drain and after, "a phase served nothing"
 assert not bad(before), f"failures before any stop: {bad(before)}"
 assert not bad(drain), f"a draining replica failed requests: {bad(drain)}"
-assert len(bad(crash)) <= 16, f"more failures than requests in flight at the SIGKILL: {len(bad(crash))}"
+# only requests the killed replica held fail: sent before the SIGKILL, or in the moment it took
+# the process to die (the kernel still accepts connections into its backlog, and HAProxy cannot
+# tell those from requests the replica received, so it does not retry them). A request sent a
+# second after the kill is never lost: a refused connection is retried on a live replica.
+late = [(round(s - t0 - t_kill, 3), st) for (t, st, s) in results if st != 200 and s - t0 >= t_kill + 1]
+assert not late, f"requests sent over a second after the SIGKILL failed (seconds after it, status): {late}"
 assert not bad(after), f"failures after the health check took the dead replica out: {bad(after)}"
 PY
 # the drained replica finished what it held and exited cleanly
