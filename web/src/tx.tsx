@@ -45,6 +45,11 @@ export type Call = {
   label?: string;
 };
 
+/** The gas limit sent for an estimate: a quarter more plus one new storage slot. */
+export function withGasMargin(estimate: bigint): bigint {
+  return estimate + estimate / 4n + 25_000n;
+}
+
 /** Runs contract calls as transactions, one after another; resolves true when all confirmed. */
 export function useTx() {
   const { update } = useContext(TxContext);
@@ -68,7 +73,11 @@ export function useTx() {
             abi,
             account: wallet.account,
           } as never);
-          hash = await wallet.writeContract(request as never);
+          // the node estimates against the block being built; a call mined a second later can
+          // cost more (vote checkpoints are kept by timestamp), so send a margin over it as
+          // div_chain::gas does: unused gas is not paid for
+          const estimate = await publicClient.estimateContractGas({ ...c, abi, account: wallet.account } as never);
+          hash = await wallet.writeContract({ ...(request as object), gas: withGasMargin(estimate) } as never);
           update({ id, label, status: 'pending', hash, steps, step });
           const receipt = await publicClient.waitForTransactionReceipt({ hash });
           if (receipt.status !== 'success') throw new Error(`the transaction ${short(hash)} reverted`);

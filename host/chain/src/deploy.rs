@@ -111,7 +111,7 @@ impl Client {
         Self::build(rpc_url, signer, timeout, Some(chain_id))
     }
 
-    /// The wallet's provider: gas estimated, the nonce read from the chain at each send, and the
+    /// The wallet's provider: gas estimated (with a margin, see [`crate::gas`]), the nonce read from the chain at each send, and the
     /// chain id `chain_id` (or the RPC's, asked once, when `None`).
     fn build(
         rpc_url: &str,
@@ -123,7 +123,7 @@ impl Client {
         let client = crate::rpc::rpc_client(rpc_url, timeout)?;
         let provider = ProviderBuilder::new()
             .disable_recommended_fillers()
-            .with_gas_estimation()
+            .filler(crate::gas::GasMarginFiller::default())
             .with_simple_nonce_management()
             .filler(alloy::providers::fillers::ChainIdFiller::new(chain_id))
             .wallet(EthereumWallet::from(signer))

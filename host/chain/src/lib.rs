@@ -11,6 +11,7 @@ pub mod bindings;
 mod dao;
 mod deploy;
 mod error;
+pub mod gas;
 mod permit;
 pub mod rpc;
 

@@ -189,3 +189,72 @@ async fn a_batch_settles_the_good_permits_and_skips_an_empty_balance() -> anyhow
     assert_eq!(vault.getModel(model.model_id).call().await?.totalInferences, 10);
     Ok(())
 }
+
+/// Vote checkpoints are kept by timestamp, so a `buy` estimated in the second of the last
+/// checkpoint is cheaper than the same `buy` mined a second later: sent with the bare estimate it
+/// runs out of gas (a revert the buyer pays for, as `div buy` once did in CI). The wallet client
+/// every DIV command sends with adds `div_chain::gas::with_margin`, which covers it.
+#[tokio::test]
+async fn a_buy_mined_a_second_after_its_estimate_fits_the_margin() -> anyhow::Result<()> {
+    use div_chain::gas::with_margin;
+    let chain = LocalChain::start().await?;
+    let model = chain.register_model("clock", U256::from(PRICE)).await?;
+    let one = U256::from(10u64).pow(U256::from(18u64));
+    let mut buyers = Vec::new();
+    for i in [2usize, 4, 8] {
+        let c = chain.client(i).await?;
+        chain.mint_usdc(c.address(), U256::from(100_000_000u64)).await?;
+        let usdc = DevStablecoin::new(chain.usdc()?, c.provider());
+        assert!(usdc.approve(model.access_token, U256::MAX).send().await?.get_receipt().await?.status());
+        buyers.push(c);
+    }
+    // the first buy writes a total-supply checkpoint at the latest block's second
+    let first = ModelAccessToken::new(model.access_token, buyers[0].provider());
+    assert!(first.buy(one).send().await?.get_receipt().await?.status());
+    let t = now(&chain).await?;
+
+    let (token, estimate) = estimate_then_mine_later(&chain, model.access_token, &buyers[1], one).await?;
+    let bare = token.buy(one).gas(estimate).send().await?.get_receipt().await?;
+    assert!(!bare.status(), "mined a second after its estimate, the bare estimate ran out of gas");
+    assert!(now(&chain).await? > t);
+
+    // again, now with the margin: a checkpoint in the latest block's second, then the same race
+    assert!(first.buy(one).send().await?.get_receipt().await?.status());
+    let (token, estimate) = estimate_then_mine_later(&chain, model.access_token, &buyers[2], one).await?;
+    let covered = token.buy(one).gas(with_margin(estimate)).send().await?.get_receipt().await?;
+    assert!(covered.status(), "the margin covers the new checkpoint");
+
+    // and the wallet client adds that margin by itself
+    let token = ModelAccessToken::new(model.access_token, buyers[1].provider());
+    let estimate = token.buy(one).estimate_gas().await?;
+    let sent = token.buy(one).send().await?.get_receipt().await?;
+    assert!(sent.status());
+    let tx = buyers[1]
+        .provider()
+        .get_transaction_by_hash(sent.transaction_hash)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the buy is not on chain"))?;
+    use alloy::consensus::Transaction as _;
+    assert_eq!(tx.gas_limit(), with_margin(estimate));
+    Ok(())
+}
+
+/// Estimates `c`'s buy of `amount` against the latest block, then has the next block mined a
+/// second later.
+async fn estimate_then_mine_later(
+    chain: &LocalChain,
+    token: Address,
+    c: &div_chain::Client,
+    amount: U256,
+) -> anyhow::Result<(ModelAccessToken::ModelAccessTokenInstance<alloy::providers::DynProvider>, u64)> {
+    let token = ModelAccessToken::new(token, c.provider().clone());
+    let estimate = token.buy(amount).block(alloy::eips::BlockId::latest()).estimate_gas().await?;
+    let late = now(chain).await? + 1;
+    chain
+        .client(0)
+        .await?
+        .provider()
+        .raw_request::<_, serde_json::Value>("evm_setNextBlockTimestamp".into(), (late,))
+        .await?;
+    Ok((token, estimate))
+}
