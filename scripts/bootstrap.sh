@@ -43,6 +43,15 @@ have_libclang() {
   return 1
 }
 
+# Debian's PostgreSQL server programs, any major version.
+have_postgres() {
+  local d
+  for d in "$ROOT"/usr/lib/postgresql/*/bin; do
+    [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && return 0
+  done
+  return 1
+}
+
 apt_needs() {
   have_cmd node || echo nodejs
   have_cmd npm || echo npm
@@ -63,6 +72,9 @@ apt_needs() {
   { [ -x "$ROOT/usr/bin/promtool" ] && [ -x "$ROOT/usr/bin/prometheus" ]; } || echo prometheus
   # replicas behind a real load balancer (tests/deploy/haproxy.sh)
   [ -x "$ROOT/usr/sbin/haproxy" ] || echo haproxy
+  # the shared ledger's tests start their own PostgreSQL server from these two programs
+  # (div_tests::Postgres looks in the same place)
+  have_postgres || echo postgresql
   # `python3 -m venv` needs ensurepip, which Debian ships apart from python3
   if [ -z "$ROOT" ]; then
     python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv

@@ -19,6 +19,11 @@ full_root() {
   touch "$r/usr/lib/llvm-14/lib/libclang.so.1"
   printf '#!/bin/sh\n' >"$r/usr/sbin/haproxy"
   chmod +x "$r/usr/sbin/haproxy"
+  mkdir -p "$r/usr/lib/postgresql/15/bin"
+  for c in initdb postgres; do
+    printf '#!/bin/sh\n' >"$r/usr/lib/postgresql/15/bin/$c"
+    chmod +x "$r/usr/lib/postgresql/15/bin/$c"
+  done
 }
 
 needs() { DIV_BOOTSTRAP_ROOT=$1 scripts/bootstrap.sh --needs | tr '\n' ' '; }
@@ -73,6 +78,12 @@ expect "promtool without the server requests prometheus" "$r" prometheus
 
 r=$tmp/no-haproxy; full_root "$r"; rm "$r/usr/sbin/haproxy"
 expect "no /usr/sbin/haproxy requests haproxy" "$r" haproxy
+
+r=$tmp/no-postgres; full_root "$r"; rm -r "$r/usr/lib/postgresql"
+expect "no PostgreSQL server requests postgresql" "$r" postgresql
+
+r=$tmp/pg-client-only; full_root "$r"; rm "$r/usr/lib/postgresql/15/bin/postgres"
+expect "initdb without the server program requests postgresql" "$r" postgresql
 
 echo "bootstrap detection: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]

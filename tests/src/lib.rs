@@ -13,6 +13,14 @@ use div_chain::bindings::DevStablecoin;
 use div_chain::{Client, Deployment, ModelRegistration, RegisteredModel};
 
 pub mod load;
+mod postgres;
+
+pub use postgres::Postgres;
+
+/// A TCP port free on 127.0.0.1 now.
+pub fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
 
 /// The workspace root (where `Cargo.toml`, `contracts/` and `bench/` are).
 pub fn workspace_root() -> PathBuf {

@@ -76,6 +76,7 @@ pub struct Metrics {
     unsettled: Family<ChainLabel, FloatGauge>,
     unsettled_requests: Family<ChainLabel, Gauge>,
     unsettled_since: Family<ChainLabel, Gauge>,
+    settlement_lease: Family<ChainLabel, Gauge>,
     last_settle: Family<ChainLabel, Gauge>,
     withdraw_delay: Family<ChainLabel, Gauge>,
     settle_interval: Gauge,
@@ -153,6 +154,13 @@ impl Default for Metrics {
         let unsettled_requests = Family::<ChainLabel, Gauge>::default();
         let unsettled_since = Family::<ChainLabel, Gauge>::default();
         let last_settle = Family::<ChainLabel, Gauge>::default();
+        let settlement_lease = Family::<ChainLabel, Gauge>::default();
+        registry.register(
+            "settlement_lease",
+            "1 while this replica holds the settlement lease of a shared (PostgreSQL) ledger, by chain; \
+             absent with the embedded ledger, whose one process always settles",
+            settlement_lease.clone(),
+        );
         let withdraw_delay = Family::<ChainLabel, Gauge>::default();
         let settle_interval = Gauge::default();
         let settled_requests = Counter::default();
@@ -238,6 +246,7 @@ impl Default for Metrics {
             unsettled,
             unsettled_requests,
             unsettled_since,
+            settlement_lease,
             last_settle,
             withdraw_delay,
             settle_interval,
@@ -278,6 +287,11 @@ impl Metrics {
             Ok(r) => self.settlement(chain_id, r),
             Err(_) => self.settlement_failed(),
         }
+    }
+
+    /// Whether this replica holds `chain_id`'s settlement lease.
+    pub fn set_settlement_lease(&self, chain_id: u64, held: bool) {
+        self.settlement_lease.get_or_create(&ChainLabel { chain_id }).set(i64::from(held));
     }
 
     /// Whether `chain_id`'s RPC answers.

@@ -120,6 +120,11 @@ impl AppState {
         self
     }
 
+    /// The meters, one per payment chain (none: a free host).
+    pub fn meters(&self) -> Arc<[Arc<Meter>]> {
+        self.meters.clone()
+    }
+
     /// Knows the models the host serves but does not hold (see [`Catalog`]).
     pub fn with_catalog(mut self, catalog: Arc<dyn Catalog>) -> Self {
         self.catalog = Some(catalog);
@@ -184,12 +189,13 @@ impl AppState {
     }
 
     /// The meter of the caller's chain and the model's vault id, when requests on it are paid.
-    pub(crate) fn paid(
+    pub(crate) async fn paid(
         &self,
         model: &div_models::LoadedModel,
         headers: &HeaderMap,
     ) -> Option<(Arc<Meter>, ModelRef)> {
-        match (self.meter_of(credential(headers)), vault_ref(model)) {
+        let mref = vault_ref(model)?;
+        match (self.meter_of(credential(headers)).await, Some(mref)) {
             (Some(meter), Some(mref)) => Some((meter, mref)),
             _ => None,
         }
@@ -197,17 +203,23 @@ impl AppState {
 
     /// The meter that knows this credential: the chain whose ledger issued the API key, or where
     /// the session signed in; the first chain's for anything else (which then refuses it).
-    pub(crate) fn meter_of(&self, credential: Credential<'_>) -> Option<Arc<Meter>> {
-        let knows = |m: &&Arc<Meter>| match credential {
-            Credential::ApiKey(key) => m.ledger().permit_of_key(key).is_some(),
-            Credential::Session(token) => m.sessions.address(token).is_some(),
-            Credential::None => false,
-        };
-        match self.meters.as_ref() {
-            // one chain: no lookup here (the meter resolves the credential itself, once)
-            [only] => Some(only.clone()),
-            all => all.iter().find(knows).or_else(|| all.first()).cloned(),
+    pub(crate) async fn meter_of(&self, credential: Credential<'_>) -> Option<Arc<Meter>> {
+        let all = self.meters.as_ref();
+        // one chain: no lookup here (the meter resolves the credential itself, once)
+        if let [only] = all {
+            return Some(only.clone());
         }
+        for m in all {
+            let knows = match credential {
+                Credential::ApiKey(key) => m.ledger().permit_of_key(key).await.ok().flatten().is_some(),
+                Credential::Session(token) => m.sessions.address(token).is_some(),
+                Credential::None => false,
+            };
+            if knows {
+                return Some(m.clone());
+            }
+        }
+        all.first().cloned()
     }
 
     /// The meter of `chain_id` (the first chain's when `None`); a chain this host takes no

@@ -84,6 +84,11 @@ pub struct ServeArgs {
     /// Where the host keeps its charge ledger and admin token.
     #[arg(long, env = "DIV_HOST_STATE", default_value = ".div/host")]
     pub(crate) state_dir: PathBuf,
+    /// Keep the charge ledger in PostgreSQL (`postgres://user@host/db`) instead of sled under
+    /// `--state-dir`: every replica of this host given the same database shares it, and one of
+    /// them settles at a time. Each payment chain gets a schema of its own (`div_c<chain id>`).
+    #[arg(long, env = "DIV_LEDGER", value_name = "POSTGRES_URL")]
+    pub(crate) ledger: Option<String>,
     /// Seconds between settlements while charges wait.
     #[arg(long, env = "DIV_SETTLE_INTERVAL_SECS", default_value_t = 30)]
     pub(crate) settle_interval_secs: u64,
@@ -330,12 +335,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             tokio::time::sleep(notice).await;
         }
     };
+    let meters = state.meters();
     div_api::serve(listener, router(state), serve, stop).await.context("serving")?;
     if let Some((_, task)) = sync {
         task.abort();
     }
     for task in settlers {
         task.abort();
+    }
+    // replicas sharing a ledger: another one settles from its next round
+    for m in meters.iter() {
+        m.ledger().release_settlement().await;
     }
     Ok(())
 }

@@ -380,6 +380,12 @@ pub async fn settle(args: SettleArgs) -> anyhow::Result<()> {
 
 /// One chain's settlement round as `POST /v1/host/settle` reports it.
 fn print_round(prefix: &str, v: &serde_json::Value) {
+    if v["not_settler"] == true {
+        println!(
+            "{prefix}another replica of this host holds the settlement lease and settles (every --settle-interval-secs)"
+        );
+        return;
+    }
     let already = v["already_settled"].as_u64().unwrap_or(0);
     if already > 0 {
         println!("{prefix}{already} requests were already settled on chain (a round mined but not seen)");

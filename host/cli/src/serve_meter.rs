@@ -112,14 +112,27 @@ pub(crate) async fn start_meters(
     for chain in payment_chains(args)? {
         let d = chain.book;
         let provider = div_chain::rpc::read_provider(&d.rpc_url, rpc_timeout)?;
-        std::fs::create_dir_all(&chain.ledger_dir)?;
-        let ledger = Arc::new(
-            Ledger::open(&chain.ledger_dir)
-                .with_context(|| format!("opening the ledger in {}", chain.ledger_dir.display()))?,
-        );
-        ledger.bind(d.chain_id, d.payment_stream).with_context(|| {
-            format!("the ledger in {} is not chain {}'s", chain.ledger_dir.display(), d.chain_id)
-        })?;
+        let (ledger, place) = match args.ledger.as_deref() {
+            Some(url) => {
+                let schema = format!("div_c{}", d.chain_id);
+                let ledger = Ledger::open_postgres(url, &schema)
+                    .await
+                    .with_context(|| format!("opening the PostgreSQL ledger (schema {schema})"))?;
+                (ledger, format!("PostgreSQL schema {schema}"))
+            }
+            None => {
+                std::fs::create_dir_all(&chain.ledger_dir)?;
+                let ledger = Ledger::open(&chain.ledger_dir)
+                    .with_context(|| format!("opening the ledger in {}", chain.ledger_dir.display()))?;
+                (ledger, chain.ledger_dir.display().to_string())
+            }
+        };
+        let ledger = Arc::new(ledger);
+        ledger
+            .bind(d.chain_id, d.payment_stream)
+            .await
+            .with_context(|| format!("the ledger in {place} is not chain {}'s", d.chain_id))?;
+        tracing::info!(chain_id = d.chain_id, backend = ledger.backend(), at = %place, "charge ledger open");
         let meter_config = MeterConfig {
             host: host.clone(),
             chain_id: d.chain_id,

@@ -12,6 +12,7 @@ use div_tests::{LocalChain, anvil_bin};
 mod chains;
 mod dao;
 mod payments;
+mod replicas;
 mod rig;
 mod traces;
 mod vault;

@@ -62,7 +62,7 @@ async fn per_charge(l: &Arc<Ledger>, permits: u64, rounds: usize) -> anyhow::Res
             for r in 0..rounds {
                 let _ = l.unsettled_of(a.permit.user, a.permit.token);
                 let _ = l.charged(&hash(p));
-                l.charge(hash(p), U256::from(1000u64), &format!("c{c}-{r}"), None).await?;
+                l.charge(hash(p), U256::from(1000u64), &format!("c{c}-{r}"), None, U256::MAX).await?;
             }
             Ok::<_, div_meter::MeterError>(())
         }));

@@ -27,6 +27,9 @@ pub struct Ticket {
     /// The model's price per request and per 1000 tokens, as read at admission.
     price: U256,
     price_per_1k: U256,
+    /// The most the user's unsettled total may reach: the deposit as read at admission, less
+    /// what is being withdrawn (a shared ledger checks the charge against it again).
+    limit: U256,
     done: bool,
 }
 
@@ -131,7 +134,7 @@ impl Meter {
             self.take_rate(B256::left_padding_from(who.as_slice()), true)?;
             return Ok(Admitted::Owner(who));
         }
-        let (hash, account) = self.resolve(credential)?;
+        let (hash, account) = self.resolve(credential).await?;
         let permit = &account.permit;
         self.check_terms(permit, model)?;
         if self.revoked(hash).await? {
@@ -187,6 +190,7 @@ impl Meter {
             amount: price,
             price: unit_price,
             price_per_1k: unit_price_per_1k,
+            limit: funds.balance.saturating_sub(funds.pending_withdrawal),
             done: false,
         }))
     }
@@ -242,7 +246,8 @@ impl Meter {
         model: &ModelRef,
         amount: U256,
     ) -> Result<Receipt, MeterError> {
-        let charge = self.ledger.charge(ticket.permit_hash, amount, request_id, client_request_id).await;
+        let charge =
+            self.ledger.charge(ticket.permit_hash, amount, request_id, client_request_id, ticket.limit).await;
         // charged or not, the reservation ends here
         ticket.done = true;
         self.release(ticket.permit_hash, ticket.user, ticket.token, ticket.amount);

@@ -226,11 +226,14 @@ impl Meter {
     }
 
     /// The permit a key spends, with its account; refused when the contract rejected it.
-    pub(crate) fn resolve(&self, credential: Credential<'_>) -> Result<(B256, PermitAccount), MeterError> {
+    pub(crate) async fn resolve(
+        &self,
+        credential: Credential<'_>,
+    ) -> Result<(B256, PermitAccount), MeterError> {
         match credential {
             Credential::None => Err(MeterError::MissingCredential),
             Credential::ApiKey(key) => {
-                let hash = self.ledger.permit_of_key(key).ok_or(MeterError::InvalidKey)?;
+                let hash = self.ledger.permit_of_key(key).await?.ok_or(MeterError::InvalidKey)?;
                 let account = self.ledger.account(&hash).ok_or(MeterError::InvalidKey)?;
                 if let Some(code) = account.rejected {
                     return Err(MeterError::Rejected(code));

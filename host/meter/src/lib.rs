@@ -100,7 +100,9 @@ pub(crate) fn now() -> u64 {
 impl Meter {
     /// A meter keeping its ledger in `ledger`.
     pub fn new(config: MeterConfig, ledger: Arc<Ledger>) -> Self {
-        Self::with_nonces(config, ledger, Arc::default(), Arc::default())
+        // key challenges any replica of this host accepts (they share the host key)
+        let challenges = Arc::new(siwe::Nonces::keyed(&config.host.credential().to_bytes()));
+        Self::with_nonces(config, ledger, challenges, Arc::default())
     }
 
     /// The meter of another chain beside `first`: it keeps its own ledger, chain view, sessions
@@ -147,15 +149,15 @@ impl Meter {
     /// API key or a session as its user). `id` is the host's request id or, within the caller's
     /// own permit, the `x-request-id` the client sent. `None`: no such charge for this caller
     /// (the request was not charged: it failed, or never arrived).
-    pub fn receipt(&self, credential: Credential<'_>, id: &str) -> Result<Option<Receipt>, MeterError> {
+    pub async fn receipt(&self, credential: Credential<'_>, id: &str) -> Result<Option<Receipt>, MeterError> {
         let api_key = match credential {
             Credential::ApiKey(k) => Some(k),
             _ => None,
         };
-        let allowed: Box<dyn Fn(&B256) -> bool> = match credential {
+        let allowed: Box<dyn Fn(&B256) -> bool + Send + Sync> = match credential {
             Credential::None => return Err(MeterError::MissingCredential),
             Credential::ApiKey(key) => {
-                let mine = self.ledger.permit_of_key(key).ok_or(MeterError::InvalidKey)?;
+                let mine = self.ledger.permit_of_key(key).await?.ok_or(MeterError::InvalidKey)?;
                 Box::new(move |h| *h == mine)
             }
             Credential::Session(token) => {
@@ -164,12 +166,12 @@ impl Meter {
                 Box::new(move |h| ledger.account(h).is_some_and(|a| a.permit.user == who))
             }
         };
-        let mut found = self.ledger.charge_by_request(id)?.filter(|c| allowed(&c.permit_hash));
+        let mut found = self.ledger.charge_by_request(id).await?.filter(|c| allowed(&c.permit_hash));
         if found.is_none()
             && let Some(key) = api_key
-            && let Some(mine) = self.ledger.permit_of_key(key)
+            && let Some(mine) = self.ledger.permit_of_key(key).await?
         {
-            found = self.ledger.charge_by_client_id(&mine, id)?;
+            found = self.ledger.charge_by_client_id(&mine, id).await?;
         }
         let Some(charge) = found else { return Ok(None) };
         let model_id =

@@ -85,6 +85,8 @@ pub struct SettleReport {
     pub amount: U256,
     /// Requests found already settled on chain before sending (a round mined but never seen).
     pub already_settled: u64,
+    /// Another replica sharing this ledger holds the settlement lease: this one sent nothing.
+    pub not_settler: bool,
 }
 
 /// The largest batch `PaymentStream` takes.
@@ -125,6 +127,12 @@ pub async fn settle_now(
     let _one_round = meter.settling.lock().await;
     let rpc = meter.config().rpc_timeout;
     let mut report = SettleReport::default();
+    // replicas sharing a PostgreSQL ledger: one settles (two would race the host key's nonces)
+    if !meter.ledger().may_settle().await {
+        report.not_settler = true;
+        return Ok(report);
+    }
+    meter.ledger().refresh().await?;
     let pending = meter.ledger().settleable(MAX_BATCH);
     if pending.is_empty() {
         return Ok(report);

@@ -151,30 +151,78 @@ impl<V: Clone> Expiring<V> {
 }
 
 /// Single-use random challenges that expire after [`NONCE_TTL`].
-pub struct Nonces(Mutex<Expiring<()>>);
+///
+/// Keyed ([`Nonces::keyed`]), a challenge also carries its expiry and a MAC under a key every
+/// replica of the host derives from the host key: a challenge one replica issued is then
+/// accepted by another (behind a load balancer the two requests rarely meet the same process).
+/// Each process uses a challenge once; across replicas, what a challenge proves (the permit's
+/// user is present now) can buy one API key per permit only, which the shared ledger enforces.
+#[derive(Default)]
+pub struct Nonces {
+    live: Mutex<Expiring<()>>,
+    key: Option<alloy::primitives::B256>,
+    used: Mutex<Expiring<()>>,
+}
 
-impl Default for Nonces {
+impl Default for Expiring<()> {
     fn default() -> Self {
-        Self(Mutex::new(Expiring::new(NONCE_TTL)))
+        Expiring::new(NONCE_TTL)
     }
 }
 
 impl Nonces {
+    /// Challenges any replica holding `secret` (the host key's bytes) accepts.
+    pub fn keyed(secret: &[u8]) -> Self {
+        let key = alloy::primitives::keccak256([b"div key challenge".as_slice(), secret].concat());
+        Self { key: Some(key), ..Self::default() }
+    }
+
     /// A fresh nonce.
     pub fn issue(&self) -> String {
-        let n = alloy::hex::encode(rand::random::<[u8; 12]>());
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(n.clone(), ());
-        n
+        let random = alloy::hex::encode(rand::random::<[u8; 12]>());
+        let Some(key) = self.key else {
+            self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(random.clone(), ());
+            return random;
+        };
+        let expiry = crate::now() + NONCE_TTL.as_secs();
+        let body = format!("{expiry:016x}{random}");
+        let mac = alloy::primitives::keccak256([key.as_slice(), body.as_bytes()].concat());
+        format!("{body}{}", alloy::hex::encode(&mac[..16]))
+    }
+
+    /// A keyed challenge's MAC and expiry hold.
+    fn signed_and_current(&self, n: &str) -> bool {
+        let Some(key) = self.key else { return false };
+        if n.len() != 72 || !n.is_ascii() {
+            return false;
+        }
+        let (body, mac) = n.split_at(40);
+        let want = alloy::primitives::keccak256([key.as_slice(), body.as_bytes()].concat());
+        let Ok(expiry) = u64::from_str_radix(&body[..16], 16) else { return false };
+        alloy::hex::encode(&want[..16]) == mac && expiry >= crate::now()
     }
 
     /// Whether `n` was issued, is unused and has not expired.
     pub fn is_live(&self, n: &str) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(n).is_some()
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).get(n).is_some()
+            || (self.signed_and_current(n)
+                && self.used.lock().unwrap_or_else(|p| p.into_inner()).get(n).is_none())
     }
 
     /// Uses `n` up; true if it was live.
     pub fn take(&self, n: &str) -> bool {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take(n).is_some()
+        if self.live.lock().unwrap_or_else(|p| p.into_inner()).take(n).is_some() {
+            return true;
+        }
+        if !self.signed_and_current(n) {
+            return false;
+        }
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.get(n).is_some() {
+            return false;
+        }
+        used.insert(n.to_string(), ());
+        true
     }
 }
 
@@ -326,5 +374,27 @@ mod tests {
         assert!(e.live.len() <= MAX_LIVE, "bounded: {}", e.live.len());
         assert!(e.get("0").is_none(), "the oldest went first");
         assert!(e.get(&(MAX_LIVE + 9).to_string()).is_some());
+    }
+
+    #[test]
+    fn a_keyed_challenge_is_accepted_by_another_replica_once_and_cannot_be_forged() {
+        let (a, b, stranger) =
+            (Nonces::keyed(b"host key"), Nonces::keyed(b"host key"), Nonces::keyed(b"other"));
+        let n = a.issue();
+        assert!(n.bytes().all(|c| c.is_ascii_hexdigit()) && n.len() == 72, "{n}");
+        assert!(b.is_live(&n), "a replica with the same host key accepts it");
+        assert!(!stranger.is_live(&n), "another host does not");
+        assert!(b.take(&n));
+        assert!(!b.take(&n), "used up on that replica");
+        // a changed expiry or random part breaks the MAC
+        let mut forged = n.clone().into_bytes();
+        forged[15] = if forged[15] == b'f' { b'e' } else { b'f' };
+        let forged = String::from_utf8(forged).unwrap_or_default();
+        assert!(!a.is_live(&forged) && !a.take(&forged));
+        // an expired one (an expiry in the past, MAC'd correctly) is refused
+        let key = a.key.unwrap_or_default();
+        let body = format!("{:016x}{}", crate::now() - 1, "00".repeat(12));
+        let mac = alloy::primitives::keccak256([key.as_slice(), body.as_bytes()].concat());
+        assert!(!a.take(&format!("{body}{}", alloy::hex::encode(&mac[..16]))), "expired");
     }
 }

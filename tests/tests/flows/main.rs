@@ -5,3 +5,4 @@ mod batching;
 mod chain;
 mod chat;
 mod runtime;
+mod shared_ledger;

@@ -113,7 +113,7 @@ async fn generate(
     req.check_size(kind, context)?;
     let max_tokens = plugin_body["max_tokens"].as_u64().and_then(|v| u32::try_from(v).ok()).unwrap_or(1);
     // gate, and reserve the price of a full context; charged only for the tokens used
-    let paid = s.paid(&model, headers);
+    let paid = s.paid(&model, headers).await;
     let ticket = match &paid {
         Some((meter, mref)) => meter
             .admit_tokens(credential(headers), mref, 1, u64::from(context))

@@ -95,6 +95,7 @@ pub async fn settle_now(
                 "amount": r.amount.to_string(),
                 "gas_used": r.gas_used,
                 "already_settled": r.already_settled,
+                "not_settler": r.not_settler,
             })),
             Ok(Ok(Err(e))) => Err(ApiError::from(e)),
             Ok(Err(e)) => Err(ApiError::internal(format!("the settlement task failed: {e}"))),

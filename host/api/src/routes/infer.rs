@@ -148,7 +148,7 @@ async fn embed(
     let inputs = req.inputs()?;
     check_inputs(&inputs, &model)?;
     // gate and reserve the price before any work; charged only if the plugin succeeds
-    let paid = s.paid(&model, headers);
+    let paid = s.paid(&model, headers).await;
     let ticket = match &paid {
         Some((meter, mref)) => meter
             .admit(credential(headers), mref, inputs.len())

@@ -104,10 +104,12 @@ pub async fn issue_key(State(s): State<AppState>, headers: HeaderMap, body: Body
 
 /// `GET /v1/receipts/{id}`.
 pub async fn receipt(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let result = (|| {
-        let meter =
-            s.meter_of(credential(&headers)).ok_or_else(|| ApiError::route_not_found("/v1/receipts"))?;
-        match meter.receipt(credential(&headers), &id)? {
+    let result = async {
+        let meter = s
+            .meter_of(credential(&headers))
+            .await
+            .ok_or_else(|| ApiError::route_not_found("/v1/receipts"))?;
+        match meter.receipt(credential(&headers), &id).await? {
             Some(r) => Ok::<_, ApiError>(axum::Json(r).into_response()),
             None => Err(ApiError {
                 status: StatusCode::NOT_FOUND,
@@ -121,6 +123,7 @@ pub async fn receipt(State(s): State<AppState>, headers: HeaderMap, Path(id): Pa
                 )
             }),
         }
-    })();
+    }
+    .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }

@@ -77,6 +77,9 @@ pub async fn metrics(State(s): State<AppState>) -> Response {
         let chain_id = m.config().chain_id;
         s.metrics.set_unsettled(chain_id, m.ledger().unsettled_total(), m.ledger().unsettled_requests());
         s.metrics.set_chain_up(chain_id, m.chain_up());
+        if let Some(held) = m.ledger().holds_settlement() {
+            s.metrics.set_settlement_lease(chain_id, held);
+        }
     }
     s.metrics.refresh_llm();
     match s.metrics.encode() {

@@ -60,31 +60,36 @@ pub async fn siwe_sign_in(State(s): State<AppState>, body: Body) -> Response {
 
 /// `DELETE /v1/siwe`: signs the session out.
 pub async fn siwe_sign_out(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let result = (|| {
+    let result = async {
         // a host without a meter has no such route, whatever the caller sends
         s.meter_or_404("/v1/siwe")?;
         let token =
             bearer(&headers).ok_or_else(|| ApiError::from(div_meter::MeterError::MissingCredential))?;
         let m = s
             .meter_of(div_meter::Credential::Session(token))
+            .await
             .ok_or_else(|| ApiError::route_not_found("/v1/siwe"))?;
         let was = m.sessions.sign_out(token);
         Ok::<_, ApiError>(axum::Json(json!({"signed_out": was})).into_response())
-    })();
+    }
+    .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `GET /v1/me`: the signed-in address and its permits on this host.
 pub async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    let result = (|| {
+    let result = async {
         let token = bearer(&headers).unwrap_or_default();
         let m = s
             .meter_of(div_meter::Credential::Session(token))
+            .await
             .ok_or_else(|| ApiError::route_not_found("/v1/me"))?;
         let who = m
             .sessions
             .address(token)
             .ok_or_else(|| ApiError::from(div_meter::MeterError::MissingCredential))?;
+        // replicas sharing a ledger: what the others charged, too
+        m.ledger().refresh().await.map_err(ApiError::from)?;
         let permits: Vec<_> = m
             .ledger()
             .accounts_of(who)
@@ -109,6 +114,7 @@ pub async fn me(State(s): State<AppState>, headers: HeaderMap) -> Response {
             axum::Json(json!({"address": who, "chain_id": m.config().chain_id, "permits": permits}))
                 .into_response(),
         )
-    })();
+    }
+    .await;
     result.unwrap_or_else(IntoResponse::into_response)
 }

@@ -71,10 +71,24 @@ impl Paid {
     }
 
     pub async fn start_host(&mut self, extra: &[&str]) -> anyhow::Result<()> {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.rig.dir.join("serve.log"))?;
+        let (port, state) = (self.port, self.state.clone());
+        self.host = Some(self.spawn_host(port, &state, "serve.log", extra).await?);
+        Ok(())
+    }
+
+    /// Starts a `div serve --vault` process of this host (its key) on `port` with its state in
+    /// `state`, logging to `log` in the rig's folder; returns once it serves the model.
+    pub async fn spawn_host(
+        &self,
+        port: u16,
+        state: &std::path::Path,
+        log: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Proc> {
+        let log_path = self.rig.dir.join(log);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let child = div()
-            .args(["serve", "--vault", "--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["serve", "--vault", "--listen", &format!("127.0.0.1:{port}")])
             .env("DIV_HOST_KEY", hex_key(&self.rig.chain.keys[HOST]))
             .args(["--custodian", &self.rig.urls.join(",")])
             .args(["--allow-owner", &self.rig.chain.keys[OWNER].address().to_string()])
@@ -83,7 +97,7 @@ impl Paid {
             .arg("--addresses")
             .arg(&self.book)
             .arg("--state-dir")
-            .arg(&self.state)
+            .arg(state)
             .arg("--ort-dylib")
             .arg(div_tests::ort_dylib()?)
             .args(if extra.contains(&"--settle-interval-secs") {
@@ -103,20 +117,20 @@ impl Paid {
             .stderr(log)
             .stdin(Stdio::null())
             .spawn()?;
-        self.host = Some(Proc(child));
+        let proc = Proc(child);
         let http = reqwest::Client::new();
         for _ in 0..300 {
-            if let Ok(r) = http.get(format!("{}/v1/models", self.url)).send().await
+            if let Ok(r) = http.get(format!("http://127.0.0.1:{port}/v1/models")).send().await
                 && let Ok(v) = r.json::<Value>().await
                 && v["data"].as_array().is_some_and(|d| !d.is_empty())
             {
-                return Ok(());
+                return Ok(proc);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         anyhow::bail!(
             "the host did not serve the model: {}",
-            std::fs::read_to_string(self.rig.dir.join("serve.log")).unwrap_or_default()
+            std::fs::read_to_string(&log_path).unwrap_or_default()
         )
     }
 

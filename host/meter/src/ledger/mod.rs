@@ -24,11 +24,17 @@
 //! permit's totals from the journal and keeps whichever is larger, so even a damaged `p/` record
 //! cannot make the host issue a cumulative number twice.
 //!
+//! **Two stores.** sled, embedded, is the default: one process, no set-up. With `--ledger
+//! postgres://…` the same records live in PostgreSQL (`postgres.rs`), shared by any number of
+//! replicas of one host; the in-memory view below is then each replica's copy, refreshed from
+//! the database, and the database decides each charge.
+//!
 //! **Indexes.** Everything a paid request asks of the ledger is O(1) in the number of permits:
 //! unsettled amounts per (user, token), the host's totals, and per-model usage are kept up to
 //! date as charges and settlements land, never recomputed by scanning.
 
 mod index;
+mod postgres;
 mod records;
 mod store;
 #[cfg(test)]
@@ -55,15 +61,31 @@ pub(crate) type CommitHook = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// The durable ledger.
 pub struct Ledger {
+    store: Store,
+    state: Arc<Mutex<State>>,
+    #[cfg(test)]
+    hook: Mutex<Option<CommitHook>>,
+}
+
+/// Where the records live.
+enum Store {
+    Sled(SledStore),
+    Postgres(PgStore),
+}
+
+struct SledStore {
     db: sled::Db,
     /// What charges write: totals, journal, request ids.
     hot: sled::Tree,
     tx: Mutex<Option<mpsc::Sender<Commit>>>,
     committer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    state: Mutex<State>,
     poisoned: Arc<AtomicBool>,
-    #[cfg(test)]
-    hook: Mutex<Option<CommitHook>>,
+}
+
+struct PgStore {
+    pg: Arc<postgres::Pg>,
+    charges: tokio::sync::mpsc::UnboundedSender<postgres::PgCharge>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Ledger {
@@ -136,15 +158,83 @@ impl Ledger {
             .spawn(move || committer(cdb, chot, rx, cpoison))
             .map_err(|e| MeterError::Ledger(format!("starting the committer: {e}")))?;
         Ok(Self {
-            db,
-            hot: hot_tree,
-            tx: Mutex::new(Some(tx)),
-            committer: Mutex::new(Some(handle)),
-            state: Mutex::new(state),
-            poisoned,
+            store: Store::Sled(SledStore {
+                db,
+                hot: hot_tree,
+                tx: Mutex::new(Some(tx)),
+                committer: Mutex::new(Some(handle)),
+                poisoned,
+            }),
+            state: Arc::new(Mutex::new(state)),
             #[cfg(test)]
             hook: Mutex::new(None),
         })
+    }
+
+    /// Opens the ledger in PostgreSQL (`url`, a `postgres://` URL) under `schema`, creating or
+    /// migrating it, and reads every permit into this replica's view. Must run inside a tokio
+    /// runtime: the committer and the task that keeps the view fresh run on it.
+    pub async fn open_postgres(url: &str, schema: &str) -> Result<Self, MeterError> {
+        let pg = Arc::new(postgres::Pg::open(url, schema).await?);
+        let state = Arc::new(Mutex::new(State::default()));
+        pg.refresh(&state).await?;
+        let (charges, rx) = tokio::sync::mpsc::unbounded_channel();
+        let tasks = vec![
+            tokio::spawn(postgres::committer(pg.clone(), state.clone(), rx)),
+            tokio::spawn(postgres::refresher(
+                Arc::downgrade(&pg),
+                Arc::downgrade(&state),
+                std::time::Duration::from_millis(250),
+            )),
+        ];
+        Ok(Self {
+            store: Store::Postgres(PgStore { pg, charges, tasks }),
+            state,
+            #[cfg(test)]
+            hook: Mutex::new(None),
+        })
+    }
+
+    /// Which store holds the records: `sled` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.store {
+            Store::Sled(_) => "sled",
+            Store::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Brings this replica's view up to the database (PostgreSQL; the sled ledger's view is
+    /// always current).
+    pub async fn refresh(&self) -> Result<(), MeterError> {
+        if let Store::Postgres(p) = &self.store {
+            p.pg.refresh(&self.state).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this process may settle now: always with sled (one process owns the ledger);
+    /// with PostgreSQL, while it holds the settlement lease (one replica at a time).
+    pub async fn may_settle(&self) -> bool {
+        match &self.store {
+            Store::Sled(_) => true,
+            Store::Postgres(p) => p.pg.lease().await,
+        }
+    }
+
+    /// Whether this replica holds the settlement lease right now (`None` with sled, which has
+    /// no lease).
+    pub fn holds_settlement(&self) -> Option<bool> {
+        match &self.store {
+            Store::Sled(_) => None,
+            Store::Postgres(p) => Some(p.pg.holds_lease()),
+        }
+    }
+
+    /// Gives up the settlement lease, if held (a replica that is shutting down).
+    pub async fn release_settlement(&self) {
+        if let Store::Postgres(p) = &self.store {
+            p.pg.release_lease().await;
+        }
     }
 
     /// Ties this ledger to one chain's `PaymentStream`, or checks that it is tied to it: a
@@ -152,10 +242,22 @@ impl Ledger {
     /// ledger for each (its cumulative totals are what that chain's contract settles). A ledger
     /// opened for another chain (a configuration that swapped two address books) is refused
     /// before anything is charged or settled.
-    pub fn bind(&self, chain_id: u64, payment_stream: Address) -> Result<(), MeterError> {
+    pub async fn bind(&self, chain_id: u64, payment_stream: Address) -> Result<(), MeterError> {
         let want = [chain_id.to_be_bytes().as_slice(), payment_stream.as_slice()].concat();
-        match self.db.get(b"meta/chain").map_err(db_err)? {
-            Some(have) if have.as_ref() == want.as_slice() => Ok(()),
+        let have = match &self.store {
+            Store::Sled(s) => match s.db.get(b"meta/chain").map_err(db_err)? {
+                Some(have) => Some(have.to_vec()),
+                None => {
+                    s.db.insert(b"meta/chain", want.as_slice()).map_err(db_err)?;
+                    s.db.flush().map_err(db_err)?;
+                    None
+                }
+            },
+            Store::Postgres(p) => p.pg.bind(&want).await?,
+        };
+        match have {
+            None => Ok(()),
+            Some(have) if have == want => Ok(()),
             Some(have) if have.len() == 28 => {
                 let mut id = [0u8; 8];
                 id.copy_from_slice(&have[..8]);
@@ -166,11 +268,6 @@ impl Ledger {
                 )))
             }
             Some(_) => Err(MeterError::Ledger("this ledger's chain record is unreadable".into())),
-            None => {
-                self.db.insert(b"meta/chain", want).map_err(db_err)?;
-                self.db.flush().map_err(db_err)?;
-                Ok(())
-            }
         }
     }
 
@@ -181,15 +278,14 @@ impl Ledger {
     /// Hands `ops` to the committer; call it while holding the state lock, so writes reach the
     /// committer in the order their totals were assigned. Returns what to wait on.
     fn send(
-        &self,
+        s: &SledStore,
         ops: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), String>>, MeterError> {
-        if self.poisoned.load(Ordering::Acquire) {
+        if s.poisoned.load(Ordering::Acquire) {
             return Err(MeterError::Ledger("the ledger failed to write earlier; refusing to charge".into()));
         }
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .lock()
+        s.tx.lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .ok_or_else(|| MeterError::Ledger("the ledger is closed".into()))?
@@ -278,6 +374,20 @@ impl Ledger {
         account: PermitAccount,
         api_key: &str,
     ) -> Result<bool, MeterError> {
+        let s = match &self.store {
+            Store::Sled(s) => s,
+            Store::Postgres(p) => {
+                if !p.pg.register(hash, &account, key_hash(api_key)).await? {
+                    return Ok(false);
+                }
+                let mut g = self.state();
+                g.keyed.insert(hash);
+                if !g.accounts.contains_key(&hash) {
+                    g.insert(hash, account);
+                }
+                return Ok(true);
+            }
+        };
         let wait = {
             let mut g = self.state();
             if g.keyed.contains(&hash) {
@@ -287,7 +397,7 @@ impl Ledger {
             if !g.accounts.contains_key(&hash) {
                 ops.push((pkey(&hash), json(&account)?));
             }
-            let wait = self.send(ops)?;
+            let wait = Self::send(s, ops)?;
             g.keyed.insert(hash);
             if !g.accounts.contains_key(&hash) {
                 g.insert(hash, account);
@@ -298,20 +408,51 @@ impl Ledger {
         Ok(true)
     }
 
-    /// The permit an API key spends.
-    pub fn permit_of_key(&self, api_key: &str) -> Option<B256> {
-        self.db.get(kkey(api_key)).ok().flatten().filter(|v| v.len() == 32).map(|v| B256::from_slice(&v))
+    /// The permit an API key spends (with PostgreSQL, also a key another replica issued: the
+    /// permit then joins this replica's view).
+    pub async fn permit_of_key(&self, api_key: &str) -> Result<Option<B256>, MeterError> {
+        match &self.store {
+            Store::Sled(s) => Ok(s
+                .db
+                .get(kkey(api_key))
+                .map_err(db_err)?
+                .filter(|v| v.len() == 32)
+                .map(|v| B256::from_slice(&v))),
+            Store::Postgres(p) => p.pg.find_key(key_hash(api_key), &self.state).await,
+        }
     }
 
     /// Charges `amount` to the permit and returns the journal entry once it is on disk.
-    /// `request_id` is the host's (unique) id; `client_request_id` what the client sent, if any.
+    /// `request_id` is the host's (unique) id; `client_request_id` what the client sent, if any;
+    /// `limit` the most the user's unsettled total in the permit's stablecoin may reach (the
+    /// deposit as read from the chain, less what is being withdrawn). The sled ledger's caller
+    /// has checked both against this process's view, which is the whole truth there; the
+    /// PostgreSQL ledger checks them again in the database, against every replica's charges.
     pub async fn charge(
         &self,
         hash: B256,
         amount: U256,
         request_id: &str,
         client_request_id: Option<&str>,
+        limit: U256,
     ) -> Result<Charge, MeterError> {
+        let s = match &self.store {
+            Store::Sled(s) => s,
+            Store::Postgres(p) => {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                p.charges
+                    .send(postgres::PgCharge {
+                        hash,
+                        amount,
+                        request_id: request_id.to_string(),
+                        client_request_id: client_request_id.map(str::to_string),
+                        limit,
+                        done,
+                    })
+                    .map_err(|_| MeterError::Ledger("the ledger is closed".into()))?;
+                return wait.await.map_err(|_| MeterError::Ledger("the committer stopped".into()))?;
+            }
+        };
         let (charge, wait) = {
             let mut g = self.state();
             let seq = g.next_seq;
@@ -344,7 +485,7 @@ impl Ledger {
             if let Some(hook) = self.hook.lock().unwrap_or_else(|p| p.into_inner()).clone() {
                 hook(seq);
             }
-            let wait = match self.send(ops) {
+            let wait = match Self::send(s, ops) {
                 Ok(w) => w,
                 Err(e) => {
                     // not recorded: take the charge back out of memory too
@@ -365,6 +506,17 @@ impl Ledger {
     /// Records what `PaymentStream` says is settled on a permit (read back after a settlement).
     /// Settled totals only grow: an older read that arrives late changes nothing.
     pub async fn mark_settled(&self, hash: B256, amount: U256, requests: u64) -> Result<(), MeterError> {
+        let s = match &self.store {
+            Store::Sled(s) => s,
+            Store::Postgres(p) => {
+                p.pg.settled(hash, amount, requests).await?;
+                self.state().update(&hash, |acc| {
+                    acc.settled_amount = acc.settled_amount.max(amount);
+                    acc.settled_requests = acc.settled_requests.max(requests);
+                });
+                return Ok(());
+            }
+        };
         let wait = {
             let mut g = self.state();
             let Some((changed, acc)) = g.update(&hash, |acc| {
@@ -378,7 +530,7 @@ impl Ledger {
             if !changed {
                 return Ok(());
             }
-            self.send(vec![(pkey(&hash), json(&acc)?)])?
+            Self::send(s, vec![(pkey(&hash), json(&acc)?)])?
         };
         Self::wait(wait).await
     }
@@ -386,37 +538,51 @@ impl Ledger {
     /// Marks a permit the contract refused for good (`reason` is its `SkipReason`): its key stops
     /// working and settlement stops sending it.
     pub async fn mark_rejected(&self, hash: B256, reason: u8) -> Result<(), MeterError> {
+        let s = match &self.store {
+            Store::Sled(s) => s,
+            Store::Postgres(p) => {
+                p.pg.rejected(hash, reason).await?;
+                self.state().update(&hash, |acc| acc.rejected = Some(reason));
+                return Ok(());
+            }
+        };
         let wait = {
             let mut g = self.state();
             let Some((_, acc)) = g.update(&hash, |acc| acc.rejected = Some(reason)) else { return Ok(()) };
-            self.send(vec![(pkey(&hash), json(&acc)?)])?
+            Self::send(s, vec![(pkey(&hash), json(&acc)?)])?
         };
         Self::wait(wait).await
     }
 
     /// The journal entry of a request, by the host's id.
-    pub fn charge_by_request(&self, request_id: &str) -> Result<Option<Charge>, MeterError> {
-        match self.hot.get(rkey(request_id)).map_err(db_err)? {
-            Some(seq) => self.entry(&seq),
-            None => Ok(None),
+    pub async fn charge_by_request(&self, request_id: &str) -> Result<Option<Charge>, MeterError> {
+        match &self.store {
+            Store::Sled(s) => match s.hot.get(rkey(request_id)).map_err(db_err)? {
+                Some(seq) => Self::entry(s, &seq),
+                None => Ok(None),
+            },
+            Store::Postgres(p) => p.pg.by_request(request_id).await,
         }
     }
 
     /// The latest journal entry of `permit` whose client sent `client_request_id`.
-    pub fn charge_by_client_id(
+    pub async fn charge_by_client_id(
         &self,
         permit: &B256,
         client_request_id: &str,
     ) -> Result<Option<Charge>, MeterError> {
-        match self.hot.get(ckey(permit, client_request_id)).map_err(db_err)? {
-            Some(seq) => self.entry(&seq),
-            None => Ok(None),
+        match &self.store {
+            Store::Sled(s) => match s.hot.get(ckey(permit, client_request_id)).map_err(db_err)? {
+                Some(seq) => Self::entry(s, &seq),
+                None => Ok(None),
+            },
+            Store::Postgres(p) => p.pg.by_client_id(permit, client_request_id).await,
         }
     }
 
-    fn entry(&self, seq: &[u8]) -> Result<Option<Charge>, MeterError> {
+    fn entry(s: &SledStore, seq: &[u8]) -> Result<Option<Charge>, MeterError> {
         let Ok(seq) = <[u8; 8]>::try_from(seq) else { return Ok(None) };
-        match self.hot.get(jkey(u64::from_be_bytes(seq))).map_err(db_err)? {
+        match s.hot.get(jkey(u64::from_be_bytes(seq))).map_err(db_err)? {
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
                 .map_err(|e| MeterError::Ledger(format!("journal entry: {e}"))),
@@ -425,14 +591,18 @@ impl Ledger {
     }
 
     /// Every journal entry, in order.
-    pub fn journal(&self) -> Result<Vec<Charge>, MeterError> {
-        self.hot
-            .scan_prefix(b"j/")
-            .map(|kv| {
-                let (_, v) = kv.map_err(db_err)?;
-                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))
-            })
-            .collect()
+    pub async fn journal(&self) -> Result<Vec<Charge>, MeterError> {
+        match &self.store {
+            Store::Sled(s) => s
+                .hot
+                .scan_prefix(b"j/")
+                .map(|kv| {
+                    let (_, v) = kv.map_err(db_err)?;
+                    serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))
+                })
+                .collect(),
+            Store::Postgres(p) => p.pg.journal().await,
+        }
     }
 
     #[cfg(test)]
@@ -443,7 +613,8 @@ impl Ledger {
     /// The permit's charged totals as they are on disk (tests compare them with what was issued).
     #[cfg(test)]
     pub(crate) fn totals_on_disk(&self, hash: &B256) -> Option<(U256, u64)> {
-        self.hot.get(tkey(hash)).ok().flatten().and_then(|v| totals_of(&v))
+        let Store::Sled(s) = &self.store else { return None };
+        s.hot.get(tkey(hash)).ok().flatten().and_then(|v| totals_of(&v))
     }
 }
 
@@ -451,9 +622,20 @@ impl Drop for Ledger {
     /// Lets the committer finish what is queued and stop, so the database is closed (and its
     /// lock released) when the ledger is.
     fn drop(&mut self) {
-        self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(h) = self.committer.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = h.join();
+        match &self.store {
+            Store::Sled(s) => {
+                s.tx.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(h) = s.committer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = h.join();
+                }
+            }
+            Store::Postgres(p) => p.tasks.iter().for_each(tokio::task::JoinHandle::abort),
         }
     }
+}
+
+/// The SHA-256 of an API key: only that is stored.
+fn key_hash(api_key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(api_key.as_bytes()).into()
 }

@@ -35,23 +35,23 @@ fn the_signature_is_sent_until_the_chain_has_settled_the_permit() {
     assert!(a.settlement_signature().is_empty());
 }
 
-#[test]
-fn a_ledger_keeps_one_chains_charges_and_refuses_another_chain() -> Result<(), MeterError> {
+#[tokio::test]
+async fn a_ledger_keeps_one_chains_charges_and_refuses_another_chain() -> Result<(), MeterError> {
     let dir = tempfile::tempdir().map_err(err)?;
     let stream = Address::repeat_byte(7);
     {
         let l = Ledger::open(dir.path())?;
-        l.bind(31337, stream)?;
-        l.bind(31337, stream)?;
+        l.bind(31337, stream).await?;
+        l.bind(31337, stream).await?;
     }
     let l = Ledger::open(dir.path())?;
-    l.bind(31337, stream)?; // after a reopen
-    let other_chain = l.bind(314159, stream).map(|_| ()).map_err(|e| e.to_string());
+    l.bind(31337, stream).await?; // after a reopen
+    let other_chain = l.bind(314159, stream).await.map(|_| ()).map_err(|e| e.to_string());
     assert!(
         other_chain.as_ref().is_err_and(|e| e.contains("chain 31337") && e.contains("not chain 314159")),
         "{other_chain:?}"
     );
-    assert!(l.bind(31337, Address::repeat_byte(8)).is_err(), "another contract on the same chain");
+    assert!(l.bind(31337, Address::repeat_byte(8)).await.is_err(), "another contract on the same chain");
     Ok(())
 }
 
@@ -67,7 +67,7 @@ async fn charges_are_durable_in_order_and_survive_a_reopen() -> Result<(), Meter
         for i in 0..50 {
             let l = l.clone();
             tasks.push(tokio::spawn(async move {
-                l.charge(hash, U256::from(3u64), &format!("r{i}"), Some(&format!("c{i}"))).await
+                l.charge(hash, U256::from(3u64), &format!("r{i}"), Some(&format!("c{i}")), U256::MAX).await
             }));
         }
         let mut cum: Vec<U256> = Vec::new();
@@ -90,9 +90,9 @@ async fn charges_are_durable_in_order_and_survive_a_reopen() -> Result<(), Meter
         Totals { unsettled_amount: U256::from(120u64), unsettled_requests: 40, permits: 1 }
     );
     assert_eq!(l.usage_of(B256::repeat_byte(1)).charged_requests, 50);
-    assert_eq!(l.permit_of_key("key-1"), Some(hash));
-    assert_eq!(l.permit_of_key("key-2"), None);
-    let journal = l.journal()?;
+    assert_eq!(l.permit_of_key("key-1").await?, Some(hash));
+    assert_eq!(l.permit_of_key("key-2").await?, None);
+    let journal = l.journal().await?;
     assert_eq!(journal.len(), 50);
     assert!(
         journal
@@ -100,12 +100,16 @@ async fn charges_are_durable_in_order_and_survive_a_reopen() -> Result<(), Meter
             .all(|w| w[0].seq + 1 == w[1].seq && w[0].cumulative_amount < w[1].cumulative_amount)
     );
     // receipts can be found again by either id
-    let by_host = l.charge_by_request("r7")?.ok_or_else(|| err("no r7"))?;
-    let by_client = l.charge_by_client_id(&hash, "c7")?.ok_or_else(|| err("no c7"))?;
+    let by_host = l.charge_by_request("r7").await?.ok_or_else(|| err("no r7"))?;
+    let by_client = l.charge_by_client_id(&hash, "c7").await?.ok_or_else(|| err("no c7"))?;
     assert_eq!(by_host, by_client);
-    assert_eq!(l.charge_by_client_id(&B256::ZERO, "c7")?, None, "another permit's client ids are not ours");
+    assert_eq!(
+        l.charge_by_client_id(&B256::ZERO, "c7").await?,
+        None,
+        "another permit's client ids are not ours"
+    );
     // the next charge continues the journal
-    let c = l.charge(hash, U256::from(1u64), "after", None).await?;
+    let c = l.charge(hash, U256::from(1u64), "after", None, U256::MAX).await?;
     assert_eq!((c.seq, c.cumulative_amount), (50, U256::from(151u64)));
     Ok(())
 }
@@ -131,7 +135,7 @@ async fn an_older_record_never_overwrites_a_newer_one() -> Result<(), MeterError
         for i in 0..20 {
             let l = l.clone();
             tasks.push(tokio::spawn(async move {
-                l.charge(hash, U256::from(1u64), &format!("r{i}"), None).await
+                l.charge(hash, U256::from(1u64), &format!("r{i}"), None, U256::MAX).await
             }));
             tokio::task::yield_now().await;
         }
@@ -146,7 +150,7 @@ async fn an_older_record_never_overwrites_a_newer_one() -> Result<(), MeterError
     }
     let l = Ledger::open(dir.path())?;
     assert_eq!(l.charged(&hash), Some((U256::from(20u64), 20)));
-    let c = l.charge(hash, U256::from(1u64), "next", None).await?;
+    let c = l.charge(hash, U256::from(1u64), "next", None, U256::MAX).await?;
     assert_eq!(c.cumulative_requests, 21, "no cumulative number is issued twice after a reopen");
     Ok(())
 }
@@ -160,15 +164,16 @@ async fn open_rebuilds_totals_from_the_journal() -> Result<(), MeterError> {
         let l = Ledger::open(dir.path())?;
         assert!(l.register(hash, account(8), "k").await?);
         for i in 0..5 {
-            l.charge(hash, U256::from(2u64), &format!("r{i}"), None).await?;
+            l.charge(hash, U256::from(2u64), &format!("r{i}"), None, U256::MAX).await?;
         }
         // write stale totals behind the ledger's back, as the old write order could
         let mut stale = l.account(&hash).ok_or_else(|| err("lost"))?;
         stale.charged_amount = U256::from(4u64);
         stale.charged_requests = 2;
-        l.hot.insert(tkey(&hash), totals_bytes(&stale)).map_err(db_err)?;
-        l.db.insert(pkey(&hash), json(&stale)?).map_err(db_err)?;
-        l.db.flush().map_err(db_err)?;
+        let Store::Sled(s) = &l.store else { return Err(err("not sled")) };
+        s.hot.insert(tkey(&hash), totals_bytes(&stale)).map_err(db_err)?;
+        s.db.insert(pkey(&hash), json(&stale)?).map_err(db_err)?;
+        s.db.flush().map_err(db_err)?;
     }
     let l = Ledger::open(dir.path())?;
     assert_eq!(l.charged(&hash), Some((U256::from(10u64), 5)));
@@ -182,8 +187,8 @@ async fn rejected_permits_leave_settlement_and_indexes_stay_exact() -> Result<()
     let (a, b) = (B256::repeat_byte(1), B256::repeat_byte(2));
     l.register(a, account(1), "ka").await?;
     l.register(b, account(1), "kb").await?;
-    l.charge(a, U256::from(5u64), "1", None).await?;
-    l.charge(b, U256::from(7u64), "2", None).await?;
+    l.charge(a, U256::from(5u64), "1", None, U256::MAX).await?;
+    l.charge(b, U256::from(7u64), "2", None, U256::MAX).await?;
     assert_eq!(l.settleable(10).iter().map(|(h, _)| *h).collect::<Vec<_>>(), vec![b, a]);
     assert_eq!(l.unsettled_of(Address::repeat_byte(1), Address::repeat_byte(3)), U256::from(12u64));
     l.mark_rejected(b, 4).await?;

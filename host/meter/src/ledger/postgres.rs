@@ -1,0 +1,610 @@
+//! The ledger in PostgreSQL, shared by every replica of one host (`div serve --ledger
+//! postgres://…`).
+//!
+//! The database is the authority; each replica keeps the same in-memory view as the sled ledger
+//! (the admission checks read it without a round trip) and refreshes it from the rows that
+//! changed since it last looked. What must be exact across replicas is decided in the database,
+//! under row locks, when a charge is recorded (`charge` in the migration): the cumulative
+//! numbers (so no number is issued twice, whichever replica serves), the permit's cap and the
+//! user's unsettled total against the deposit the replica read from the chain. A replica whose
+//! view was stale served one request it then cannot charge: the caller gets the same refusal as
+//! at admission and pays nothing.
+//!
+//! **Group commit.** Charges queue for one committer task, which sends everything waiting as one
+//! call (one transaction, one WAL flush) and answers each request from its row.
+//!
+//! **Faults.** A lost connection is re-opened on the next use. A batch whose outcome is unknown
+//! (the connection died while it ran) is answered as a ledger error, never retried: the charge
+//! may have been recorded, and the client finds out by its request id (`GET /v1/receipts/{id}`),
+//! as after a host crash. Only a batch the database certainly rolled back (a deadlock or
+//! serialisation failure) is sent again.
+//!
+//! **Settlement lease.** One replica settles at a time: it holds a session-level advisory lock on
+//! a connection of its own; when that replica dies (or PostgreSQL restarts) the lock goes with
+//! its connection and another replica takes it at its next round.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use alloy::primitives::{B256, U256};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::index::State;
+use super::records::{Charge, PermitAccount};
+use crate::MeterError;
+
+/// The migrations, in order; `{schema}` is replaced by the ledger's schema.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_ledger.sql"))];
+
+/// How long one database call may take before the caller gets a ledger error.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most this many charges go in one batch.
+const MAX_BATCH: usize = 512;
+
+/// One charge waiting for the committer.
+pub(super) struct PgCharge {
+    pub(super) hash: B256,
+    pub(super) amount: U256,
+    pub(super) request_id: String,
+    pub(super) client_request_id: Option<String>,
+    /// The most the user's unsettled total in the permit's stablecoin may reach.
+    pub(super) limit: U256,
+    pub(super) done: oneshot::Sender<Result<Charge, MeterError>>,
+}
+
+/// A connection to the ledger's database, re-opened when it is lost.
+struct Conn {
+    url: String,
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl Conn {
+    fn new(url: &str) -> Self {
+        Self { url: url.to_string(), client: tokio::sync::Mutex::new(None) }
+    }
+
+    async fn get(&self) -> Result<Arc<Client>, MeterError> {
+        let mut g = self.client.lock().await;
+        if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(connect(&self.url).await?);
+        *g = Some(c.clone());
+        Ok(c)
+    }
+}
+
+async fn connect(url: &str) -> Result<Client, MeterError> {
+    let (client, connection) =
+        tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, NoTls))
+            .await
+            .map_err(|_| unavailable("connecting timed out"))?
+            .map_err(|e| unavailable(&e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!("ledger database connection closed: {e}");
+        }
+    });
+    Ok(client)
+}
+
+fn unavailable(why: &str) -> MeterError {
+    MeterError::Ledger(format!("the ledger database is unavailable: {why}"))
+}
+
+fn pg_err(e: tokio_postgres::Error) -> MeterError {
+    match e.as_db_error() {
+        Some(db) => MeterError::Ledger(format!("the ledger database: {}", db.message())),
+        None => unavailable(&e.to_string()),
+    }
+}
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, MeterError> {
+    tokio::time::timeout(CALL_TIMEOUT, f).await.map_err(|_| unavailable("a call timed out"))?.map_err(pg_err)
+}
+
+fn num(v: U256) -> String {
+    v.to_string()
+}
+
+fn parse_num(s: &str) -> Result<U256, MeterError> {
+    s.parse().map_err(|_| MeterError::Ledger(format!("the ledger database returned a bad amount {s:?}")))
+}
+
+/// The ledger's store in PostgreSQL.
+pub(super) struct Pg {
+    schema: String,
+    conn: Conn,
+    lease: tokio::sync::Mutex<Option<Client>>,
+    lease_url: String,
+    held: std::sync::atomic::AtomicBool,
+    /// The highest permit version this replica has read.
+    seen: AtomicI64,
+    /// API key hash → permit, for keys this replica has seen.
+    keys: Mutex<HashMap<[u8; 32], B256>>,
+}
+
+impl Pg {
+    /// Connects, creates the schema and applies the migrations it lacks (under a lock, so
+    /// replicas starting together do it once).
+    pub(super) async fn open(url: &str, schema: &str) -> Result<Self, MeterError> {
+        if schema.is_empty()
+            || schema.len() > 40
+            || !schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(MeterError::Ledger(format!("{schema:?} is not a schema name this ledger uses")));
+        }
+        let pg = Self {
+            schema: schema.to_string(),
+            conn: Conn::new(url),
+            lease: tokio::sync::Mutex::new(None),
+            lease_url: url.to_string(),
+            held: std::sync::atomic::AtomicBool::new(false),
+            seen: AtomicI64::new(0),
+            keys: Mutex::new(HashMap::new()),
+        };
+        let mut c = connect(url).await?;
+        let tx = c.transaction().await.map_err(pg_err)?;
+        tx.execute("SELECT pg_advisory_xact_lock(hashtext('div-ledger-migrations'))", &[])
+            .await
+            .map_err(pg_err)?;
+        tx.batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};
+             CREATE TABLE IF NOT EXISTS {schema}.migrations (version int PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        ))
+        .await
+        .map_err(pg_err)?;
+        for (version, sql) in MIGRATIONS {
+            let done = tx
+                .query_opt(&format!("SELECT 1 FROM {schema}.migrations WHERE version = $1"), &[version])
+                .await
+                .map_err(pg_err)?
+                .is_some();
+            if !done {
+                tx.batch_execute(&sql.replace("{schema}", schema)).await.map_err(pg_err)?;
+                tx.execute(&format!("INSERT INTO {schema}.migrations (version) VALUES ($1)"), &[version])
+                    .await
+                    .map_err(pg_err)?;
+                tracing::info!(schema, version, "ledger database migrated");
+            }
+        }
+        tx.commit().await.map_err(pg_err)?;
+        Ok(pg)
+    }
+
+    fn t(&self, table: &str) -> String {
+        format!("{}.{table}", self.schema)
+    }
+
+    /// Ties the schema to one chain's `PaymentStream` (see `Ledger::bind`).
+    pub(super) async fn bind(&self, want: &[u8]) -> Result<Option<Vec<u8>>, MeterError> {
+        let c = self.conn.get().await?;
+        timed(c.execute(
+            &format!("INSERT INTO {} (k, v) VALUES ('chain', $1) ON CONFLICT DO NOTHING", self.t("meta")),
+            &[&want],
+        ))
+        .await?;
+        let row =
+            timed(c.query_one(&format!("SELECT v FROM {} WHERE k = 'chain'", self.t("meta")), &[])).await?;
+        let have: Vec<u8> = row.get(0);
+        Ok((have != want).then_some(have))
+    }
+
+    /// Reads every permit changed since the last call into `state`; returns how many.
+    pub(super) async fn refresh(&self, state: &Mutex<State>) -> Result<usize, MeterError> {
+        let c = self.conn.get().await?;
+        let since = self.seen.load(Ordering::Acquire);
+        let rows = timed(c.query(
+            &format!(
+                "SELECT hash, account::text, charged_amount::text, charged_requests, settled_amount::text,
+                        settled_requests, rejected, keyed, version
+                 FROM {} WHERE version > $1 ORDER BY version LIMIT 20000",
+                self.t("permits")
+            ),
+            &[&since],
+        ))
+        .await?;
+        let mut max = since;
+        let mut read = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let version: i64 = r.get(8);
+            max = max.max(version);
+            read.push(account_of(r)?);
+        }
+        let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
+        for (hash, acc, keyed) in read {
+            merge(&mut g, hash, acc, keyed);
+        }
+        drop(g);
+        self.seen.fetch_max(max, Ordering::AcqRel);
+        Ok(rows.len())
+    }
+
+    /// Records a permit and its key; false if the permit already has a key.
+    pub(super) async fn register(
+        &self,
+        hash: B256,
+        account: &PermitAccount,
+        key_hash: [u8; 32],
+    ) -> Result<bool, MeterError> {
+        let c = self.conn.get().await?;
+        let json = serde_json::to_string(account).map_err(|e| MeterError::Ledger(e.to_string()))?;
+        let p = &account.permit;
+        // one statement, so one transaction: the permit, its user's unsettled row, the key
+        let sql = format!(
+            "WITH permit AS (
+                 INSERT INTO {permits} (hash, user_addr, token, model_id, max_amount, account, keyed)
+                 VALUES ($1, $2, $3, $4, $5::text::numeric, $6::text::jsonb, true)
+                 ON CONFLICT (hash) DO NOTHING
+                 RETURNING hash),
+             funds AS (
+                 INSERT INTO {unsettled} (user_addr, token) VALUES ($2, $3) ON CONFLICT DO NOTHING)
+             INSERT INTO {keys} (key_hash, permit) SELECT $7, hash FROM permit RETURNING permit",
+            permits = self.t("permits"),
+            unsettled = self.t("unsettled"),
+            keys = self.t("keys"),
+        );
+        let rows = timed(c.query(
+            &sql,
+            &[
+                &hash.as_slice(),
+                &p.user.as_slice(),
+                &p.token.as_slice(),
+                &p.model_id.as_slice(),
+                &num(p.max_amount),
+                &json,
+                &key_hash.as_slice(),
+            ],
+        ))
+        .await?;
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(key_hash, hash);
+        Ok(true)
+    }
+
+    /// The permit a key spends, from this replica's memory or the database (which then also
+    /// brings the permit into `state`).
+    pub(super) async fn find_key(
+        &self,
+        key_hash: [u8; 32],
+        state: &Mutex<State>,
+    ) -> Result<Option<B256>, MeterError> {
+        if let Some(h) = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(&key_hash) {
+            return Ok(Some(*h));
+        }
+        let c = self.conn.get().await?;
+        let row = timed(c.query_opt(
+            &format!(
+                "SELECT p.hash, p.account::text, p.charged_amount::text, p.charged_requests, p.settled_amount::text,
+                        p.settled_requests, p.rejected, p.keyed, p.version
+                 FROM {} k JOIN {} p ON p.hash = k.permit WHERE k.key_hash = $1",
+                self.t("keys"),
+                self.t("permits")
+            ),
+            &[&key_hash.as_slice()],
+        ))
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let (hash, acc, keyed) = account_of(&row)?;
+        merge(&mut state.lock().unwrap_or_else(|p| p.into_inner()), hash, acc, keyed);
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).insert(key_hash, hash);
+        Ok(Some(hash))
+    }
+
+    /// Charges one batch; answers each charge from its row.
+    async fn charge_batch(&self, batch: Vec<PgCharge>, state: &Mutex<State>) {
+        let result = self.try_charge_batch(&batch).await;
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(e) => {
+                let why = e.to_string();
+                for c in batch {
+                    let _ = c.done.send(Err(MeterError::Ledger(why.clone())));
+                }
+                return;
+            }
+        };
+        let mut answers: Vec<Option<Result<Charge, MeterError>>> = (0..batch.len()).map(|_| None).collect();
+        for r in rows {
+            let i = slot_index(r.get(0));
+            if let (Some(c), Some(slot)) = (batch.get(i), answers.get_mut(i)) {
+                *slot = Some(answer_of(&r, c, state));
+            }
+        }
+        for (c, a) in batch.into_iter().zip(answers) {
+            let a =
+                a.unwrap_or_else(|| Err(MeterError::Ledger("the ledger database skipped a charge".into())));
+            let _ = c.done.send(a);
+        }
+    }
+
+    async fn try_charge_batch(&self, batch: &[PgCharge]) -> Result<Vec<Row>, MeterError> {
+        let hashes: Vec<&[u8]> = batch.iter().map(|c| c.hash.as_slice()).collect();
+        let amounts: Vec<String> = batch.iter().map(|c| num(c.amount)).collect();
+        let ids: Vec<&str> = batch.iter().map(|c| c.request_id.as_str()).collect();
+        let client_ids: Vec<Option<&str>> = batch.iter().map(|c| c.client_request_id.as_deref()).collect();
+        let limits: Vec<String> = batch.iter().map(|c| num(c.limit)).collect();
+        let at = i64::try_from(super::store::now()).unwrap_or(i64::MAX);
+        let sql = format!(
+            "SELECT o_i, o_seq, o_amount, o_requests, o_refused
+             FROM {}.charge($1, $2::text[]::numeric[], $3, $4, $5::text[]::numeric[], $6)",
+            self.schema
+        );
+        let mut tries = 0;
+        loop {
+            let c = self.conn.get().await?;
+            match tokio::time::timeout(
+                CALL_TIMEOUT,
+                c.query(&sql, &[&hashes, &amounts, &ids, &client_ids, &limits, &at]),
+            )
+            .await
+            {
+                Err(_) => return Err(unavailable("a charge timed out; its outcome is unknown")),
+                Ok(Ok(rows)) => return Ok(rows),
+                Ok(Err(e)) => {
+                    let rolled_back = e.code().is_some_and(|c| {
+                        *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                            || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+                    });
+                    tries += 1;
+                    if rolled_back && tries < 5 {
+                        continue;
+                    }
+                    return Err(pg_err(e));
+                }
+            }
+        }
+    }
+
+    /// Records a settlement read back from the chain (settled totals only grow).
+    pub(super) async fn settled(&self, hash: B256, amount: U256, requests: u64) -> Result<(), MeterError> {
+        let c = self.conn.get().await?;
+        let reqs = i64::try_from(requests).unwrap_or(i64::MAX);
+        timed(c.execute(
+            &format!("SELECT {}.settled($1, $2::text::numeric, $3)", self.schema),
+            &[&hash.as_slice(), &num(amount), &reqs],
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a permit the contract refused for good.
+    pub(super) async fn rejected(&self, hash: B256, reason: u8) -> Result<(), MeterError> {
+        let c = self.conn.get().await?;
+        timed(c.execute(
+            &format!("SELECT {}.rejected($1, $2)", self.schema),
+            &[&hash.as_slice(), &i16::from(reason)],
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// The journal entry of a request, by the host's id.
+    pub(super) async fn by_request(&self, request_id: &str) -> Result<Option<Charge>, MeterError> {
+        let c = self.conn.get().await?;
+        let row =
+            timed(c.query_opt(&format!("{} WHERE request_id = $1", self.journal_select()), &[&request_id]))
+                .await?;
+        row.as_ref().map(charge_of).transpose()
+    }
+
+    /// The latest journal entry of `permit` whose client sent `client_request_id`.
+    pub(super) async fn by_client_id(
+        &self,
+        permit: &B256,
+        client_request_id: &str,
+    ) -> Result<Option<Charge>, MeterError> {
+        let c = self.conn.get().await?;
+        let row = timed(c.query_opt(
+            &format!(
+                "{} WHERE permit = $1 AND client_request_id = $2 ORDER BY seq DESC LIMIT 1",
+                self.journal_select()
+            ),
+            &[&permit.as_slice(), &client_request_id],
+        ))
+        .await?;
+        row.as_ref().map(charge_of).transpose()
+    }
+
+    /// Every journal entry, in order.
+    pub(super) async fn journal(&self) -> Result<Vec<Charge>, MeterError> {
+        let c = self.conn.get().await?;
+        let rows = timed(c.query(&format!("{} ORDER BY seq", self.journal_select()), &[])).await?;
+        rows.iter().map(charge_of).collect()
+    }
+
+    fn journal_select(&self) -> String {
+        format!(
+            "SELECT seq, request_id, client_request_id, permit, amount::text, cumulative_amount::text,
+                    cumulative_requests, at FROM {}",
+            self.t("journal")
+        )
+    }
+
+    /// Whether this replica holds the settlement lease (taking it if nobody does).
+    pub(super) async fn lease(&self) -> bool {
+        let mut g = self.lease.lock().await;
+        if let Some(c) = g.as_ref() {
+            // a connection PostgreSQL dropped (a restart) took the lock with it
+            if !c.is_closed() && c.simple_query("SELECT 1").await.is_ok() {
+                return true;
+            }
+            *g = None;
+            self.held.store(false, Ordering::Release);
+            tracing::warn!(schema = %self.schema, "lost the settlement lease (its connection closed)");
+        }
+        let Ok(c) = connect(&self.lease_url).await else { return false };
+        let key = format!("div-settler/{}", self.schema);
+        match c.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key]).await {
+            Ok(r) if r.get::<_, bool>(0) => {
+                tracing::info!(schema = %self.schema, "took the settlement lease");
+                *g = Some(c);
+                self.held.store(true, Ordering::Release);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this replica holds the lease now (its lease connection is open).
+    pub(super) fn holds_lease(&self) -> bool {
+        match self.lease.try_lock() {
+            Ok(g) => g.as_ref().is_some_and(|c| !c.is_closed()),
+            // being checked or taken right now: as it was
+            Err(_) => self.held.load(Ordering::Acquire),
+        }
+    }
+
+    /// Lets the lease go (a draining replica).
+    pub(super) async fn release_lease(&self) {
+        self.held.store(false, Ordering::Release);
+        if self.lease.lock().await.take().is_some() {
+            tracing::info!(schema = %self.schema, "released the settlement lease");
+        }
+    }
+}
+
+fn slot_index(i: i32) -> usize {
+    usize::try_from(i - 1).unwrap_or(usize::MAX)
+}
+
+/// The answer to one charge from its row, and the replica's view brought up to it.
+fn answer_of(r: &Row, c: &PgCharge, state: &Mutex<State>) -> Result<Charge, MeterError> {
+    let refused: Option<String> = r.get(4);
+    if let Some(why) = refused {
+        let g = state.lock().unwrap_or_else(|p| p.into_inner());
+        let acc = g.accounts.get(&c.hash);
+        return Err(match why.as_str() {
+            "cap" => MeterError::OverCap {
+                cap: acc.map(|a| a.permit.max_amount).unwrap_or_default(),
+                charged: acc.map(|a| a.charged_amount).unwrap_or_default(),
+                price: c.amount,
+            },
+            "funds" => MeterError::InsufficientFunds {
+                available: c.limit.saturating_sub(
+                    acc.map(|a| {
+                        g.unsettled_by_user.get(&(a.permit.user, a.permit.token)).copied().unwrap_or_default()
+                    })
+                    .unwrap_or_default(),
+                ),
+                price: c.amount,
+            },
+            "rejected" => MeterError::Revoked,
+            other => MeterError::Ledger(format!("the ledger database refused the charge: {other}")),
+        });
+    }
+    let seq: i64 = r.get(1);
+    let amount: String = r.get(2);
+    let requests: i64 = r.get(3);
+    let charge = Charge {
+        seq: u64::try_from(seq).unwrap_or_default(),
+        request_id: c.request_id.clone(),
+        client_request_id: c.client_request_id.clone(),
+        permit_hash: c.hash,
+        amount: c.amount,
+        cumulative_amount: parse_num(&amount)?,
+        cumulative_requests: u64::try_from(requests).unwrap_or_default(),
+        at: super::store::now(),
+    };
+    state.lock().unwrap_or_else(|p| p.into_inner()).update(&c.hash, |a| {
+        a.charged_amount = a.charged_amount.max(charge.cumulative_amount);
+        a.charged_requests = a.charged_requests.max(charge.cumulative_requests);
+    });
+    Ok(charge)
+}
+
+/// A permit row: (hash, account, keyed).
+fn account_of(r: &Row) -> Result<(B256, PermitAccount, bool), MeterError> {
+    let hash: &[u8] = r.get(0);
+    let json: String = r.get(1);
+    let mut acc: PermitAccount =
+        serde_json::from_str(&json).map_err(|e| MeterError::Ledger(format!("permit record: {e}")))?;
+    let charged: String = r.get(2);
+    let settled: String = r.get(4);
+    acc.charged_amount = parse_num(&charged)?;
+    acc.charged_requests = u64::try_from(r.get::<_, i64>(3)).unwrap_or_default();
+    acc.settled_amount = parse_num(&settled)?;
+    acc.settled_requests = u64::try_from(r.get::<_, i64>(5)).unwrap_or_default();
+    acc.rejected = r.get::<_, Option<i16>>(6).and_then(|v| u8::try_from(v).ok());
+    let hash =
+        B256::try_from(hash).map_err(|_| MeterError::Ledger("a permit hash is not 32 bytes".into()))?;
+    Ok((hash, acc, r.get(7)))
+}
+
+/// Brings the database's row into the replica's view; totals only grow.
+fn merge(g: &mut State, hash: B256, acc: PermitAccount, keyed: bool) {
+    if keyed {
+        g.keyed.insert(hash);
+    }
+    if g.accounts.contains_key(&hash) {
+        g.update(&hash, |a| {
+            a.charged_amount = a.charged_amount.max(acc.charged_amount);
+            a.charged_requests = a.charged_requests.max(acc.charged_requests);
+            a.settled_amount = a.settled_amount.max(acc.settled_amount);
+            a.settled_requests = a.settled_requests.max(acc.settled_requests);
+            if acc.rejected.is_some() {
+                a.rejected = acc.rejected;
+            }
+        });
+    } else {
+        g.insert(hash, acc);
+    }
+}
+
+fn charge_of(r: &Row) -> Result<Charge, MeterError> {
+    let permit: &[u8] = r.get(3);
+    let amount: String = r.get(4);
+    let cumulative: String = r.get(5);
+    Ok(Charge {
+        seq: u64::try_from(r.get::<_, i64>(0)).unwrap_or_default(),
+        request_id: r.get(1),
+        client_request_id: r.get(2),
+        permit_hash: B256::try_from(permit)
+            .map_err(|_| MeterError::Ledger("a permit hash is not 32 bytes".into()))?,
+        amount: parse_num(&amount)?,
+        cumulative_amount: parse_num(&cumulative)?,
+        cumulative_requests: u64::try_from(r.get::<_, i64>(6)).unwrap_or_default(),
+        at: u64::try_from(r.get::<_, i64>(7)).unwrap_or_default(),
+    })
+}
+
+/// The committer: takes everything queued (up to [`MAX_BATCH`]) and charges it as one batch.
+pub(super) async fn committer(
+    pg: Arc<Pg>,
+    state: Arc<Mutex<State>>,
+    mut rx: mpsc::UnboundedReceiver<PgCharge>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        pg.charge_batch(batch, &state).await;
+    }
+}
+
+/// Keeps the replica's view in step with what other replicas charge and settle.
+pub(super) async fn refresher(
+    pg: std::sync::Weak<Pg>,
+    state: std::sync::Weak<Mutex<State>>,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let (Some(pg), Some(state)) = (pg.upgrade(), state.upgrade()) else { return };
+        if let Err(e) = pg.refresh(&state).await {
+            tracing::debug!("refreshing the ledger view: {e}");
+        }
+    }
+}
