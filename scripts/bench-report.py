@@ -74,6 +74,7 @@ GOALS = [
     ("int8_vs_f32_b32", ">=", 2.0, "int8 ÷ F32 MiniLM speed at batch 32, graphs called directly"),
     ("paid_rps_c64_int8", ">=", 1000, "full paid path, 64 clients, int8 MiniLM (req/s on these cores)"),
     ("lb_overhead_c32", ">=", 0.95, "through HAProxy ÷ straight to the replica, 32 clients"),
+    ("pg_ledger_vs_sled_c32", ">=", 0.9, "paid throughput with the ledger in PostgreSQL ÷ sled, 32 clients"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
 for key, op, target, what in GOALS:

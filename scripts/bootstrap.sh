@@ -75,6 +75,8 @@ apt_needs() {
   # the shared ledger's tests start their own PostgreSQL server from these two programs
   # (div_tests::Postgres looks in the same place)
   have_postgres || echo postgresql
+  # the result cache and the rate limits replicas share (tests start their own redis-server)
+  [ -x "$ROOT/usr/bin/redis-server" ] || echo redis-server
   # `python3 -m venv` needs ensurepip, which Debian ships apart from python3
   if [ -z "$ROOT" ]; then
     python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv

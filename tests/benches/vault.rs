@@ -266,25 +266,29 @@ async fn payments(
     buy_access(chain, &client, model_id).await?;
     let provider = ProviderBuilder::new().connect_http(chain.rpc_url.parse()?).erased();
     let host = chain.keys[3].clone();
-    let meter = Arc::new(Meter::new(
-        MeterConfig {
-            host: host.clone(),
-            chain_id: chain.deployment.chain_id,
-            payment_stream: chain.deployment.payment_stream,
-            model_vault: chain.deployment.model_vault,
-            provider,
-            cache_ttl: Duration::from_secs(5),
-            rpc_timeout: Duration::from_secs(5),
-            premium_batch: 16,
-            rate_per_sec: 1_000_000,
-            premium_rate_per_sec: 1_000_000,
-            max_keys_per_user: 32,
-        },
-        Arc::new(Ledger::open(&scratch.join("ledger"))?),
-    ));
+    let config = MeterConfig {
+        host: host.clone(),
+        chain_id: chain.deployment.chain_id,
+        payment_stream: chain.deployment.payment_stream,
+        model_vault: chain.deployment.model_vault,
+        provider,
+        cache_ttl: Duration::from_secs(5),
+        rpc_timeout: Duration::from_secs(5),
+        premium_batch: 16,
+        rate_per_sec: 1_000_000,
+        premium_rate_per_sec: 1_000_000,
+        max_keys_per_user: 32,
+    };
+    let meter = Arc::new(Meter::new(config.clone(), Arc::new(Ledger::open(&scratch.join("ledger"))?)));
     let name = "all-minilm-l6-v2".to_string();
     let mref = ModelRef { name: name.clone(), model_id };
     let key = paid_key(chain, &meter, user, &mref, 1).await?;
+    // the same host with its ledger in PostgreSQL (a server of the bench's own, fsync on)
+    let pg = div_tests::Postgres::start("bench")?;
+    let pg_ledger = Ledger::open_postgres(&pg.url(), "div_c31337").await?;
+    pg_ledger.bind(chain.deployment.chain_id, chain.deployment.payment_stream).await?;
+    let pg_meter = Arc::new(Meter::new(config, Arc::new(pg_ledger)));
+    let pg_key = paid_key(chain, &pg_meter, user, &mref, 3).await?;
 
     let metrics = Arc::new(div_api::Metrics::default());
     let serve = |state: div_api::AppState| async move {
@@ -296,7 +300,11 @@ async fn payments(
     let api = div_api::ApiConfig::default();
     let free = serve(div_api::AppState::new(models.clone(), metrics.clone(), api.clone())).await?;
     let gated =
-        serve(div_api::AppState::new(models.clone(), metrics.clone(), api).with_meter(meter.clone())).await?;
+        serve(div_api::AppState::new(models.clone(), metrics.clone(), api.clone()).with_meter(meter.clone()))
+            .await?;
+    let gated_pg =
+        serve(div_api::AppState::new(models.clone(), metrics.clone(), api).with_meter(pg_meter.clone()))
+            .await?;
     let http = reqwest::Client::new();
     let round = |url: String, key: Option<String>| {
         let http = http.clone();
@@ -328,17 +336,21 @@ async fn payments(
     };
     round(free.clone(), None).await?;
     round(gated.clone(), Some(key.clone())).await?;
-    let (mut g, mut u) = (Vec::new(), Vec::new());
+    round(gated_pg.clone(), Some(pg_key.clone())).await?;
+    let (mut g, mut u, mut gp) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..9 {
         u.push(round(free.clone(), None).await?);
         g.push(round(gated.clone(), Some(key.clone())).await?);
+        gp.push(round(gated_pg.clone(), Some(pg_key.clone())).await?);
     }
     let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (gm, um) = (med(g), med(u));
+    let (gm, um, pm) = (med(g), med(u), med(gp));
     let ratio = gm / um;
+    let pg_ratio = pm / gm;
+    println!("PostgreSQL ledger: {pm:.0} req/s vs sled {gm:.0} req/s at 32 clients: ratio {pg_ratio:.3}");
     let wallet = chain.client(3).await?;
     let report =
         div_meter::settle::settle_now(&meter, &wallet, &div_meter::settle::SettleConfig::default()).await?;
@@ -396,6 +408,8 @@ async fn payments(
     );
     let mut out = json!({
         "gated_vs_ungated_c32": ratio,
+        "pg_ledger_vs_sled_c32": pg_ratio,
+        "pg_ledger_rps_c32": pm,
         "gated_rps_c32": gm,
         "ungated_rps_c32": um,
         "settled_gas_per_request": gas_per,
@@ -423,6 +437,9 @@ async fn payments(
          | ungated: 32 clients, MiniLM, one sentence per request | {um:.0} req/s |\n\
          | gated + metered + journaled (fsync'd group commit), same model | {gm:.0} req/s |\n\
          | ratio (goal ≥ 0.95) | **{ratio:.3}** |\n\
+         | the same with the ledger in PostgreSQL 15 (a local server, fsync on; the database assigns \
+         the numbers and checks cap and deposit) | {pm:.0} req/s |\n\
+         | PostgreSQL ÷ sled (`pg_ledger_vs_sled_c32`, goal ≥ 0.9) | **{pg_ratio:.3}** |\n\
          | settlement of {} requests on one permit, one `settleBatch` | {gas_per:.1} gas / request |\n\n\
          Rounds of 256 requests alternate between the two routers (same model store, same \
          sandboxes); medians of 9. Every gated request checks the key, the permit, the token \

@@ -12,7 +12,7 @@ trap 'rm -rf "$tmp"' EXIT
 full_root() {
   local r=$1
   mkdir -p "$r/usr/bin" "$r/usr/sbin" "$r/usr/lib/llvm-14/lib" "$r/usr/lib/x86_64-linux-gnu"
-  for c in node npm curl ipfs_cid cmake c++ chromium systemd-analyze promtool prometheus; do
+  for c in node npm curl ipfs_cid cmake c++ chromium systemd-analyze promtool prometheus redis-server; do
     printf '#!/bin/sh\n' >"$r/usr/bin/$c"
     chmod +x "$r/usr/bin/$c"
   done
@@ -84,6 +84,9 @@ expect "no PostgreSQL server requests postgresql" "$r" postgresql
 
 r=$tmp/pg-client-only; full_root "$r"; rm "$r/usr/lib/postgresql/15/bin/postgres"
 expect "initdb without the server program requests postgresql" "$r" postgresql
+
+r=$tmp/no-redis; full_root "$r"; rm "$r/usr/bin/redis-server"
+expect "no /usr/bin/redis-server requests redis-server" "$r" redis-server
 
 echo "bootstrap detection: $passes passed, $fails failed"
 [ "$fails" -eq 0 ]

@@ -13,9 +13,9 @@ use div_chain::bindings::DevStablecoin;
 use div_chain::{Client, Deployment, ModelRegistration, RegisteredModel};
 
 pub mod load;
-mod postgres;
+mod servers;
 
-pub use postgres::Postgres;
+pub use servers::{Postgres, Redis};
 
 /// A TCP port free on 127.0.0.1 now.
 pub fn free_tcp_port() -> anyhow::Result<u16> {
@@ -118,6 +118,14 @@ impl Drop for TestHost {
 impl TestHost {
     /// Starts a host with `api` limits and no models.
     pub async fn start(api: div_api::ApiConfig) -> anyhow::Result<Self> {
+        Self::start_with(api, None).await
+    }
+
+    /// [`TestHost::start`], sharing a result cache and rate limits through `shared` (Redis).
+    pub async fn start_with(
+        api: div_api::ApiConfig,
+        shared: Option<div_api::shared::Shared>,
+    ) -> anyhow::Result<Self> {
         div_nn::init_onnx_runtime(&ort_dylib()?)?;
         let runtime = div_runtime::Runtime::new(div_runtime::RuntimeConfig {
             cache_dir: Some(workspace_root().join("target/div-test-cache")),
@@ -130,7 +138,11 @@ impl TestHost {
             ..Default::default()
         };
         let store = std::sync::Arc::new(div_models::ModelStore::new(runtime, options));
-        let app = div_api::router(div_api::AppState::new(store.clone(), metrics, api));
+        let mut state = div_api::AppState::new(store.clone(), metrics, api);
+        if let Some(shared) = shared {
+            state = state.with_shared(shared);
+        }
+        let app = div_api::router(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         // the host's own server loop (header, idle and connection limits), as `div serve` runs it

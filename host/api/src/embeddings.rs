@@ -149,6 +149,9 @@ pub struct EmbeddingsResponse {
     /// The host's signed receipt for a paid request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub receipt: Option<div_meter::Receipt>,
+    /// Whether the answer came from the shared result cache (`None`: the model is not cached).
+    #[serde(skip)]
+    pub cached: Option<bool>,
 }
 
 impl EmbeddingsResponse {
@@ -181,6 +184,7 @@ impl EmbeddingsResponse {
             model: model.to_string(),
             usage: Usage { prompt_tokens, total_tokens: prompt_tokens },
             receipt: None,
+            cached: None,
         }
     }
 }

@@ -19,6 +19,7 @@ mod metrics;
 mod routes;
 mod serve;
 mod server;
+pub mod shared;
 mod state;
 
 pub use error::ApiError;

@@ -59,6 +59,12 @@ fn fine_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.000_002, 2.0, 24))
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabels {
+    model: String,
+    outcome: &'static str,
+}
+
 /// The host's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -72,6 +78,7 @@ pub struct Metrics {
     in_flight: Gauge,
     tokens: Family<TokenLabels, Counter>,
     cancelled: Family<ModelLabel, Counter>,
+    result_cache: Family<CacheLabels, Counter>,
     custodian_failures: Family<CustodianLabel, Counter>,
     unsettled: Family<ChainLabel, FloatGauge>,
     unsettled_requests: Family<ChainLabel, Gauge>,
@@ -143,6 +150,12 @@ impl Default for Metrics {
             "generations_cancelled",
             "Generations stopped because the caller went away",
             cancelled.clone(),
+        );
+        let result_cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "result_cache",
+            "Shared result cache lookups, by model and outcome (hit, miss, error: Redis did not answer)",
+            result_cache.clone(),
         );
         let custodian_failures = Family::<CustodianLabel, Counter>::default();
         registry.register(
@@ -242,6 +255,7 @@ impl Default for Metrics {
             in_flight,
             tokens,
             cancelled,
+            result_cache,
             custodian_failures,
             unsettled,
             unsettled_requests,
@@ -287,6 +301,11 @@ impl Metrics {
             Ok(r) => self.settlement(chain_id, r),
             Err(_) => self.settlement_failed(),
         }
+    }
+
+    /// Counts a result cache lookup of `model`: `hit`, `miss` or `error`.
+    pub fn result_cache(&self, model: &str, outcome: &'static str) {
+        self.result_cache.get_or_create(&CacheLabels { model: model.to_string(), outcome }).inc();
     }
 
     /// Whether this replica holds `chain_id`'s settlement lease.

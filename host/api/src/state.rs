@@ -89,6 +89,8 @@ pub struct AppState {
     /// Set when the host is told to stop: `/readyz` answers 503 `draining` so a load balancer
     /// sends nothing new, while requests keep being served until the listener closes.
     pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
+    /// What the replicas of this host share in Redis: the result cache and rate limits.
+    pub(crate) shared: Option<crate::shared::Shared>,
 }
 
 impl AppState {
@@ -106,7 +108,18 @@ impl AppState {
             deployments: Arc::new([]),
             web_dir: None,
             draining: Arc::default(),
+            shared: None,
         }
+    }
+
+    /// Shares the result cache and the per-permit rate limits with the other replicas of this
+    /// host through `shared` (every meter, added before or after).
+    pub fn with_shared(mut self, shared: crate::shared::Shared) -> Self {
+        for m in self.meters.iter() {
+            m.share_rate_limits(Arc::new(shared.clone()));
+        }
+        self.shared = Some(shared);
+        self
     }
 
     /// Gates and meters every model from the vault with `meter` (models loaded from a local
@@ -114,6 +127,9 @@ impl AppState {
     /// the host also takes payment on that chain: each request is charged on the chain of the
     /// caller's API key or session, the first meter's chain when the caller names none.
     pub fn with_meter(mut self, meter: Arc<Meter>) -> Self {
+        if let Some(shared) = &self.shared {
+            meter.share_rate_limits(Arc::new(shared.clone()));
+        }
         let mut meters = self.meters.to_vec();
         meters.push(meter);
         self.meters = meters.into();

@@ -89,6 +89,12 @@ pub struct ServeArgs {
     /// them settles at a time. Each payment chain gets a schema of its own (`div_c<chain id>`).
     #[arg(long, env = "DIV_LEDGER", value_name = "POSTGRES_URL")]
     pub(crate) ledger: Option<String>,
+    /// Share a result cache (for models whose manifest allows it: `result_cache`) and the
+    /// per-permit rate limits with the other replicas of this host in Redis (`redis://host:6379`).
+    /// Redis only speeds things up: when it does not answer, the model runs and each replica
+    /// counts its own rate.
+    #[arg(long, env = "DIV_REDIS", value_name = "REDIS_URL")]
+    pub(crate) redis: Option<String>,
     /// Seconds between settlements while charges wait.
     #[arg(long, env = "DIV_SETTLE_INTERVAL_SECS", default_value_t = 30)]
     pub(crate) settle_interval_secs: u64,
@@ -302,6 +308,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("reading the address book {}", path.display()))?;
             state = state.with_deployment(book);
         }
+    }
+    if let Some(url) = &args.redis {
+        let shared = div_api::shared::Shared::connect(url)
+            .await
+            .context("connecting to Redis (--redis): the result cache and shared rate limits")?;
+        state = state.with_shared(shared);
+        tracing::info!("sharing the result cache and rate limits in Redis");
     }
     if let Some(dir) = &args.web_dir {
         if !dir.join("index.html").is_file() {

@@ -131,7 +131,7 @@ impl Meter {
             && self.model_info(model.model_id).await?.owner == who
         {
             // the owner, signed in, uses their own model free, at the premium rate
-            self.take_rate(B256::left_padding_from(who.as_slice()), true)?;
+            self.take_rate(B256::left_padding_from(who.as_slice()), true).await?;
             return Ok(Admitted::Owner(who));
         }
         let (hash, account) = self.resolve(credential).await?;
@@ -142,7 +142,7 @@ impl Meter {
         }
         let info = self.model_info(model.model_id).await?;
         if permit.user == info.owner {
-            self.take_rate(hash, true)?;
+            self.take_rate(hash, true).await?;
             return Ok(Admitted::Owner(permit.user));
         }
         let tokens = self.token_info(info.access_token, permit.user).await?;
@@ -157,7 +157,7 @@ impl Meter {
                 need: tokens.premium,
             });
         }
-        self.take_rate(hash, premium)?;
+        self.take_rate(hash, premium).await?;
         let funds = self.funds_info(permit.user, permit.token).await?;
         let (unit_price, unit_price_per_1k) = self.prices_in(&info, permit.token).await?;
         let price = price_with_tokens(unit_price, unit_price_per_1k, max_tokens);
@@ -256,8 +256,14 @@ impl Meter {
         Receipt::sign(&charge, model.model_id, &self.config.host).map_err(MeterError::Ledger)
     }
 
-    fn take_rate(&self, key: B256, premium: bool) -> Result<(), MeterError> {
+    async fn take_rate(&self, key: B256, premium: bool) -> Result<(), MeterError> {
         let per_sec = if premium { self.config.premium_rate_per_sec } else { self.config.rate_per_sec };
+        // replicas sharing a count: that count decides while it answers
+        if let Some(shared) = self.shared_rate.get()
+            && let Some(allowed) = shared.take(key, per_sec).await
+        {
+            return if allowed { Ok(()) } else { Err(MeterError::RateLimited { per_sec }) };
+        }
         let burst = f64::from(per_sec) * 2.0;
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();

@@ -84,6 +84,8 @@ pub struct Meter {
     health: chain_view::Health,
     reserved: Mutex<admit::Reservations>,
     buckets: Mutex<HashMap<B256, admit::Bucket>>,
+    /// Rate limits counted with the other replicas of this host, when they share one.
+    shared_rate: std::sync::OnceLock<Arc<dyn SharedRate>>,
     challenges: Arc<siwe::Nonces>,
     /// One settlement round at a time.
     settling: tokio::sync::Mutex<()>,
@@ -91,6 +93,18 @@ pub struct Meter {
     pub charged: tokio::sync::Notify,
     /// Sign-In with Ethereum sessions.
     pub sessions: siwe::Sessions,
+}
+
+/// A per-permit rate limit shared by the replicas of a host (Redis, in `div-api`). `take`
+/// counts one request of `key` against `per_sec`: `Some(allowed)`, or `None` when the shared
+/// store did not answer (the replica's own bucket decides then).
+pub trait SharedRate: Send + Sync {
+    /// Counts one request.
+    fn take(
+        &self,
+        key: B256,
+        per_sec: u32,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Option<bool>> + Send + '_>>;
 }
 
 pub(crate) fn now() -> u64 {
@@ -128,11 +142,17 @@ impl Meter {
             health: chain_view::Health::default(),
             reserved: Mutex::default(),
             buckets: Mutex::default(),
+            shared_rate: std::sync::OnceLock::new(),
             challenges,
             settling: tokio::sync::Mutex::new(()),
             charged: tokio::sync::Notify::new(),
             sessions: siwe::Sessions::with_nonces(sign_in),
         }
+    }
+
+    /// Counts rate limits with the other replicas through `shared` from now on (set once).
+    pub fn share_rate_limits(&self, shared: Arc<dyn SharedRate>) {
+        let _ = self.shared_rate.set(shared);
     }
 
     /// The ledger.

@@ -132,7 +132,7 @@ pub async fn settle_now(
         report.not_settler = true;
         return Ok(report);
     }
-    meter.ledger().refresh().await?;
+    meter.ledger().refresh_settleable().await?;
     let pending = meter.ledger().settleable(MAX_BATCH);
     if pending.is_empty() {
         return Ok(report);

@@ -10,7 +10,7 @@
 mod manifest;
 mod store;
 
-pub use manifest::{FileEntry, Manifest, ManifestBatching, ManifestLimits};
+pub use manifest::{FileEntry, Manifest, ManifestBatching, ManifestCache, ManifestLimits};
 pub use store::{
     BackendObserver, LoadOptions, LoadedModel, ModelError, ModelFiles, ModelGraph, ModelStore, Origin,
 };

@@ -32,6 +32,10 @@ pub struct Manifest {
     /// it on; the host caps the window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<ManifestBatching>,
+    /// The owner lets hosts keep this model's answers in a shared result cache (a deterministic
+    /// model only: the same input always gives the same answer). Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_cache: Option<ManifestCache>,
     /// Settings for the plugin, passed through as `model-config.extra`.
     #[serde(default)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -64,6 +68,13 @@ pub struct ManifestBatching {
     /// Longest a run waits for sandboxes of the model that are about to compute, in microseconds.
     #[serde(default)]
     pub window_us: u64,
+}
+
+/// How long a host may keep an answer of this model in its result cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestCache {
+    /// Seconds an answer may be served from the cache.
+    pub ttl_secs: u64,
 }
 
 /// Per-plugin sandbox limits a manifest may set.

@@ -274,6 +274,9 @@ pub struct LoadedModel {
     pub origin: Origin,
     /// Token ids it takes are below this (from its `tokenizer.json`, or its GGUF vocabulary).
     pub vocab_size: Option<u32>,
+    /// SHA-256 over its manifest (which names every file's SHA-256) and its plugin: what a
+    /// cached answer is tied to, so new weights or a new plugin never meet an old answer.
+    pub fingerprint: [u8; 32],
     last_used: std::sync::atomic::AtomicU64,
 }
 
@@ -391,6 +394,13 @@ impl ModelStore {
                 context.tokenizer.as_ref().map(|t| u32::try_from(t.get_vocab_size(true)).unwrap_or(u32::MAX))
             }
         };
+        let fingerprint: [u8; 32] = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(serde_json::to_vec(&manifest).unwrap_or_default());
+            h.update(plugin_wasm);
+            h.finalize().into()
+        };
         let persist = matches!(origin, Origin::Folder(_));
         let plugin = self
             .runtime
@@ -414,6 +424,7 @@ impl ModelStore {
             bytes,
             origin,
             vocab_size,
+            fingerprint,
             last_used: Default::default(),
         });
         model.touch();
@@ -542,6 +553,7 @@ mod tests {
                 plugin: None,
                 limits: ManifestLimits::default(),
                 batching: None,
+                result_cache: None,
                 extra: Default::default(),
             },
             files: [("model.onnx".to_string(), graph_bytes.to_vec())].into_iter().collect(),

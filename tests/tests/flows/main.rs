@@ -4,5 +4,6 @@ mod api;
 mod batching;
 mod chain;
 mod chat;
+mod result_cache;
 mod runtime;
 mod shared_ledger;

@@ -25,6 +25,7 @@ use crate::body::read_json;
 use crate::embeddings::{EmbeddingsRequest, EmbeddingsResponse};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::shared::{cache_key, decode_vectors, encode_vectors};
 use crate::state::{AppState, RequestIds, credential};
 
 /// Bytes of text per token of a model's input length above which an input is refused rather
@@ -86,8 +87,13 @@ pub async fn embeddings(
     let ids = ids_of(ids);
     let mut model_label = "unknown".to_string();
     let result = embed(&s, ids, &headers, body, &mut model_label).await.map(|r| {
-        let receipt = r.receipt.clone();
-        with_receipt_header(axum::Json(r).into_response(), receipt.as_ref())
+        let (receipt, cached) = (r.receipt.clone(), r.cached);
+        let mut resp = with_receipt_header(axum::Json(r).into_response(), receipt.as_ref());
+        if let Some(hit) = cached {
+            resp.headers_mut()
+                .insert("x-div-cache", HeaderValue::from_static(if hit { "hit" } else { "miss" }));
+        }
+        resp
     });
     answered(&s, "/v1/embeddings", &model_label, started, result)
 }
@@ -157,6 +163,40 @@ async fn embed(
             .ticket(),
         None => None,
     };
+    // the owner allows a shared result cache: read only now, after the gate admitted the caller
+    let cache = match (&s.shared, model.manifest.result_cache) {
+        (Some(shared), Some(rc)) => Some((
+            shared.clone(),
+            cache_key(&model.fingerprint, "embeddings", &input_bytes(&inputs)),
+            std::time::Duration::from_secs(rc.ttl_secs),
+        )),
+        _ => None,
+    };
+    if let Some((shared, key, _)) = &cache {
+        let name = &model.manifest.name;
+        let found = shared.get(key).instrument(tracing::info_span!("cache")).await;
+        match found.as_ref().map(|v| v.as_deref().and_then(decode_vectors)) {
+            Ok(Some((vectors, tokens)))
+                if check_vectors(&vectors, inputs.len(), model.manifest.dimensions).is_ok() =>
+            {
+                s.metrics.result_cache(name, "hit");
+                let mut response = EmbeddingsResponse::new(name, vectors, tokens, encoding);
+                response.cached = Some(true);
+                // a hit is charged like a miss: the price buys the answer
+                if let (Some(ticket), Some((meter, mref))) = (ticket, &paid) {
+                    response.receipt = Some(
+                        meter
+                            .charge(ticket, &ids.host, ids.client.as_deref(), mref)
+                            .instrument(tracing::info_span!("ledger"))
+                            .await?,
+                    );
+                }
+                return Ok(response);
+            }
+            Err(()) => s.metrics.result_cache(name, "error"),
+            _ => s.metrics.result_cache(name, "miss"),
+        }
+    }
     let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
     s.metrics.in_flight().inc();
     let in_flight = InFlight(s.metrics.clone());
@@ -181,8 +221,12 @@ async fn embed(
         None => ApiError::from(e),
     })?;
     check_vectors(&out.vectors, count, model.manifest.dimensions)?;
+    if let Some((shared, key, ttl)) = &cache {
+        shared.put(key, &encode_vectors(&out.vectors, out.prompt_tokens), *ttl).await;
+    }
     let mut response =
         EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding);
+    response.cached = cache.as_ref().map(|_| false);
     if let (Some(ticket), Some((meter, mref))) = (ticket, &paid) {
         // durable before the answer leaves
         response.receipt = Some(
@@ -193,6 +237,28 @@ async fn embed(
         );
     }
     Ok(response)
+}
+
+/// The inputs as the cache keys them: each tagged text or token list with its length.
+fn input_bytes(inputs: &[div_runtime::Input]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for input in inputs {
+        match input {
+            div_runtime::Input::Text(t) => {
+                out.push(b'T');
+                out.extend_from_slice(&(t.len() as u64).to_le_bytes());
+                out.extend_from_slice(t.as_bytes());
+            }
+            div_runtime::Input::Tokens(ids) => {
+                out.push(b'K');
+                out.extend_from_slice(&(ids.len() as u64).to_le_bytes());
+                for id in ids {
+                    out.extend_from_slice(&id.to_le_bytes());
+                }
+            }
+        }
+    }
+    out
 }
 
 /// A plugin is untrusted: its answer must have one finite vector per input, of the model's size

@@ -12,7 +12,7 @@ use div_chain::bindings::PaymentStream;
 use div_meter::Receipt;
 use serde_json::{Value, json};
 
-use crate::rig::paid::Paid;
+use crate::rig::paid::{PRICE, Paid};
 use crate::rig::{HOST, OWNER, Proc, Rig, free_port, misbehave_wasm};
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -42,8 +42,15 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
 -> anyhow::Result<()> {
     let pg = Arc::new(std::sync::Mutex::new(div_tests::Postgres::start("replicas")?));
     let url_db = pg.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.url();
+    let redis = div_tests::Redis::start()?;
+    let url_redis = redis.url();
     let rig = Rig::start("replicas").await?;
-    let pkg = rig.tiny_package("tiny-paid")?;
+    // the owner lets hosts cache this model's answers
+    let pkg = rig.tiny_package_with(
+        "tiny-paid",
+        json!({"extra": {"mode": "echo"}, "result_cache": {"ttl_secs": 600}}),
+        false,
+    )?;
     let id = rig.publish_ok(&pkg, &misbehave_wasm(), &[rig.chain.keys[HOST].address()])?;
     let lb_port = free_port()?;
     let book = rig.book.clone();
@@ -53,6 +60,8 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
     let extra = [
         "--ledger",
         url_db.as_str(),
+        "--redis",
+        url_redis.as_str(),
         "--settle-interval-secs",
         "1",
         "--drain-notice-secs",
@@ -101,6 +110,43 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
     let owner = p.key(OWNER).address();
     let before = p.usdc_of(owner).await?;
 
+    // the result cache, shared in Redis: a miss on replica 1, a hit on replica 3, charged alike;
+    // never an answer for a caller the gate refuses
+    let mut receipts: Vec<Receipt> = Vec::new();
+    let mut cache_answers = Vec::new();
+    for port in [ports[0], ports[2]] {
+        let r = http
+            .post(format!("http://127.0.0.1:{port}/v1/embeddings"))
+            .bearer_auth(&keys[0])
+            .json(&json!({"model": "tiny-paid", "input": "cache me"}))
+            .send()
+            .await?;
+        let cache = r.headers().get("x-div-cache").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let b: Value = r.json().await?;
+        receipts.push(serde_json::from_value(b["receipt"].clone())?);
+        cache_answers.push((cache, b["data"].clone()));
+    }
+    assert_eq!(cache_answers[0].0.as_deref(), Some("miss"));
+    assert_eq!(cache_answers[1].0.as_deref(), Some("hit"), "another replica finds it in Redis");
+    assert_eq!(cache_answers[0].1, cache_answers[1].1);
+    assert_eq!(
+        (receipts[0].amount, receipts[1].amount),
+        (U256::from(PRICE), U256::from(PRICE)),
+        "a hit is charged like a miss"
+    );
+    assert_eq!(receipts[1].cumulative_requests, receipts[0].cumulative_requests + 1);
+    for key in [None, Some("div_not-a-key")] {
+        let mut req = http
+            .post(format!("{}/v1/embeddings", p.url))
+            .json(&json!({"model": "tiny-paid", "input": "cache me"}));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().await?;
+        assert_eq!(r.status().as_u16(), 401, "the gate runs before the cache");
+        assert!(r.headers().get("x-div-cache").is_none());
+    }
+
     // the lease sampler: never two holders at once
     let stop = Arc::new(AtomicBool::new(false));
     let (most, seen_one) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -137,7 +183,7 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
                     .post(format!("{url}/v1/embeddings"))
                     .bearer_auth(&key)
                     .header("x-request-id", &id)
-                    .json(&json!({"model": "tiny-paid", "input": "replicate me"}))
+                    .json(&json!({"model": "tiny-paid", "input": format!("replicate me {c} {i}")}))
                     .timeout(Duration::from_secs(30))
                     .send()
                     .await;
@@ -179,7 +225,7 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
     alive.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(kill_at);
     tokio::time::sleep(Duration::from_secs(4)).await;
     clients_stop.store(true, Ordering::Relaxed);
-    let (mut receipts, mut lost, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut lost, mut refused) = (Vec::new(), Vec::new());
     for c in clients {
         let (g, l, r) = c.await?;
         receipts.extend(g);

@@ -212,6 +212,15 @@ impl Ledger {
         Ok(())
     }
 
+    /// Brings every permit with something to settle into this replica's view, however it
+    /// changed (the settler's list must not miss a charge another replica made).
+    pub async fn refresh_settleable(&self) -> Result<(), MeterError> {
+        if let Store::Postgres(p) = &self.store {
+            p.pg.refresh_unsettled(&self.state).await?;
+        }
+        Ok(())
+    }
+
     /// Whether this process may settle now: always with sled (one process owns the ledger);
     /// with PostgreSQL, while it holds the settlement lease (one replica at a time).
     pub async fn may_settle(&self) -> bool {

@@ -24,7 +24,7 @@
 //! its connection and another replica takes it at its next round.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,8 +124,10 @@ pub(super) struct Pg {
     lease: tokio::sync::Mutex<Option<Client>>,
     lease_url: String,
     held: std::sync::atomic::AtomicBool,
-    /// The highest permit version this replica has read.
-    seen: AtomicI64,
+    /// The highest permit version each of the last few refreshes read, oldest first: a refresh
+    /// reads from the oldest, because versions are drawn when a transaction writes but become
+    /// visible when it commits, so a lower version can appear after a higher one was read.
+    marks: Mutex<std::collections::VecDeque<i64>>,
     /// API key hash → permit, for keys this replica has seen.
     keys: Mutex<HashMap<[u8; 32], B256>>,
 }
@@ -146,7 +148,7 @@ impl Pg {
             lease: tokio::sync::Mutex::new(None),
             lease_url: url.to_string(),
             held: std::sync::atomic::AtomicBool::new(false),
-            seen: AtomicI64::new(0),
+            marks: Mutex::new(std::collections::VecDeque::new()),
             keys: Mutex::new(HashMap::new()),
         };
         let mut c = connect(url).await?;
@@ -196,34 +198,54 @@ impl Pg {
         Ok((have != want).then_some(have))
     }
 
-    /// Reads every permit changed since the last call into `state`; returns how many.
-    pub(super) async fn refresh(&self, state: &Mutex<State>) -> Result<usize, MeterError> {
+    /// Reads the permits changed lately into `state` (rows already read are read again for a
+    /// few rounds, see `marks`).
+    pub(super) async fn refresh(&self, state: &Mutex<State>) -> Result<(), MeterError> {
+        let since = self.marks.lock().unwrap_or_else(|p| p.into_inner()).front().copied().unwrap_or(0);
+        let rows = self.read_permits("version > $1 ORDER BY version LIMIT 20000", &[&since]).await?;
+        let max = rows.iter().map(|(_, _, _, v)| *v).max().unwrap_or(since);
+        self.merge_rows(rows, state);
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = max.max(marks.back().copied().unwrap_or(0));
+        marks.push_back(newest);
+        while marks.len() > 4 {
+            marks.pop_front();
+        }
+        Ok(())
+    }
+
+    /// Reads every permit with something to settle into `state`, however it changed: what the
+    /// settler sends must not depend on which rows a refresh happened to see.
+    pub(super) async fn refresh_unsettled(&self, state: &Mutex<State>) -> Result<(), MeterError> {
+        let rows = self.read_permits("rejected IS NULL AND charged_amount > settled_amount", &[]).await?;
+        self.merge_rows(rows, state);
+        Ok(())
+    }
+
+    async fn read_permits(
+        &self,
+        filter: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<(B256, PermitAccount, bool, i64)>, MeterError> {
         let c = self.conn.get().await?;
-        let since = self.seen.load(Ordering::Acquire);
         let rows = timed(c.query(
             &format!(
                 "SELECT hash, account::text, charged_amount::text, charged_requests, settled_amount::text,
                         settled_requests, rejected, keyed, version
-                 FROM {} WHERE version > $1 ORDER BY version LIMIT 20000",
+                 FROM {} WHERE {filter}",
                 self.t("permits")
             ),
-            &[&since],
+            params,
         ))
         .await?;
-        let mut max = since;
-        let mut read = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let version: i64 = r.get(8);
-            max = max.max(version);
-            read.push(account_of(r)?);
-        }
+        rows.iter().map(|r| account_of(r).map(|(h, a, k)| (h, a, k, r.get::<_, i64>(8)))).collect()
+    }
+
+    fn merge_rows(&self, rows: Vec<(B256, PermitAccount, bool, i64)>, state: &Mutex<State>) {
         let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
-        for (hash, acc, keyed) in read {
+        for (hash, acc, keyed, _) in rows {
             merge(&mut g, hash, acc, keyed);
         }
-        drop(g);
-        self.seen.fetch_max(max, Ordering::AcqRel);
-        Ok(rows.len())
     }
 
     /// Records a permit and its key; false if the permit already has a key.

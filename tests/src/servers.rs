@@ -1,7 +1,8 @@
-//! A PostgreSQL server of the test's own: Debian's programs (`/usr/lib/postgresql/*/bin`, which
-//! the bootstrap installs), a fresh cluster in a temporary folder, a free port, started as a
-//! plain process (no systemd, no container) and stopped when dropped. The server refuses to run
-//! as root, so under root it runs as the `postgres` user the Debian package creates.
+//! Servers a test starts for itself as plain processes (no systemd, no container), stopped when
+//! dropped. PostgreSQL: Debian's programs (`/usr/lib/postgresql/*/bin`, which the bootstrap
+//! installs), a fresh cluster in a temporary folder on a free port; it refuses to run as root, so
+//! under root it runs as the `postgres` user the Debian package creates. Redis: Debian's
+//! `redis-server`, without persistence.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -136,5 +137,56 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis server of the test's own (Debian's `redis-server`, installed by the bootstrap): a free
+/// port, no persistence, stopped when dropped.
+pub struct Redis {
+    port: u16,
+    child: Child,
+}
+
+impl Redis {
+    /// Starts it and waits until it answers.
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = Path::new("/usr/bin/redis-server");
+        anyhow::ensure!(
+            bin.exists(),
+            "no {}: run scripts/bootstrap.sh (it installs Debian's redis-server)",
+            bin.display()
+        );
+        let port = crate::free_tcp_port()?;
+        let child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::{Read, Write};
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+                {
+                    return Ok(Self { port, child });
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        anyhow::bail!("redis-server did not start on port {port}")
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
