@@ -75,6 +75,7 @@ GOALS = [
     ("paid_rps_c64_int8", ">=", 1000, "full paid path, 64 clients, int8 MiniLM (req/s on these cores)"),
     ("lb_overhead_c32", ">=", 0.95, "through HAProxy ÷ straight to the replica, 32 clients"),
     ("pg_ledger_vs_sled_c32", ">=", 0.9, "paid throughput with the ledger in PostgreSQL ÷ sled, 32 clients"),
+    ("cache_hit_vs_miss_c32", ">=", 5, "a result cache hit ÷ a miss, 32 clients (a hit skips the sandbox)"),
 ]
 rows = ["| goal | this run | target | verdict |", "|---|---:|---:|---|"]
 for key, op, target, what in GOALS:

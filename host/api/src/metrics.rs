@@ -487,6 +487,8 @@ mod tests {
         m.set_settle_bounds(31337, 3600, 30);
         m.set_model_ready("m", true);
         m.parked("m", Duration::from_millis(1));
+        m.set_settlement_lease(31337, true);
+        m.result_cache("m", "hit");
         let exported: std::collections::BTreeSet<String> = m
             .encode()?
             .lines()

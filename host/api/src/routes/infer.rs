@@ -183,15 +183,7 @@ async fn embed(
                 let mut response = EmbeddingsResponse::new(name, vectors, tokens, encoding);
                 response.cached = Some(true);
                 // a hit is charged like a miss: the price buys the answer
-                if let (Some(ticket), Some((meter, mref))) = (ticket, &paid) {
-                    response.receipt = Some(
-                        meter
-                            .charge(ticket, &ids.host, ids.client.as_deref(), mref)
-                            .instrument(tracing::info_span!("ledger"))
-                            .await?,
-                    );
-                }
-                return Ok(response);
+                return charged(response, ticket, &paid, &ids).await;
             }
             Err(()) => s.metrics.result_cache(name, "error"),
             _ => s.metrics.result_cache(name, "miss"),
@@ -227,8 +219,18 @@ async fn embed(
     let mut response =
         EmbeddingsResponse::new(&model.manifest.name, out.vectors, out.prompt_tokens, encoding);
     response.cached = cache.as_ref().map(|_| false);
-    if let (Some(ticket), Some((meter, mref))) = (ticket, &paid) {
-        // durable before the answer leaves
+    charged(response, ticket, &paid, &ids).await
+}
+
+/// Charges an admitted paid request, durable before the answer leaves, and puts the receipt in
+/// `response`; a free request goes as it is.
+async fn charged(
+    mut response: EmbeddingsResponse,
+    ticket: Option<div_meter::Ticket>,
+    paid: &Option<(Arc<div_meter::Meter>, div_meter::ModelRef)>,
+    ids: &RequestIds,
+) -> Result<EmbeddingsResponse, ApiError> {
+    if let (Some(ticket), Some((meter, mref))) = (ticket, paid) {
         response.receipt = Some(
             meter
                 .charge(ticket, &ids.host, ids.client.as_deref(), mref)

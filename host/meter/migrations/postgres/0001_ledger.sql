@@ -81,6 +81,57 @@ BEGIN
     PERFORM 1 FROM {schema}.unsettled u
         WHERE (u.user_addr, u.token) IN (SELECT user_addr, token FROM {schema}.permits WHERE hash = ANY (hashes))
         ORDER BY u.user_addr, u.token FOR UPDATE;
+    -- the common case, set-based: every charge of the batch fits (each permit's cap with all its
+    -- charges together, each user's deposit with all of theirs): one update per permit and per
+    -- user, one insert for the journal
+    IF NOT EXISTS (
+        SELECT 1
+        FROM (SELECT tt.h, sum(tt.a) AS s FROM unnest(hashes, amounts) AS tt (h, a) GROUP BY tt.h) bp
+        LEFT JOIN {schema}.permits pp ON pp.hash = bp.h
+        WHERE pp.hash IS NULL OR pp.rejected IS NOT NULL OR pp.charged_amount + bp.s > pp.max_amount
+    ) AND NOT EXISTS (
+        SELECT 1
+        FROM (SELECT pp.user_addr, pp.token, sum(tt.a) AS s, min(tt.l) AS l
+              FROM unnest(hashes, amounts, limits) AS tt (h, a, l)
+              JOIN {schema}.permits pp ON pp.hash = tt.h
+              GROUP BY pp.user_addr, pp.token) bu
+        JOIN {schema}.unsettled uu ON uu.user_addr = bu.user_addr AND uu.token = bu.token
+        WHERE uu.amount + bu.s > bu.l
+    ) THEN
+        RETURN QUERY
+        WITH tt AS (
+            SELECT * FROM unnest(hashes, amounts, request_ids, client_ids) WITH ORDINALITY AS x (h, a, r, c, i)
+        ), numbered AS (
+            SELECT tt.i, tt.h, tt.a, tt.r, tt.c,
+                   pp.charged_amount + sum(tt.a) OVER (PARTITION BY tt.h ORDER BY tt.i) AS cum_a,
+                   pp.charged_requests + row_number() OVER (PARTITION BY tt.h ORDER BY tt.i) AS cum_r
+            FROM tt JOIN {schema}.permits pp ON pp.hash = tt.h
+        ), per_permit AS (
+            UPDATE {schema}.permits pp
+            SET charged_amount = pp.charged_amount + sp.s,
+                charged_requests = pp.charged_requests + sp.cnt,
+                version = nextval('{schema}.versions')
+            FROM (SELECT tt.h, sum(tt.a) AS s, count(*) AS cnt FROM tt GROUP BY tt.h) sp
+            WHERE pp.hash = sp.h
+        ), per_user AS (
+            UPDATE {schema}.unsettled uu
+            SET amount = uu.amount + su.s
+            FROM (SELECT pp.user_addr, pp.token, sum(tt.a) AS s
+                  FROM tt JOIN {schema}.permits pp ON pp.hash = tt.h
+                  GROUP BY pp.user_addr, pp.token) su
+            WHERE uu.user_addr = su.user_addr AND uu.token = su.token
+        ), journaled AS (
+            INSERT INTO {schema}.journal
+                (request_id, client_request_id, permit, amount, cumulative_amount, cumulative_requests, at)
+            SELECT numbered.r, numbered.c, numbered.h, numbered.a, numbered.cum_a, numbered.cum_r, at_
+            FROM numbered ORDER BY numbered.i
+            RETURNING journal.seq, journal.request_id
+        )
+        SELECT numbered.i::int, journaled.seq, numbered.cum_a::text, numbered.cum_r::bigint, NULL::text
+        FROM numbered JOIN journaled ON journaled.request_id = numbered.r;
+        RETURN;
+    END IF;
+    -- otherwise one charge at a time, each refused on its own
     FOR k IN 1 .. n LOOP
         o_i := k; o_seq := NULL; o_amount := NULL; o_requests := NULL; o_refused := NULL;
         SELECT user_addr, token, max_amount, charged_amount, rejected INTO p

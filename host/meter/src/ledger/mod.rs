@@ -25,7 +25,7 @@
 //! cannot make the host issue a cumulative number twice.
 //!
 //! **Two stores.** sled, embedded, is the default: one process, no set-up. With `--ledger
-//! postgres://…` the same records live in PostgreSQL (`postgres.rs`), shared by any number of
+//! postgres://…` the same records live in PostgreSQL (`postgres/`), shared by any number of
 //! replicas of one host; the in-memory view below is then each replica's copy, refreshed from
 //! the database, and the database decides each charge.
 //!
@@ -40,19 +40,16 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use alloy::primitives::{Address, B256, U256};
 
 use crate::MeterError;
 use index::State;
 pub use records::{Charge, ModelUsage, PermitAccount, PermitFields, Totals};
-use store::{
-    Commit, ckey, committer, db_err, jkey, json, kkey, kpkey, now, pkey, rkey, tkey, totals_bytes, totals_of,
-};
+use store::{Commit, SledStore, ckey, db_err, jkey, json, kkey, kpkey, now, pkey, rkey, tkey, totals_bytes};
 
 /// Called with a charge's journal position just before its writes go to the committer (tests
 /// use it to hold one charge back while others run).
@@ -73,15 +70,6 @@ enum Store {
     Postgres(PgStore),
 }
 
-struct SledStore {
-    db: sled::Db,
-    /// What charges write: totals, journal, request ids.
-    hot: sled::Tree,
-    tx: Mutex<Option<mpsc::Sender<Commit>>>,
-    committer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    poisoned: Arc<AtomicBool>,
-}
-
 struct PgStore {
     pg: Arc<postgres::Pg>,
     charges: tokio::sync::mpsc::UnboundedSender<postgres::PgCharge>,
@@ -92,79 +80,9 @@ impl Ledger {
     /// Opens (or creates) the ledger in `dir`, reads its totals back and checks them against the
     /// journal (the larger wins: a total never goes backwards).
     pub fn open(dir: &Path) -> Result<Self, MeterError> {
-        // the database's file lock outlives a dropped handle by a moment (sled's flusher thread
-        // lets go of it last), so a ledger reopened at once by the same process waits for it;
-        // another live process holding it is still refused, after two seconds
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-        let db = loop {
-            match sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open() {
-                Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.to_string().contains("could not acquire lock")
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(e) => return Err(MeterError::Ledger(format!("opening {}: {e}", dir.display()))),
-            }
-        };
-        let hot_tree = db.open_tree(b"charges").map_err(db_err)?;
-        let mut accounts: HashMap<B256, PermitAccount> = HashMap::new();
-        for kv in db.scan_prefix(b"p/") {
-            let (k, v) = kv.map_err(db_err)?;
-            let acc: PermitAccount =
-                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("permit record: {e}")))?;
-            accounts.insert(B256::from_slice(&k[2..]), acc);
-        }
-        for kv in hot_tree.scan_prefix(b"t/") {
-            let (k, v) = kv.map_err(db_err)?;
-            if let (Some(a), Some((amount, requests))) =
-                (accounts.get_mut(&B256::from_slice(&k[2..])), totals_of(&v))
-            {
-                a.charged_amount = a.charged_amount.max(amount);
-                a.charged_requests = a.charged_requests.max(requests);
-            }
-        }
-        let mut next_seq = 0;
-        for kv in hot_tree.scan_prefix(b"j/") {
-            let (_, v) = kv.map_err(db_err)?;
-            let c: Charge =
-                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))?;
-            next_seq = next_seq.max(c.seq + 1);
-            if let Some(a) = accounts.get_mut(&c.permit_hash)
-                && (c.cumulative_requests > a.charged_requests || c.cumulative_amount > a.charged_amount)
-            {
-                tracing::warn!(
-                    permit = %c.permit_hash, record = a.charged_requests, journal = c.cumulative_requests,
-                    "a permit's record was behind its journal; rebuilt from the journal"
-                );
-                a.charged_requests = a.charged_requests.max(c.cumulative_requests);
-                a.charged_amount = a.charged_amount.max(c.cumulative_amount);
-            }
-        }
-        let mut state = State { next_seq, ..State::default() };
-        for kv in db.scan_prefix(b"kp/") {
-            let (k, _) = kv.map_err(db_err)?;
-            state.keyed.insert(B256::from_slice(&k[3..]));
-        }
-        for (h, a) in accounts {
-            state.insert(h, a);
-        }
-        let (tx, rx) = mpsc::channel::<Commit>();
-        let poisoned = Arc::new(AtomicBool::new(false));
-        let (cdb, chot, cpoison) = (db.clone(), hot_tree.clone(), poisoned.clone());
-        let handle = std::thread::Builder::new()
-            .name("div-ledger-commit".into())
-            .spawn(move || committer(cdb, chot, rx, cpoison))
-            .map_err(|e| MeterError::Ledger(format!("starting the committer: {e}")))?;
+        let (store, state) = SledStore::open(dir)?;
         Ok(Self {
-            store: Store::Sled(SledStore {
-                db,
-                hot: hot_tree,
-                tx: Mutex::new(Some(tx)),
-                committer: Mutex::new(Some(handle)),
-                poisoned,
-            }),
+            store: Store::Sled(store),
             state: Arc::new(Mutex::new(state)),
             #[cfg(test)]
             hook: Mutex::new(None),
@@ -623,7 +541,7 @@ impl Ledger {
     #[cfg(test)]
     pub(crate) fn totals_on_disk(&self, hash: &B256) -> Option<(U256, u64)> {
         let Store::Sled(s) = &self.store else { return None };
-        s.hot.get(tkey(hash)).ok().flatten().and_then(|v| totals_of(&v))
+        s.hot.get(tkey(hash)).ok().flatten().and_then(|v| store::totals_of(&v))
     }
 }
 

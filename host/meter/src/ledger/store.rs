@@ -1,15 +1,110 @@
-//! The ledger on disk: the key layout of its two sled trees (see the module above) and the group
-//! committer, the one thread that writes them.
+//! The ledger in sled: opening it (its records read back into a view), the key layout of its two
+//! trees (see the module above) and the group committer, the one thread that writes them.
 
+use std::collections::HashMap;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 
 use alloy::primitives::{B256, U256};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::records::PermitAccount;
+use super::index::State;
+use super::records::{Charge, PermitAccount};
 use crate::MeterError;
+
+/// The ledger in sled: the database, its charges' tree and the group committer.
+pub(super) struct SledStore {
+    pub(super) db: sled::Db,
+    /// What charges write: totals, journal, request ids.
+    pub(super) hot: sled::Tree,
+    pub(super) tx: Mutex<Option<mpsc::Sender<Commit>>>,
+    pub(super) committer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub(super) poisoned: Arc<AtomicBool>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir` and reads its records into a view; each
+    /// permit's totals are checked against the journal (the larger wins).
+    pub(super) fn open(dir: &Path) -> Result<(Self, State), MeterError> {
+        // the database's file lock outlives a dropped handle by a moment (sled's flusher thread
+        // lets go of it last), so a ledger reopened at once by the same process waits for it;
+        // another live process holding it is still refused, after two seconds
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match sled::Config::new().path(dir).mode(sled::Mode::HighThroughput).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(MeterError::Ledger(format!("opening {}: {e}", dir.display()))),
+            }
+        };
+        let hot_tree = db.open_tree(b"charges").map_err(db_err)?;
+        let mut accounts: HashMap<B256, PermitAccount> = HashMap::new();
+        for kv in db.scan_prefix(b"p/") {
+            let (k, v) = kv.map_err(db_err)?;
+            let acc: PermitAccount =
+                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("permit record: {e}")))?;
+            accounts.insert(B256::from_slice(&k[2..]), acc);
+        }
+        for kv in hot_tree.scan_prefix(b"t/") {
+            let (k, v) = kv.map_err(db_err)?;
+            if let (Some(a), Some((amount, requests))) =
+                (accounts.get_mut(&B256::from_slice(&k[2..])), totals_of(&v))
+            {
+                a.charged_amount = a.charged_amount.max(amount);
+                a.charged_requests = a.charged_requests.max(requests);
+            }
+        }
+        let mut next_seq = 0;
+        for kv in hot_tree.scan_prefix(b"j/") {
+            let (_, v) = kv.map_err(db_err)?;
+            let c: Charge =
+                serde_json::from_slice(&v).map_err(|e| MeterError::Ledger(format!("journal entry: {e}")))?;
+            next_seq = next_seq.max(c.seq + 1);
+            if let Some(a) = accounts.get_mut(&c.permit_hash)
+                && (c.cumulative_requests > a.charged_requests || c.cumulative_amount > a.charged_amount)
+            {
+                tracing::warn!(
+                    permit = %c.permit_hash, record = a.charged_requests, journal = c.cumulative_requests,
+                    "a permit's record was behind its journal; rebuilt from the journal"
+                );
+                a.charged_requests = a.charged_requests.max(c.cumulative_requests);
+                a.charged_amount = a.charged_amount.max(c.cumulative_amount);
+            }
+        }
+        let mut state = State { next_seq, ..State::default() };
+        for kv in db.scan_prefix(b"kp/") {
+            let (k, _) = kv.map_err(db_err)?;
+            state.keyed.insert(B256::from_slice(&k[3..]));
+        }
+        for (h, a) in accounts {
+            state.insert(h, a);
+        }
+        let (tx, rx) = mpsc::channel::<Commit>();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let (cdb, chot, cpoison) = (db.clone(), hot_tree.clone(), poisoned.clone());
+        let handle = std::thread::Builder::new()
+            .name("div-ledger-commit".into())
+            .spawn(move || committer(cdb, chot, rx, cpoison))
+            .map_err(|e| MeterError::Ledger(format!("starting the committer: {e}")))?;
+        Ok((
+            Self {
+                db,
+                hot: hot_tree,
+                tx: Mutex::new(Some(tx)),
+                committer: Mutex::new(Some(handle)),
+                poisoned,
+            },
+            state,
+        ))
+    }
+}
 
 pub(super) struct Commit {
     pub(super) ops: Vec<(Vec<u8>, Vec<u8>)>,
@@ -60,7 +155,7 @@ pub(super) fn ckey(hash: &B256, client_id: &str) -> Vec<u8> {
     [b"c/".as_slice(), hash.as_slice(), client_id.as_bytes()].concat()
 }
 
-pub(super) fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 

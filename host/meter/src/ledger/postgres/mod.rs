@@ -23,99 +23,27 @@
 //! a connection of its own; when that replica dies (or PostgreSQL restarts) the lock goes with
 //! its connection and another replica takes it at its next round.
 
+mod charge;
+mod conn;
+mod rows;
+
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use alloy::primitives::{B256, U256};
-use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::Client;
 
 use super::index::State;
 use super::records::{Charge, PermitAccount};
 use crate::MeterError;
+pub(crate) use charge::{PgCharge, committer};
+use conn::{Conn, connect, num, pg_err, timed};
+use rows::{account_of, charge_of, merge};
 
 /// The migrations, in order; `{schema}` is replaced by the ledger's schema.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/postgres/0001_ledger.sql"))];
-
-/// How long one database call may take before the caller gets a ledger error.
-const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// At most this many charges go in one batch.
-const MAX_BATCH: usize = 512;
-
-/// One charge waiting for the committer.
-pub(super) struct PgCharge {
-    pub(super) hash: B256,
-    pub(super) amount: U256,
-    pub(super) request_id: String,
-    pub(super) client_request_id: Option<String>,
-    /// The most the user's unsettled total in the permit's stablecoin may reach.
-    pub(super) limit: U256,
-    pub(super) done: oneshot::Sender<Result<Charge, MeterError>>,
-}
-
-/// A connection to the ledger's database, re-opened when it is lost.
-struct Conn {
-    url: String,
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
-}
-
-impl Conn {
-    fn new(url: &str) -> Self {
-        Self { url: url.to_string(), client: tokio::sync::Mutex::new(None) }
-    }
-
-    async fn get(&self) -> Result<Arc<Client>, MeterError> {
-        let mut g = self.client.lock().await;
-        if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(connect(&self.url).await?);
-        *g = Some(c.clone());
-        Ok(c)
-    }
-}
-
-async fn connect(url: &str) -> Result<Client, MeterError> {
-    let (client, connection) =
-        tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(url, NoTls))
-            .await
-            .map_err(|_| unavailable("connecting timed out"))?
-            .map_err(|e| unavailable(&e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!("ledger database connection closed: {e}");
-        }
-    });
-    Ok(client)
-}
-
-fn unavailable(why: &str) -> MeterError {
-    MeterError::Ledger(format!("the ledger database is unavailable: {why}"))
-}
-
-fn pg_err(e: tokio_postgres::Error) -> MeterError {
-    match e.as_db_error() {
-        Some(db) => MeterError::Ledger(format!("the ledger database: {}", db.message())),
-        None => unavailable(&e.to_string()),
-    }
-}
-
-async fn timed<T>(
-    f: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, MeterError> {
-    tokio::time::timeout(CALL_TIMEOUT, f).await.map_err(|_| unavailable("a call timed out"))?.map_err(pg_err)
-}
-
-fn num(v: U256) -> String {
-    v.to_string()
-}
-
-fn parse_num(s: &str) -> Result<U256, MeterError> {
-    s.parse().map_err(|_| MeterError::Ledger(format!("the ledger database returned a bad amount {s:?}")))
-}
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../../migrations/postgres/0001_ledger.sql"))];
 
 /// The ledger's store in PostgreSQL.
 pub(super) struct Pg {
@@ -321,71 +249,6 @@ impl Pg {
         Ok(Some(hash))
     }
 
-    /// Charges one batch; answers each charge from its row.
-    async fn charge_batch(&self, batch: Vec<PgCharge>, state: &Mutex<State>) {
-        let result = self.try_charge_batch(&batch).await;
-        let rows = match result {
-            Ok(rows) => rows,
-            Err(e) => {
-                let why = e.to_string();
-                for c in batch {
-                    let _ = c.done.send(Err(MeterError::Ledger(why.clone())));
-                }
-                return;
-            }
-        };
-        let mut answers: Vec<Option<Result<Charge, MeterError>>> = (0..batch.len()).map(|_| None).collect();
-        for r in rows {
-            let i = slot_index(r.get(0));
-            if let (Some(c), Some(slot)) = (batch.get(i), answers.get_mut(i)) {
-                *slot = Some(answer_of(&r, c, state));
-            }
-        }
-        for (c, a) in batch.into_iter().zip(answers) {
-            let a =
-                a.unwrap_or_else(|| Err(MeterError::Ledger("the ledger database skipped a charge".into())));
-            let _ = c.done.send(a);
-        }
-    }
-
-    async fn try_charge_batch(&self, batch: &[PgCharge]) -> Result<Vec<Row>, MeterError> {
-        let hashes: Vec<&[u8]> = batch.iter().map(|c| c.hash.as_slice()).collect();
-        let amounts: Vec<String> = batch.iter().map(|c| num(c.amount)).collect();
-        let ids: Vec<&str> = batch.iter().map(|c| c.request_id.as_str()).collect();
-        let client_ids: Vec<Option<&str>> = batch.iter().map(|c| c.client_request_id.as_deref()).collect();
-        let limits: Vec<String> = batch.iter().map(|c| num(c.limit)).collect();
-        let at = i64::try_from(super::store::now()).unwrap_or(i64::MAX);
-        let sql = format!(
-            "SELECT o_i, o_seq, o_amount, o_requests, o_refused
-             FROM {}.charge($1, $2::text[]::numeric[], $3, $4, $5::text[]::numeric[], $6)",
-            self.schema
-        );
-        let mut tries = 0;
-        loop {
-            let c = self.conn.get().await?;
-            match tokio::time::timeout(
-                CALL_TIMEOUT,
-                c.query(&sql, &[&hashes, &amounts, &ids, &client_ids, &limits, &at]),
-            )
-            .await
-            {
-                Err(_) => return Err(unavailable("a charge timed out; its outcome is unknown")),
-                Ok(Ok(rows)) => return Ok(rows),
-                Ok(Err(e)) => {
-                    let rolled_back = e.code().is_some_and(|c| {
-                        *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
-                            || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
-                    });
-                    tries += 1;
-                    if rolled_back && tries < 5 {
-                        continue;
-                    }
-                    return Err(pg_err(e));
-                }
-            }
-        }
-    }
-
     /// Records a settlement read back from the chain (settled totals only grow).
     pub(super) async fn settled(&self, hash: B256, amount: U256, requests: u64) -> Result<(), MeterError> {
         let c = self.conn.get().await?;
@@ -491,128 +354,6 @@ impl Pg {
         if self.lease.lock().await.take().is_some() {
             tracing::info!(schema = %self.schema, "released the settlement lease");
         }
-    }
-}
-
-fn slot_index(i: i32) -> usize {
-    usize::try_from(i - 1).unwrap_or(usize::MAX)
-}
-
-/// The answer to one charge from its row, and the replica's view brought up to it.
-fn answer_of(r: &Row, c: &PgCharge, state: &Mutex<State>) -> Result<Charge, MeterError> {
-    let refused: Option<String> = r.get(4);
-    if let Some(why) = refused {
-        let g = state.lock().unwrap_or_else(|p| p.into_inner());
-        let acc = g.accounts.get(&c.hash);
-        return Err(match why.as_str() {
-            "cap" => MeterError::OverCap {
-                cap: acc.map(|a| a.permit.max_amount).unwrap_or_default(),
-                charged: acc.map(|a| a.charged_amount).unwrap_or_default(),
-                price: c.amount,
-            },
-            "funds" => MeterError::InsufficientFunds {
-                available: c.limit.saturating_sub(
-                    acc.map(|a| {
-                        g.unsettled_by_user.get(&(a.permit.user, a.permit.token)).copied().unwrap_or_default()
-                    })
-                    .unwrap_or_default(),
-                ),
-                price: c.amount,
-            },
-            "rejected" => MeterError::Revoked,
-            other => MeterError::Ledger(format!("the ledger database refused the charge: {other}")),
-        });
-    }
-    let seq: i64 = r.get(1);
-    let amount: String = r.get(2);
-    let requests: i64 = r.get(3);
-    let charge = Charge {
-        seq: u64::try_from(seq).unwrap_or_default(),
-        request_id: c.request_id.clone(),
-        client_request_id: c.client_request_id.clone(),
-        permit_hash: c.hash,
-        amount: c.amount,
-        cumulative_amount: parse_num(&amount)?,
-        cumulative_requests: u64::try_from(requests).unwrap_or_default(),
-        at: super::store::now(),
-    };
-    state.lock().unwrap_or_else(|p| p.into_inner()).update(&c.hash, |a| {
-        a.charged_amount = a.charged_amount.max(charge.cumulative_amount);
-        a.charged_requests = a.charged_requests.max(charge.cumulative_requests);
-    });
-    Ok(charge)
-}
-
-/// A permit row: (hash, account, keyed).
-fn account_of(r: &Row) -> Result<(B256, PermitAccount, bool), MeterError> {
-    let hash: &[u8] = r.get(0);
-    let json: String = r.get(1);
-    let mut acc: PermitAccount =
-        serde_json::from_str(&json).map_err(|e| MeterError::Ledger(format!("permit record: {e}")))?;
-    let charged: String = r.get(2);
-    let settled: String = r.get(4);
-    acc.charged_amount = parse_num(&charged)?;
-    acc.charged_requests = u64::try_from(r.get::<_, i64>(3)).unwrap_or_default();
-    acc.settled_amount = parse_num(&settled)?;
-    acc.settled_requests = u64::try_from(r.get::<_, i64>(5)).unwrap_or_default();
-    acc.rejected = r.get::<_, Option<i16>>(6).and_then(|v| u8::try_from(v).ok());
-    let hash =
-        B256::try_from(hash).map_err(|_| MeterError::Ledger("a permit hash is not 32 bytes".into()))?;
-    Ok((hash, acc, r.get(7)))
-}
-
-/// Brings the database's row into the replica's view; totals only grow.
-fn merge(g: &mut State, hash: B256, acc: PermitAccount, keyed: bool) {
-    if keyed {
-        g.keyed.insert(hash);
-    }
-    if g.accounts.contains_key(&hash) {
-        g.update(&hash, |a| {
-            a.charged_amount = a.charged_amount.max(acc.charged_amount);
-            a.charged_requests = a.charged_requests.max(acc.charged_requests);
-            a.settled_amount = a.settled_amount.max(acc.settled_amount);
-            a.settled_requests = a.settled_requests.max(acc.settled_requests);
-            if acc.rejected.is_some() {
-                a.rejected = acc.rejected;
-            }
-        });
-    } else {
-        g.insert(hash, acc);
-    }
-}
-
-fn charge_of(r: &Row) -> Result<Charge, MeterError> {
-    let permit: &[u8] = r.get(3);
-    let amount: String = r.get(4);
-    let cumulative: String = r.get(5);
-    Ok(Charge {
-        seq: u64::try_from(r.get::<_, i64>(0)).unwrap_or_default(),
-        request_id: r.get(1),
-        client_request_id: r.get(2),
-        permit_hash: B256::try_from(permit)
-            .map_err(|_| MeterError::Ledger("a permit hash is not 32 bytes".into()))?,
-        amount: parse_num(&amount)?,
-        cumulative_amount: parse_num(&cumulative)?,
-        cumulative_requests: u64::try_from(r.get::<_, i64>(6)).unwrap_or_default(),
-        at: u64::try_from(r.get::<_, i64>(7)).unwrap_or_default(),
-    })
-}
-
-/// The committer: takes everything queued (up to [`MAX_BATCH`]) and charges it as one batch.
-pub(super) async fn committer(
-    pg: Arc<Pg>,
-    state: Arc<Mutex<State>>,
-    mut rx: mpsc::UnboundedReceiver<PgCharge>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.push(more),
-                Err(_) => break,
-            }
-        }
-        pg.charge_batch(batch, &state).await;
     }
 }
 
