@@ -47,7 +47,7 @@ have_libclang() {
 have_postgres() {
   local d
   for d in "$ROOT"/usr/lib/postgresql/*/bin; do
-    [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && return 0
+    [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && [ -x "$d/pg_isready" ] && return 0
   done
   return 1
 }
@@ -72,7 +72,7 @@ apt_needs() {
   { [ -x "$ROOT/usr/bin/promtool" ] && [ -x "$ROOT/usr/bin/prometheus" ]; } || echo prometheus
   # replicas behind a real load balancer (tests/deploy/haproxy.sh)
   [ -x "$ROOT/usr/sbin/haproxy" ] || echo haproxy
-  # the shared ledger's tests start their own PostgreSQL server from these two programs
+  # the shared ledger's tests start their own PostgreSQL server with these three programs
   # (div_tests::Postgres looks in the same place)
   have_postgres || echo postgresql
   # the result cache and the rate limits replicas share (tests start their own redis-server)

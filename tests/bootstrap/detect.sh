@@ -20,7 +20,7 @@ full_root() {
   printf '#!/bin/sh\n' >"$r/usr/sbin/haproxy"
   chmod +x "$r/usr/sbin/haproxy"
   mkdir -p "$r/usr/lib/postgresql/15/bin"
-  for c in initdb postgres; do
+  for c in initdb postgres pg_isready; do
     printf '#!/bin/sh\n' >"$r/usr/lib/postgresql/15/bin/$c"
     chmod +x "$r/usr/lib/postgresql/15/bin/$c"
   done

@@ -26,7 +26,8 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
         .filter_map(|e| {
             let v: u32 = e.file_name().to_str()?.parse().ok()?;
             let bin = e.path().join("bin");
-            (bin.join("initdb").exists() && bin.join("postgres").exists()).then_some((v, bin))
+            let all = ["initdb", "postgres", "pg_isready"].iter().all(|p| bin.join(p).exists());
+            all.then_some((v, bin))
         })
         .collect();
     found.sort();

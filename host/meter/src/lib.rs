@@ -114,9 +114,12 @@ pub(crate) fn now() -> u64 {
 impl Meter {
     /// A meter keeping its ledger in `ledger`.
     pub fn new(config: MeterConfig, ledger: Arc<Ledger>) -> Self {
-        // key challenges any replica of this host accepts (they share the host key)
-        let challenges = Arc::new(siwe::Nonces::keyed(&config.host.credential().to_bytes()));
-        Self::with_nonces(config, ledger, challenges, Arc::default())
+        // key challenges, sign-in nonces and sessions any replica of this host accepts (they
+        // share the host key)
+        let secret = config.host.credential().to_bytes();
+        let challenges = Arc::new(siwe::Nonces::keyed(&secret));
+        let sign_in = Arc::new(siwe::Nonces::keyed(&[b"sign-in".as_slice(), &secret[..]].concat()));
+        Self::with_nonces(config, ledger, challenges, sign_in)
     }
 
     /// The meter of another chain beside `first`: it keeps its own ledger, chain view, sessions
@@ -133,6 +136,7 @@ impl Meter {
         challenges: Arc<siwe::Nonces>,
         sign_in: Arc<siwe::Nonces>,
     ) -> Self {
+        let (secret, chain_id) = (config.host.credential().to_bytes(), config.chain_id);
         let domain = permit_domain(config.chain_id, config.payment_stream);
         Self {
             config,
@@ -146,7 +150,7 @@ impl Meter {
             challenges,
             settling: tokio::sync::Mutex::new(()),
             charged: tokio::sync::Notify::new(),
-            sessions: siwe::Sessions::with_nonces(sign_in),
+            sessions: siwe::Sessions::keyed(sign_in, &secret, chain_id),
         }
     }
 

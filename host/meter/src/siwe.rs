@@ -227,9 +227,17 @@ impl Nonces {
 }
 
 /// Nonces handed out and sessions signed in.
+///
+/// Keyed ([`Sessions::keyed`]), a session token carries its expiry, chain and address under a
+/// MAC with a key derived from the host key, so every replica of the host accepts it (behind a
+/// load balancer the dApp's requests reach any of them). Signing out is then remembered by the
+/// replica that was asked (until the token would have expired); another replica accepts the
+/// token until it expires.
 pub struct Sessions {
     nonces: Arc<Nonces>,
     sessions: Mutex<Expiring<Address>>,
+    keyed: Option<(alloy::primitives::B256, u64)>,
+    revoked: Mutex<Expiring<()>>,
 }
 
 impl Default for Sessions {
@@ -243,7 +251,39 @@ impl Sessions {
     /// a nonce is single-use across all of them, and a client need not say which chain it asks
     /// for; the signed message names it).
     pub fn with_nonces(nonces: Arc<Nonces>) -> Self {
-        Self { nonces, sessions: Mutex::new(Expiring::new(SESSION_TTL)) }
+        Self {
+            nonces,
+            sessions: Mutex::new(Expiring::new(SESSION_TTL)),
+            keyed: None,
+            revoked: Mutex::new(Expiring::new(SESSION_TTL)),
+        }
+    }
+
+    /// Sessions on chain `chain_id` that any replica holding `secret` (the host key's bytes)
+    /// accepts; sign-in nonces from `nonces`.
+    pub fn keyed(nonces: Arc<Nonces>, secret: &[u8], chain_id: u64) -> Self {
+        let key = alloy::primitives::keccak256([b"div session".as_slice(), secret].concat());
+        Self { keyed: Some((key, chain_id)), ..Self::with_nonces(nonces) }
+    }
+
+    fn mac(key: &alloy::primitives::B256, body: &str) -> String {
+        alloy::hex::encode(&alloy::primitives::keccak256([key.as_slice(), body.as_bytes()].concat())[..16])
+    }
+
+    /// A keyed token's address, if its MAC, expiry and chain hold.
+    fn keyed_address(&self, token: &str) -> Option<Address> {
+        let (key, chain) = self.keyed.as_ref()?;
+        let rest = token.strip_prefix("div-session-")?;
+        if rest.len() != 16 + 16 + 40 + 32 || !rest.is_ascii() {
+            return None;
+        }
+        let (body, mac) = rest.split_at(72);
+        if Self::mac(key, body) != mac {
+            return None;
+        }
+        let expiry = u64::from_str_radix(&body[..16], 16).ok()?;
+        let on = u64::from_str_radix(&body[16..32], 16).ok()?;
+        (expiry > crate::now() && on == *chain).then(|| body[32..].parse().ok()).flatten()
     }
 
     /// The nonce store (to share with another chain's sessions).
@@ -296,6 +336,12 @@ impl Sessions {
         if !self.nonces.take(&m.nonce) {
             return Err(MeterError::Replayed);
         }
+        if let Some((key, chain)) = &self.keyed {
+            let expiry = crate::now() + SESSION_TTL.as_secs();
+            let body = format!("{expiry:016x}{chain:016x}{}", alloy::hex::encode(m.address));
+            let token = format!("div-session-{body}{}", Self::mac(key, &body));
+            return Ok((token, m.address));
+        }
         let token = format!("div-session-{}", alloy::hex::encode(rand::random::<[u8; 24]>()));
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(token.clone(), m.address);
         Ok((token, m.address))
@@ -303,11 +349,22 @@ impl Sessions {
 
     /// The address signed in with `token`.
     pub fn address(&self, token: &str) -> Option<Address> {
+        if self.keyed.is_some() {
+            let revoked = self.revoked.lock().unwrap_or_else(|p| p.into_inner()).get(token).is_some();
+            return if revoked { None } else { self.keyed_address(token) };
+        }
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(token)
     }
 
     /// Ends a session; true if it was open.
     pub fn sign_out(&self, token: &str) -> bool {
+        if self.keyed.is_some() {
+            if self.address(token).is_none() {
+                return false;
+            }
+            self.revoked.lock().unwrap_or_else(|p| p.into_inner()).insert(token.to_string(), ());
+            return true;
+        }
         self.sessions.lock().unwrap_or_else(|p| p.into_inner()).take(token).is_some()
     }
 }
@@ -356,6 +413,36 @@ mod tests {
         assert_eq!(s.address("div-session-nope"), None);
         assert!(s.sign_out(&token));
         assert_eq!(s.address(&token), None, "signed out");
+        Ok(())
+    }
+
+    #[test]
+    fn a_keyed_session_works_on_every_replica_of_its_chain_and_nowhere_else() -> Result<(), MeterError> {
+        let key = PrivateKeySigner::random();
+        let (nonces_a, nonces_b) =
+            (Arc::new(Nonces::keyed(b"sign-in host")), Arc::new(Nonces::keyed(b"sign-in host")));
+        let a = Sessions::keyed(nonces_a, b"host", 31337);
+        let b = Sessions::keyed(nonces_b.clone(), b"host", 31337);
+        let other_chain = Sessions::keyed(nonces_b, b"host", 314159);
+        let stranger = Sessions::keyed(Arc::default(), b"another host", 31337);
+        // the nonce from replica a, the sign-in on replica b
+        let nonce = a.nonce();
+        let msg = message(key.address(), &nonce, "2026-11-26T04:00:00Z");
+        let sig = key.sign_message_sync(msg.as_bytes()).map_err(|e| MeterError::Invalid(e.to_string()))?;
+        let sig = alloy::hex::encode(sig.as_bytes());
+        let now = 1_795_665_600 + 10;
+        let (token, _) = b.sign_in(&msg, &sig, "host.example", 31337, now)?;
+        assert_eq!(b.sign_in(&msg, &sig, "host.example", 31337, now), Err(MeterError::Replayed));
+        assert_eq!(a.address(&token), Some(key.address()), "replica a knows b's session");
+        assert_eq!(other_chain.address(&token), None, "another chain's meter does not");
+        assert_eq!(stranger.address(&token), None, "another host does not");
+        // a changed address keeps the old MAC: refused
+        let forged =
+            format!("{}{}", &token[..token.len() - 40 - 32], "0".repeat(40)) + &token[token.len() - 32..];
+        assert_eq!(a.address(&forged), None);
+        assert!(a.sign_out(&token));
+        assert_eq!(a.address(&token), None, "signed out where asked");
+        assert!(!a.sign_out(&token));
         Ok(())
     }
 

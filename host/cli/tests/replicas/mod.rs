@@ -57,7 +57,11 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
     let state = rig.dir.join("replica-1");
     let p =
         Paid { url: format!("http://127.0.0.1:{lb_port}"), rig, id, port: lb_port, state, host: None, book };
+    let public = p.url.clone();
     let extra = [
+        // every replica is the one host users know, at the load balancer's address
+        "--public-url",
+        public.as_str(),
         "--ledger",
         url_db.as_str(),
         "--redis",
@@ -109,6 +113,18 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
     }
     let owner = p.key(OWNER).address();
     let before = p.usdc_of(owner).await?;
+
+    // Sign-In with Ethereum through the load balancer: the session works on every replica
+    let session = p.sign_in(users[0]).await?;
+    for port in ports {
+        let r = http.get(format!("http://127.0.0.1:{port}/v1/me")).bearer_auth(&session).send().await?;
+        let (s, v) = (r.status().as_u16(), r.json::<Value>().await?);
+        assert_eq!(s, 200, "replica {port}: {v}");
+        assert_eq!(
+            v["address"].as_str().map(str::to_lowercase),
+            Some(p.key(users[0]).address().to_string().to_lowercase())
+        );
+    }
 
     // the result cache, shared in Redis: a miss on replica 1, a hit on replica 3, charged alike;
     // never an answer for a caller the gate refuses
