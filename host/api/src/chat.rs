@@ -271,7 +271,7 @@ fn message(i: usize, m: &Value) -> Result<Value, ApiError> {
 }
 
 /// What the plugin answers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 pub struct Outcome {
     /// All generated text (after stop sequences).
     pub text: String,
@@ -282,7 +282,7 @@ pub struct Outcome {
 }
 
 /// Token counts, as the plugin reports them.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize)]
 pub struct Usage {
     /// Tokens of the prompt (template included).
     pub prompt_tokens: u32,

@@ -92,3 +92,47 @@ async fn two_replicas_count_a_permits_rate_together() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Greedy generation (temperature 0) of SmolLM2, its owner allowing caching: the same request
+/// again is answered from the cache with the same text and token counts; sampling and streams
+/// never touch it.
+#[tokio::test(flavor = "multi_thread")]
+async fn greedy_generation_is_cached_and_sampling_and_streams_are_not() -> anyhow::Result<()> {
+    let redis = Redis::start()?;
+    let host =
+        TestHost::start_with(div_api::ApiConfig::default(), Some(Shared::connect(&redis.url()).await?))
+            .await?;
+    let mut files = div_models::ModelFiles::read_dir(&div_tests::chat_dir())?;
+    files.manifest.result_cache = Some(div_models::ManifestCache { ttl_secs: 600 });
+    let name = files.manifest.name.clone();
+    host.store.load(files, &plugin_wasm("div_chat")?).await?;
+    let http = reqwest::Client::new();
+    let ask = |extra: Value| {
+        let (http, url, name) = (http.clone(), host.url.clone(), name.clone());
+        async move {
+            let mut body = json!({"model": name, "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8});
+            if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+                b.extend(e.clone());
+            }
+            let r = http.post(format!("{url}/v1/chat/completions")).json(&body).send().await?;
+            let cache = r.headers().get("x-div-cache").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let status = r.status().as_u16();
+            let text = r.text().await?;
+            anyhow::Ok((status, cache, text))
+        }
+    };
+    let (s, c, first) = ask(json!({})).await?;
+    assert_eq!((s, c.as_deref()), (200, Some("miss")), "{first}");
+    let (s, c, again) = ask(json!({"temperature": 0})).await?;
+    assert_eq!((s, c.as_deref()), (200, Some("hit")), "temperature 0 is the same greedy request");
+    let (a, b): (Value, Value) = (serde_json::from_str(&first)?, serde_json::from_str(&again)?);
+    assert_eq!(a["choices"][0]["message"]["content"], b["choices"][0]["message"]["content"]);
+    assert_eq!(a["usage"], b["usage"]);
+    assert_ne!(a["id"], b["id"], "each answer has its own id");
+    let (s, c, _) = ask(json!({"temperature": 0.8, "seed": 3})).await?;
+    assert_eq!((s, c), (200, None), "sampling is never cached");
+    let (s, c, streamed) = ask(json!({"stream": true})).await?;
+    assert_eq!((s, c), (200, None), "a stream is never served from the cache");
+    assert!(streamed.contains("data: [DONE]"));
+    Ok(())
+}

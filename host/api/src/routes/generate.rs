@@ -27,6 +27,7 @@ use crate::chat::{
 };
 use crate::error::ApiError;
 use crate::routes::infer::{InFlight, answered, ids_of, with_receipt_header};
+use crate::shared::cache_key;
 use crate::state::{AppState, RequestIds, credential};
 
 /// `POST /v1/chat/completions`.
@@ -122,10 +123,58 @@ async fn generate(
             .ticket(),
         None => None,
     };
+    let shaper = Arc::new(Shaper::new(kind, &ids.host, &model.manifest.name));
+    // greedy generation (temperature 0, the chat plugin's default) of a model whose owner allows
+    // it is cached whole, after the gate; a stream is never served from the cache
+    let greedy = plugin_body.get("temperature").and_then(serde_json::Value::as_f64).unwrap_or(0.0) == 0.0;
+    let cache = match (&s.shared, model.manifest.result_cache) {
+        (Some(shared), Some(rc)) if greedy && !req.stream => {
+            // what a greedy answer depends on: not the sampling settings
+            let mut keyed = plugin_body.clone();
+            if let Some(o) = keyed.as_object_mut() {
+                for k in ["temperature", "top_p", "seed"] {
+                    o.remove(k);
+                }
+            }
+            Some((
+                shared.clone(),
+                cache_key(&model.fingerprint, kind.route(), keyed.to_string().as_bytes()),
+                std::time::Duration::from_secs(rc.ttl_secs),
+            ))
+        }
+        _ => None,
+    };
+    if let Some((shared, key, _)) = &cache {
+        let name = &model.manifest.name;
+        let found = shared.get(key).instrument(tracing::info_span!("cache")).await;
+        match found.as_ref().map(|v| v.as_deref().and_then(|b| serde_json::from_slice::<Outcome>(b).ok())) {
+            Ok(Some(o)) => {
+                s.metrics.result_cache(name, "hit");
+                // a hit is charged like a miss: the tokens the answer took
+                let tokens = u64::from(o.usage.prompt_tokens) + u64::from(o.usage.completion_tokens);
+                let receipt = match (ticket, &paid) {
+                    (Some(t), Some((meter, mref))) => Some(
+                        meter
+                            .charge_tokens(t, &ids.host, ids.client.as_deref(), mref, tokens)
+                            .instrument(tracing::info_span!("ledger"))
+                            .await?,
+                    ),
+                    _ => None,
+                };
+                let mut resp = with_receipt_header(
+                    axum::Json(shaper.answer(&o, receipt.as_ref())).into_response(),
+                    receipt.as_ref(),
+                );
+                resp.headers_mut().insert("x-div-cache", axum::http::HeaderValue::from_static("hit"));
+                return Ok(resp);
+            }
+            Err(()) => s.metrics.result_cache(name, "error"),
+            _ => s.metrics.result_cache(name, "miss"),
+        }
+    }
     let permit = s.permits.clone().try_acquire_owned().map_err(|_| ApiError::overloaded())?;
     s.metrics.in_flight().inc();
     let in_flight = InFlight(s.metrics.clone());
-    let shaper = Arc::new(Shaper::new(kind, &ids.host, &model.manifest.name));
     let request = div_runtime::Request { route: kind.route().into(), body: plugin_body.to_string() };
     let (delta_tx, mut delta_rx) = tokio::sync::mpsc::channel::<String>(16);
     let waiting = Waiting::new();
@@ -150,6 +199,7 @@ async fn generate(
     };
     // the generation and its charge run to their end in a task of their own, caller or not
     let (m, metrics, sandbox_rid) = (model.clone(), s.metrics.clone(), ids.host.clone());
+    let (cached, put) = (cache.is_some(), cache);
     let span = tracing::info_span!("sandbox", model = %model.manifest.name);
     let work = tokio::spawn(
         async move {
@@ -171,6 +221,12 @@ async fn generate(
                 None => ApiError::from(e),
             })?;
             let outcome = outcome_of(resp, usage, max_bytes)?;
+            if let Some((shared, key, ttl)) = &put
+                && outcome.finish_reason != "cancelled"
+                && let Ok(bytes) = serde_json::to_vec(&outcome)
+            {
+                shared.put(key, &bytes, *ttl).await;
+            }
             metrics.generation(
                 &name,
                 outcome.usage.prompt_tokens,
@@ -199,10 +255,14 @@ async fn generate(
     if !req.stream {
         let _hang_up = HangUp(waiting);
         let (o, receipt) = joined(work.await)?;
-        return Ok(with_receipt_header(
+        let mut resp = with_receipt_header(
             axum::Json(shaper.answer(&o, receipt.as_ref())).into_response(),
             receipt.as_ref(),
-        ));
+        );
+        if cached {
+            resp.headers_mut().insert("x-div-cache", axum::http::HeaderValue::from_static("miss"));
+        }
+        return Ok(resp);
     }
     // wait for the first piece before answering 200, so a request the plugin refuses at once
     // gets its real status instead of an error event

@@ -69,10 +69,10 @@ impl Pg {
         );
         let mut tries = 0;
         loop {
-            let c = self.conn.get().await?;
+            let (c, st) = self.conn.prepared(&sql).await?;
             match tokio::time::timeout(
                 CALL_TIMEOUT,
-                c.query(&sql, &[&hashes, &amounts, &ids, &client_ids, &limits, &at]),
+                c.query(&st, &[&hashes, &amounts, &ids, &client_ids, &limits, &at]),
             )
             .await
             {

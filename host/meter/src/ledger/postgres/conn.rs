@@ -1,36 +1,57 @@
 //! The connection to the ledger's database: re-opened when lost, every call under a deadline,
 //! and amounts (`numeric(78, 0)`) passed as text.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use alloy::primitives::U256;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::MeterError;
 
 /// How long one database call may take before the caller gets a ledger error.
 pub(super) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection to the ledger's database, re-opened when it is lost.
+/// A connection to the ledger's database, re-opened when it is lost, with the statements it
+/// has prepared (a statement sent as text is parsed and planned again on every call: the
+/// charge and the refresh, which run all the time, are prepared once per connection).
 pub(super) struct Conn {
     url: String,
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+    client: tokio::sync::Mutex<Option<(Arc<Client>, Prepared)>>,
 }
+
+type Prepared = Arc<std::sync::Mutex<HashMap<String, Statement>>>;
 
 impl Conn {
     pub(super) fn new(url: &str) -> Self {
         Self { url: url.to_string(), client: tokio::sync::Mutex::new(None) }
     }
 
-    pub(super) async fn get(&self) -> Result<Arc<Client>, MeterError> {
+    async fn current(&self) -> Result<(Arc<Client>, Prepared), MeterError> {
         let mut g = self.client.lock().await;
-        if let Some(c) = g.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
+        if let Some((c, p)) = g.as_ref().filter(|(c, _)| !c.is_closed()) {
+            return Ok((c.clone(), p.clone()));
         }
         let c = Arc::new(connect(&self.url).await?);
-        *g = Some(c.clone());
-        Ok(c)
+        let p = Prepared::default();
+        *g = Some((c.clone(), p.clone()));
+        Ok((c, p))
+    }
+
+    pub(super) async fn get(&self) -> Result<Arc<Client>, MeterError> {
+        Ok(self.current().await?.0)
+    }
+
+    /// The client and `sql` prepared on it (once per connection).
+    pub(super) async fn prepared(&self, sql: &str) -> Result<(Arc<Client>, Statement), MeterError> {
+        let (c, p) = self.current().await?;
+        if let Some(st) = p.lock().unwrap_or_else(|e| e.into_inner()).get(sql) {
+            return Ok((c, st.clone()));
+        }
+        let st = timed(c.prepare(sql)).await?;
+        p.lock().unwrap_or_else(|e| e.into_inner()).insert(sql.to_string(), st.clone());
+        Ok((c, st))
     }
 }
 

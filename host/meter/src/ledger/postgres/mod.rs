@@ -155,17 +155,14 @@ impl Pg {
         filter: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<(B256, PermitAccount, bool, i64)>, MeterError> {
-        let c = self.conn.get().await?;
-        let rows = timed(c.query(
-            &format!(
-                "SELECT hash, account::text, charged_amount::text, charged_requests, settled_amount::text,
-                        settled_requests, rejected, keyed, version
-                 FROM {} WHERE {filter}",
-                self.t("permits")
-            ),
-            params,
-        ))
-        .await?;
+        let sql = format!(
+            "SELECT hash, account::text, charged_amount::text, charged_requests, settled_amount::text,
+                    settled_requests, rejected, keyed, version
+             FROM {} WHERE {filter}",
+            self.t("permits")
+        );
+        let (c, st) = self.conn.prepared(&sql).await?;
+        let rows = timed(c.query(&st, params)).await?;
         rows.iter().map(|r| account_of(r).map(|(h, a, k)| (h, a, k, r.get::<_, i64>(8)))).collect()
     }
 
