@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::Row;
 
 use super::Pg;
-use super::conn::{CALL_TIMEOUT, num, parse_num, pg_err, unavailable};
+use super::conn::{CALL_TIMEOUT, col, num, parse_num, pg_err, unavailable};
 use crate::MeterError;
 use crate::ledger::index::State;
 use crate::ledger::records::Charge;
@@ -43,7 +43,8 @@ impl Pg {
         };
         let mut answers: Vec<Option<Result<Charge, MeterError>>> = (0..batch.len()).map(|_| None).collect();
         for r in rows {
-            let i = slot_index(r.get(0));
+            let Ok(i) = col::<i32>(&r, 0) else { continue };
+            let i = slot_index(i);
             if let (Some(c), Some(slot)) = (batch.get(i), answers.get_mut(i)) {
                 *slot = Some(answer_of(&r, c, state));
             }
@@ -100,7 +101,7 @@ fn slot_index(i: i32) -> usize {
 
 /// The answer to one charge from its row, and the replica's view brought up to it.
 fn answer_of(r: &Row, c: &PgCharge, state: &Mutex<State>) -> Result<Charge, MeterError> {
-    let refused: Option<String> = r.get(4);
+    let refused: Option<String> = col(r, 4)?;
     if let Some(why) = refused {
         let g = state.lock().unwrap_or_else(|p| p.into_inner());
         let acc = g.accounts.get(&c.hash);
@@ -123,9 +124,9 @@ fn answer_of(r: &Row, c: &PgCharge, state: &Mutex<State>) -> Result<Charge, Mete
             other => MeterError::Ledger(format!("the ledger database refused the charge: {other}")),
         });
     }
-    let seq: i64 = r.get(1);
-    let amount: String = r.get(2);
-    let requests: i64 = r.get(3);
+    let seq: i64 = col(r, 1)?;
+    let amount: String = col(r, 2)?;
+    let requests: i64 = col(r, 3)?;
     let charge = Charge {
         seq: u64::try_from(seq).unwrap_or_default(),
         request_id: c.request_id.clone(),

@@ -86,6 +86,15 @@ pub(super) async fn timed<T>(
     tokio::time::timeout(CALL_TIMEOUT, f).await.map_err(|_| unavailable("a call timed out"))?.map_err(pg_err)
 }
 
+/// Column `i` of a row as `T`: a column of another type is a ledger error, never a panic.
+pub(super) fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    r: &'a tokio_postgres::Row,
+    i: usize,
+) -> Result<T, MeterError> {
+    r.try_get(i)
+        .map_err(|e| MeterError::Ledger(format!("the ledger database returned an unexpected row: {e}")))
+}
+
 pub(super) fn num(v: U256) -> String {
     v.to_string()
 }

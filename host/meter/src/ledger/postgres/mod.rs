@@ -39,7 +39,7 @@ use super::index::State;
 use super::records::{Charge, PermitAccount};
 use crate::MeterError;
 pub(crate) use charge::{PgCharge, committer};
-use conn::{Conn, connect, num, pg_err, timed};
+use conn::{Conn, col, connect, num, pg_err, timed};
 use rows::{account_of, charge_of, merge};
 
 /// The migrations, in order; `{schema}` is replaced by the ledger's schema.
@@ -122,7 +122,7 @@ impl Pg {
         .await?;
         let row =
             timed(c.query_one(&format!("SELECT v FROM {} WHERE k = 'chain'", self.t("meta")), &[])).await?;
-        let have: Vec<u8> = row.get(0);
+        let have: Vec<u8> = col(&row, 0)?;
         Ok((have != want).then_some(have))
     }
 
@@ -163,7 +163,7 @@ impl Pg {
         );
         let (c, st) = self.conn.prepared(&sql).await?;
         let rows = timed(c.query(&st, params)).await?;
-        rows.iter().map(|r| account_of(r).map(|(h, a, k)| (h, a, k, r.get::<_, i64>(8)))).collect()
+        rows.iter().map(|r| account_of(r).and_then(|(h, a, k)| Ok((h, a, k, col::<i64>(r, 8)?)))).collect()
     }
 
     fn merge_rows(&self, rows: Vec<(B256, PermitAccount, bool, i64)>, state: &Mutex<State>) {
@@ -326,7 +326,7 @@ impl Pg {
         let Ok(c) = connect(&self.lease_url).await else { return false };
         let key = format!("div-settler/{}", self.schema);
         match c.query_one("SELECT pg_try_advisory_lock(hashtext($1))", &[&key]).await {
-            Ok(r) if r.get::<_, bool>(0) => {
+            Ok(r) if r.try_get::<_, bool>(0).unwrap_or(false) => {
                 tracing::info!(schema = %self.schema, "took the settlement lease");
                 *g = Some(c);
                 self.held.store(true, Ordering::Release);
