@@ -95,6 +95,26 @@ fn outcome_of(resp: div_runtime::Response, usage: Usage, max_bytes: usize) -> Re
     Ok(Outcome { text: a.text, finish_reason, usage })
 }
 
+/// Charges an admitted paid generation for the tokens its answer took (durable before this
+/// returns) and gives its receipt; a free one gives none.
+async fn charge_outcome(
+    o: &Outcome,
+    ticket: Option<div_meter::Ticket>,
+    paid: &Option<(Arc<div_meter::Meter>, div_meter::ModelRef)>,
+    ids: &RequestIds,
+) -> Result<Option<div_meter::Receipt>, ApiError> {
+    let tokens = u64::from(o.usage.prompt_tokens) + u64::from(o.usage.completion_tokens);
+    match (ticket, paid) {
+        (Some(t), Some((meter, mref))) => Ok(Some(
+            meter
+                .charge_tokens(t, &ids.host, ids.client.as_deref(), mref, tokens)
+                .instrument(tracing::info_span!("ledger"))
+                .await?,
+        )),
+        _ => Ok(None),
+    }
+}
+
 async fn generate(
     s: &AppState,
     ids: RequestIds,
@@ -151,16 +171,7 @@ async fn generate(
             Ok(Some(o)) => {
                 s.metrics.result_cache(name, "hit");
                 // a hit is charged like a miss: the tokens the answer took
-                let tokens = u64::from(o.usage.prompt_tokens) + u64::from(o.usage.completion_tokens);
-                let receipt = match (ticket, &paid) {
-                    (Some(t), Some((meter, mref))) => Some(
-                        meter
-                            .charge_tokens(t, &ids.host, ids.client.as_deref(), mref, tokens)
-                            .instrument(tracing::info_span!("ledger"))
-                            .await?,
-                    ),
-                    _ => None,
-                };
+                let receipt = charge_outcome(&o, ticket, &paid, &ids).await?;
                 let mut resp = with_receipt_header(
                     axum::Json(shaper.answer(&o, receipt.as_ref())).into_response(),
                     receipt.as_ref(),
@@ -233,17 +244,8 @@ async fn generate(
                 outcome.usage.completion_tokens,
                 outcome.finish_reason == "cancelled",
             );
-            let tokens = u64::from(outcome.usage.prompt_tokens) + u64::from(outcome.usage.completion_tokens);
-            let receipt = match (ticket, &paid) {
-                // durable before the answer (or the stream's last chunk) leaves
-                (Some(t), Some((meter, mref))) => Some(
-                    meter
-                        .charge_tokens(t, &ids.host, ids.client.as_deref(), mref, tokens)
-                        .instrument(tracing::info_span!("ledger"))
-                        .await?,
-                ),
-                _ => None,
-            };
+            // durable before the answer (or the stream's last chunk) leaves
+            let receipt = charge_outcome(&outcome, ticket, &paid, &ids).await?;
             Ok::<_, ApiError>((outcome, receipt))
         }
         .instrument(tracing::Span::current()),

@@ -314,25 +314,8 @@ async fn a_killed_host_loses_no_charge_and_charges_none_twice() -> anyhow::Resul
         lost.len()
     );
     // per permit: 1..n exactly once, amounts adding up
-    let mut by_permit: std::collections::BTreeMap<alloy::primitives::B256, Vec<&Receipt>> =
-        Default::default();
-    for r in &receipts {
-        by_permit.entry(r.permit_hash).or_default().push(r);
-    }
+    let (by_permit, total) = crate::rig::paid::numbered(&receipts);
     assert_eq!(by_permit.len(), 3);
-    let mut total = U256::ZERO;
-    for (hash, mut rs) in by_permit.clone() {
-        rs.sort_by_key(|r| r.cumulative_requests);
-        let counts: Vec<u64> = rs.iter().map(|r| r.cumulative_requests).collect();
-        assert_eq!(
-            counts,
-            (1..=rs.len() as u64).collect::<Vec<_>>(),
-            "permit {hash}: a number issued twice or lost"
-        );
-        let sum = rs.iter().fold(U256::ZERO, |t, r| t + r.amount);
-        assert_eq!(rs.last().map(|r| r.cumulative_amount), Some(sum), "permit {hash}: amounts");
-        total += sum;
-    }
     // settle and claim: the owner gets exactly the receipts
     p.settle().await?;
     p.claim().await?;

@@ -2,17 +2,16 @@
 //! HAProxy (Debian's, with the repository's `deploy/haproxy/haproxy.cfg`), against a real chain,
 //! custodians and the real contracts. PostgreSQL is the test's own server, a plain process.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use alloy::primitives::{B256, U256};
+use alloy::primitives::U256;
 use div_chain::bindings::PaymentStream;
 use div_meter::Receipt;
 use serde_json::{Value, json};
 
-use crate::rig::paid::{PRICE, Paid};
+use crate::rig::paid::{PRICE, Paid, numbered};
 use crate::rig::{HOST, OWNER, Proc, Rig, free_port, misbehave_wasm};
 
 const HAPROXY: &str = "/usr/sbin/haproxy";
@@ -284,24 +283,8 @@ async fn replicas_behind_haproxy_share_a_postgres_ledger_through_a_kill_and_a_da
     );
 
     // per permit: 1..n exactly once across the replicas, amounts adding up
-    let mut by_permit: BTreeMap<B256, Vec<&Receipt>> = BTreeMap::new();
-    for r in &receipts {
-        by_permit.entry(r.permit_hash).or_default().push(r);
-    }
+    let (by_permit, total) = numbered(&receipts);
     assert_eq!(by_permit.len(), users.len());
-    let mut total = U256::ZERO;
-    for (hash, rs) in by_permit.iter_mut() {
-        rs.sort_by_key(|r| r.cumulative_requests);
-        let counts: Vec<u64> = rs.iter().map(|r| r.cumulative_requests).collect();
-        assert_eq!(
-            counts,
-            (1..=rs.len() as u64).collect::<Vec<_>>(),
-            "permit {hash}: a number issued twice or lost"
-        );
-        let sum = rs.iter().fold(U256::ZERO, |t, r| t + r.amount);
-        assert_eq!(rs.last().map(|r| r.cumulative_amount), Some(sum), "permit {hash}: amounts");
-        total += sum;
-    }
 
     // the lease holder settles by itself (every second): wait until the chain has it all
     let ps = PaymentStream::new(p.rig.chain.deployment.payment_stream, p.rig.provider()?);

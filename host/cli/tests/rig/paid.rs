@@ -375,3 +375,27 @@ pub fn rand_nonce() -> u64 {
 pub fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("-")
 }
+
+/// Receipts by permit, each permit's in number order, and their total: asserts that every
+/// permit's cumulative numbers are 1..n, none issued twice or lost, and that its amounts add up
+/// to its last cumulative amount.
+pub fn numbered(receipts: &[Receipt]) -> (std::collections::BTreeMap<B256, Vec<&Receipt>>, U256) {
+    let mut by_permit: std::collections::BTreeMap<B256, Vec<&Receipt>> = Default::default();
+    for r in receipts {
+        by_permit.entry(r.permit_hash).or_default().push(r);
+    }
+    let mut total = U256::ZERO;
+    for (hash, rs) in by_permit.iter_mut() {
+        rs.sort_by_key(|r| r.cumulative_requests);
+        let counts: Vec<u64> = rs.iter().map(|r| r.cumulative_requests).collect();
+        assert_eq!(
+            counts,
+            (1..=rs.len() as u64).collect::<Vec<_>>(),
+            "permit {hash}: a number issued twice or lost"
+        );
+        let sum = rs.iter().fold(U256::ZERO, |t, r| t + r.amount);
+        assert_eq!(rs.last().map(|r| r.cumulative_amount), Some(sum), "permit {hash}: amounts");
+        total += sum;
+    }
+    (by_permit, total)
+}
